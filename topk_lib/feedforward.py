@@ -1,0 +1,190 @@
+"""Top-k feed-forward layers (Gupta et al. 2021, section 3.2).
+
+A feed-forward layer read as a key-value memory, ``FF(x) = f(x W_in^T) W_out^T``,
+keeps per token only the ``topk`` largest hidden activations. Gated layers
+(SwiGLU, GeGLU) compute ``h = f(x W_gate^T) * (x W_in^T)`` and select on ``h``.
+
+``select="value"`` keeps the largest activations (the natural choice for ReLU);
+``select="magnitude"`` keeps the largest ``|h|`` (GELU, SiLU and gated layers, whose
+activations can be large and negative).
+
+Tokens are processed ``chunk_size`` at a time. The backward pass saves the input,
+the top-k indices (int32) and the kept pre-activations (tokens x k), not the dense
+``[tokens, d_ff]`` hidden layer; per chunk it scatters the kept gradient into a dense
+``[chunk, d_ff]`` buffer so the weight gradients are plain matrix products.
+"""
+
+from __future__ import annotations
+
+import numbers
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["topk_feedforward", "ACTIVATIONS"]
+
+ACTIVATIONS = {
+    "relu": F.relu,
+    "gelu": F.gelu,
+    "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),
+    "silu": F.silu,
+}
+
+
+def _check(x, w_in, w_out, w_gate, b_in, b_out, topk, activation, select, chunk_size):
+    for name, t in (("x", x), ("w_in", w_in), ("w_out", w_out)):
+        if not isinstance(t, torch.Tensor) or not t.is_floating_point():
+            raise TypeError(f"{name} must be a floating-point torch.Tensor")
+    if w_in.dim() != 2 or w_out.dim() != 2:
+        raise ValueError(
+            f"w_in must be [d_ff, d] and w_out [d, d_ff] (nn.Linear weights), got "
+            f"{tuple(w_in.shape)} and {tuple(w_out.shape)}"
+        )
+    d_ff, d = w_in.shape
+    if x.shape[-1] != d:
+        raise ValueError(f"x has feature size {x.shape[-1]} but w_in expects {d} (w_in is [d_ff, d])")
+    if w_out.shape[1] != d_ff:
+        raise ValueError(f"w_out must be [d_out, d_ff={d_ff}], got {tuple(w_out.shape)}")
+    if w_gate is not None and w_gate.shape != w_in.shape:
+        raise ValueError(f"w_gate must have the shape of w_in {tuple(w_in.shape)}, got {tuple(w_gate.shape)}")
+    if b_in is not None and b_in.shape != (d_ff,):
+        raise ValueError(f"b_in must be [d_ff={d_ff}], got {tuple(b_in.shape)}")
+    if b_out is not None and b_out.shape != (w_out.shape[0],):
+        raise ValueError(f"b_out must be [d_out={w_out.shape[0]}], got {tuple(b_out.shape)}")
+    tensors = [t for t in (x, w_in, w_out, w_gate, b_in, b_out) if t is not None]
+    if len({t.dtype for t in tensors}) != 1:
+        raise TypeError(f"x and the weights must share one dtype, got {sorted({str(t.dtype) for t in tensors})}")
+    if len({t.device for t in tensors}) != 1:
+        raise ValueError("x and the weights must be on one device")
+    if topk is not None:
+        if isinstance(topk, bool) or not isinstance(topk, numbers.Integral):
+            raise TypeError(f"topk must be a positive int or None, got {topk!r}")
+        if topk <= 0:
+            raise ValueError(f"topk must be a positive int or None (dense layer), got {topk}")
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}, got {activation!r}")
+    if select not in ("value", "magnitude"):
+        raise ValueError(f"select must be 'value' (ReLU) or 'magnitude' (GELU/SiLU/gated), got {select!r}")
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, numbers.Integral) or chunk_size <= 0:
+        raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
+
+
+def _hidden(xc, w_in, w_gate, b_in, act):
+    """Pre-activations and the hidden layer of one token chunk, each ``[c, d_ff]``."""
+    a = F.linear(xc, w_in, b_in)  # [c, d_ff]
+    if w_gate is None:
+        return a, None, act(a)
+    gate = F.linear(xc, w_gate)  # [c, d_ff]
+    return a, gate, act(gate) * a
+
+
+class _TopkFeedForward(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, w_in, w_out, w_gate, b_in, b_out, topk, activation, select, chunk_size):
+        act = ACTIVATIONS[activation]
+        x2 = x.reshape(-1, x.shape[-1])  # [T, d]
+        n, d_ff = x2.shape[0], w_in.shape[0]
+        k = min(topk, d_ff)
+        y = x2.new_empty(n, w_out.shape[0])  # [T, d_out]
+        idx_all = torch.empty(n, k, dtype=torch.int32, device=x.device)  # [T, k]
+        a_all = x2.new_empty(n, k)  # kept pre-activations of w_in  [T, k]
+        g_all = x2.new_empty(n, k) if w_gate is not None else None  # kept gate pre-activations
+        for t0 in range(0, n, chunk_size):
+            t1 = min(t0 + chunk_size, n)
+            a, gate, h = _hidden(x2[t0:t1], w_in, w_gate, b_in, act)
+            score = h.abs() if select == "magnitude" else h
+            idx = score.topk(k, dim=-1, sorted=False).indices  # [c, k]
+            sparse = torch.zeros_like(h).scatter_(-1, idx, h.gather(-1, idx))  # [c, d_ff]
+            y[t0:t1] = F.linear(sparse, w_out, b_out)
+            idx_all[t0:t1] = idx
+            a_all[t0:t1] = a.gather(-1, idx)
+            if gate is not None:
+                g_all[t0:t1] = gate.gather(-1, idx)
+        ctx.save_for_backward(x, w_in, w_out, w_gate, idx_all, a_all, g_all)
+        ctx.activation, ctx.chunk_size, ctx.has_b_in = activation, chunk_size, b_in is not None
+        return y.view(*x.shape[:-1], w_out.shape[0])
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_y):
+        x, w_in, w_out, w_gate, idx_all, a_all, g_all = ctx.saved_tensors
+        act = ACTIVATIONS[ctx.activation]
+        x2 = x.reshape(-1, x.shape[-1])
+        gy = grad_y.reshape(-1, grad_y.shape[-1])  # [T, d_out]
+        n, d_ff = x2.shape[0], w_in.shape[0]
+        need = ctx.needs_input_grad
+        dx = torch.zeros_like(x2) if need[0] else None
+        dw_in = torch.zeros_like(w_in) if need[1] else None
+        dw_out = torch.zeros_like(w_out) if need[2] else None
+        dw_gate = torch.zeros_like(w_gate) if need[3] else None
+        db_in = x2.new_zeros(d_ff) if need[4] else None
+        db_out = gy.sum(0) if need[5] else None
+        for t0 in range(0, n, ctx.chunk_size):
+            t1 = min(t0 + ctx.chunk_size, n)
+            idx = idx_all[t0:t1].long()  # [c, k]
+            a = a_all[t0:t1].detach().requires_grad_()
+            g = g_all[t0:t1].detach().requires_grad_() if g_all is not None else None
+            with torch.enable_grad():  # local autograd over [c, k] only: recomputes f and f'
+                h = act(g) * a if g is not None else act(a)
+            gyc = gy[t0:t1]
+            dh = F.linear(gyc, w_out.t()).gather(-1, idx)  # [c, k]
+            if dw_out is not None:
+                h_dense = torch.zeros(t1 - t0, d_ff, dtype=x.dtype, device=x.device).scatter_(-1, idx, h.detach())
+                dw_out += gyc.t() @ h_dense  # [d_out, d_ff]
+            inputs = (a, g) if g is not None else (a,)
+            grads = torch.autograd.grad(h, inputs, dh)
+            da = torch.zeros(t1 - t0, d_ff, dtype=x.dtype, device=x.device).scatter_(-1, idx, grads[0])  # [c, d_ff]
+            dg = (
+                torch.zeros(t1 - t0, d_ff, dtype=x.dtype, device=x.device).scatter_(-1, idx, grads[1])
+                if g is not None
+                else None
+            )
+            xc = x2[t0:t1]
+            if dx is not None:
+                dx[t0:t1] = da @ w_in + (dg @ w_gate if dg is not None else 0)
+            if dw_in is not None:
+                dw_in += da.t() @ xc
+            if dw_gate is not None:
+                dw_gate += dg.t() @ xc
+            if db_in is not None:
+                db_in += da.sum(0)
+        return (
+            dx.view_as(x) if dx is not None else None,
+            dw_in,
+            dw_out,
+            dw_gate,
+            db_in,
+            db_out,
+            None,
+            None,
+            None,
+            None,
+        )
+
+
+def topk_feedforward(
+    x,
+    w_in,
+    w_out,
+    *,
+    topk,
+    activation="relu",
+    w_gate=None,
+    select="value",
+    b_in=None,
+    b_out=None,
+    chunk_size=4096,
+):
+    """Feed-forward layer keeping the ``topk`` largest hidden activations per token.
+
+    ``x [..., d]``, ``w_in [d_ff, d]``, ``w_out [d_out, d_ff]`` (``nn.Linear`` weights),
+    optional ``w_gate [d_ff, d]`` for gated layers and biases ``b_in [d_ff]``,
+    ``b_out [d_out]``. ``topk=None`` or ``topk >= d_ff`` is the dense layer.
+    Ties at the k-th activation are broken by ``torch.topk``.
+    """
+    _check(x, w_in, w_out, w_gate, b_in, b_out, topk, activation, select, chunk_size)
+    if topk is None or topk >= w_in.shape[0]:
+        act = ACTIVATIONS[activation]
+        h = act(F.linear(x, w_gate)) * F.linear(x, w_in, b_in) if w_gate is not None else act(F.linear(x, w_in, b_in))
+        return F.linear(h, w_out, b_out)
+    return _TopkFeedForward.apply(x, w_in, w_out, w_gate, b_in, b_out, int(topk), activation, select, int(chunk_size))
