@@ -182,19 +182,30 @@ def _gather_rows(flat, offsets, idx):
 
 
 def _softmax_kept(vals):
-    """Softmax over the kept scores; all -inf rows give zeros instead of NaN."""
+    """Softmax over the kept scores and its row log-sum-exp; all -inf rows give zeros, not NaN."""
     work = vals.float() if vals.dtype in (torch.float16, torch.bfloat16) else vals
     m = work.amax(-1, keepdim=True)
     m = torch.where(torch.isinf(m), torch.zeros_like(m), m)
     e = torch.exp(work - m)
     denom = e.sum(-1, keepdim=True)
-    return (e / torch.where(denom == 0, torch.ones_like(denom), denom)).to(vals.dtype)
+    p = e / torch.where(denom == 0, torch.ones_like(denom), denom)
+    return p.to(vals.dtype), m + denom.log()  # log(0) = -inf marks an empty row
+
+
+def _mask_at(mask5, r0, r1, idx):
+    """Float mask values at the kept keys ``idx [..., Hkv, G, c, k]`` (broadcast views, no copy)."""
+    m = mask5[..., r0:r1, :] if mask5.shape[-2] != 1 else mask5
+    if m.shape[-1] == 1:
+        return m.expand(*idx.shape[:-1], 1)
+    return m.expand(*idx.shape[:-1], m.shape[-1]).gather(-1, idx)
 
 
 # --------------------------------------------------------------------------- top-k
 
 
 class _TopkAttention(torch.autograd.Function):
+    """Saves Q, K, V, the kept indices (int32, -1 = not kept) and the row log-sum-exp."""
+
     @staticmethod
     def forward(ctx, query, key, value, attn_mask, topk, chunk_size, is_causal, scale):
         hq, lq = query.shape[-3], query.shape[-2]
@@ -207,8 +218,9 @@ class _TopkAttention(torch.autograd.Function):
         batch = query.shape[:-3]
         out = query.new_zeros(*batch, hq, lq, dv)  # [..., Hq, Lq, dv]
         out5 = out.unflatten(-3, (hkv, g))  # [..., Hkv, G, Lq, dv], a view to write into
-        idx_all = torch.zeros(*batch, hkv, g, lq, kk, dtype=torch.int32, device=query.device)
-        p_all = query.new_zeros(*batch, hkv, g, lq, kk)  # kept probabilities, 0 = padding
+        idx_all = torch.full((*batch, hkv, g, lq, kk), -1, dtype=torch.int32, device=query.device)
+        lse_dtype = torch.float64 if query.dtype == torch.float64 else torch.float32
+        lse = query.new_full((*batch, hkv, g, lq, 1), float("-inf"), dtype=lse_dtype)  # [..., Lq, 1]
         for r0 in range(0, lq, chunk_size):
             r1 = min(r0 + chunk_size, lq)
             kend = _causal_end(is_causal, lq, lk, r1)
@@ -218,26 +230,27 @@ class _TopkAttention(torch.autograd.Function):
             kc = min(kk, kend)
             vals, idx = s.topk(kc, dim=-1, sorted=False)  # [..., Hkv, G, c, kc]
             del s
-            p = _softmax_kept(vals)
+            p, lse[..., r0:r1, :] = _softmax_kept(vals)
             v_sel = _gather_rows(v_flat, offsets, idx)  # [..., Hkv, G, c, kc, dv]
             out5[..., r0:r1, :] = torch.matmul(p.unsqueeze(-2), v_sel).squeeze(-2)
-            idx_all[..., r0:r1, :kc] = idx
-            p_all[..., r0:r1, :kc] = p
-        ctx.save_for_backward(query, key, value, idx_all, p_all)
-        ctx.mask_shape = None if attn_mask is None else attn_mask.shape
+            # masked keys picked only because a row has fewer than k allowed ones: not kept
+            idx_all[..., r0:r1, :kc] = idx.masked_fill_(vals == float("-inf"), -1)
+        ctx.save_for_backward(query, key, value, attn_mask, idx_all, lse)
         ctx.chunk_size, ctx.scale = chunk_size, scale
         return out
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out):
-        query, key, value, idx_all, p_all = ctx.saved_tensors
+        query, key, value, attn_mask, idx_all, lse = ctx.saved_tensors
         hq, lq, d = query.shape[-3:]
         hkv, lk = key.shape[-3], key.shape[-2]
         g = hq // hkv
         scale, chunk_size = ctx.scale, ctx.chunk_size
         q5 = query.unflatten(-3, (hkv, g))
         go5 = grad_out.unflatten(-3, (hkv, g))  # [..., Hkv, G, Lq, dv]
+        mask5 = _grouped_mask(attn_mask, query, hkv)
+        float_mask = mask5 is not None and mask5.dtype != torch.bool
         k_flat, offsets = _flat_rows(key)
         v_flat, _ = _flat_rows(value)
         need_q, need_k, need_v, need_m = ctx.needs_input_grad[:4]
@@ -247,27 +260,34 @@ class _TopkAttention(torch.autograd.Function):
         dmask = query.new_zeros(*q5.shape[:-1], lk) if need_m else None
         for r0 in range(0, lq, chunk_size):
             r1 = min(r0 + chunk_size, lq)
-            idx, p = idx_all[..., r0:r1, :], p_all[..., r0:r1, :]  # [..., Hkv, G, c, k]
+            kept = idx_all[..., r0:r1, :] >= 0  # [..., Hkv, G, c, k]
+            idx = idx_all[..., r0:r1, :].clamp(min=0).long()
+            rows = (idx + offsets).reshape(-1)
+            qc = q5[..., r0:r1, :] * scale  # [..., Hkv, G, c, d]
+            k_sel = k_flat.index_select(0, rows).view(*idx.shape, d)  # [..., c, k, d]
+            s = torch.matmul(k_sel, qc.unsqueeze(-1)).squeeze(-1)  # recomputed kept scores [..., c, k]
+            if float_mask:
+                s = s + _mask_at(mask5, r0, r1, idx)
+            l = lse[..., r0:r1, :]
+            p = torch.exp(s.to(l.dtype) - torch.where(torch.isinf(l), torch.zeros_like(l), l))
+            p = p.masked_fill_(~kept, 0.0).to(query.dtype)  # [..., Hkv, G, c, k]
             go = go5[..., r0:r1, :]  # [..., Hkv, G, c, dv]
-            rows = (idx.long() + offsets).reshape(-1)
             v_sel = v_flat.index_select(0, rows).view(*idx.shape, -1)  # [..., c, k, dv]
             dp = torch.matmul(v_sel, go.unsqueeze(-1)).squeeze(-1)  # [..., Hkv, G, c, k]
             ds = p * (dp - (p * dp).sum(-1, keepdim=True))  # softmax backward on kept entries
             if need_q:
-                k_sel = k_flat.index_select(0, rows).view(*idx.shape, d)  # [..., c, k, d]
                 dq[..., r0:r1, :] = torch.matmul(ds.unsqueeze(-2), k_sel).squeeze(-2) * scale
             if need_k:
-                qc = q5[..., r0:r1, :] * scale  # [..., Hkv, G, c, d]
                 dk_flat.index_add_(0, rows, (ds.unsqueeze(-1) * qc.unsqueeze(-2)).reshape(-1, d))
             if need_v:
                 dv_flat.index_add_(0, rows, (p.unsqueeze(-1) * go.unsqueeze(-2)).reshape(-1, go.shape[-1]))
-            if dmask is not None:
-                dmask[..., r0:r1, :].scatter_add_(-1, idx.long(), ds)
+            if need_m:
+                dmask[..., r0:r1, :].scatter_add_(-1, idx, ds)
         grads = [
             dq.flatten(-4, -3) if need_q else None,
             dk_flat.view_as(key) if need_k else None,
             dv_flat.view_as(value) if need_v else None,
-            _reduce_to(dmask.flatten(-4, -3), ctx.mask_shape) if dmask is not None else None,
+            _reduce_to(dmask.flatten(-4, -3), attn_mask.shape) if need_m else None,
         ]
         return (*grads, None, None, None, None)
 

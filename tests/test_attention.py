@@ -1,0 +1,294 @@
+"""Equivalence, gradient, memory and input-checking tests for topk_lib.attention."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from topk_lib.attention import chunked_attention, topk_attention, vanilla_attention
+
+
+def make_qkv(batch=(2,), hq=4, hkv=2, lq=13, lk=17, d=8, dv=6, dtype=torch.float64, seed=0, grad=False):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(*batch, hq, lq, d, generator=g, dtype=dtype)
+    k = torch.randn(*batch, hkv, lk, d, generator=g, dtype=dtype)
+    v = torch.randn(*batch, hkv, lk, dv, generator=g, dtype=dtype)
+    return [t.requires_grad_(grad) for t in (q, k, v)]
+
+
+def sdpa(q, k, v, **kw):
+    return F.scaled_dot_product_attention(q, k, v, enable_gqa=q.shape[-3] != k.shape[-3], **kw)
+
+
+def causal_mask(lq, lk):
+    """SDPA's bool mask for queries sitting at the last lq of lk positions."""
+    return torch.ones(lq, lk, dtype=torch.bool).tril(lk - lq)
+
+
+def naive_topk(q, k, v, topk, attn_mask=None, is_causal=False):
+    """Dense reference: full scores, mask, top-k, softmax over kept, weighted sum."""
+    rep = q.shape[-3] // k.shape[-3]
+    k, v = k.repeat_interleave(rep, -3), v.repeat_interleave(rep, -3)
+    s = q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5
+    if attn_mask is not None:
+        s = s.masked_fill(~attn_mask, float("-inf")) if attn_mask.dtype == torch.bool else s + attn_mask
+    if is_causal:
+        s = s.masked_fill(~causal_mask(q.shape[-2], k.shape[-2]), float("-inf"))
+    vals, idx = s.topk(min(topk, s.shape[-1]), dim=-1)
+    kept = torch.full_like(s, float("-inf")).scatter(-1, idx, vals)
+    return torch.softmax(kept, -1).nan_to_num(0.0) @ v
+
+
+MASKS = ["none", "causal", "bool", "float", "bool_heads", "float_batch"]
+
+
+def mask_case(name, q, k):
+    lq, lk = q.shape[-2], k.shape[-2]
+    g = torch.Generator().manual_seed(1)
+    if name == "none":
+        return {}
+    if name == "causal":
+        return {"is_causal": True}
+    if name == "bool":  # broadcast over batch and heads
+        m = torch.rand(lq, lk, generator=g) > 0.3
+        m[:, 0] = True
+        return {"attn_mask": m}
+    if name == "float":
+        return {"attn_mask": torch.randn(lq, lk, generator=g, dtype=q.dtype)}
+    if name == "bool_heads":  # per head, shared over batch and queries (padding style)
+        m = torch.rand(q.shape[-3], 1, lk, generator=g) > 0.4
+        m[..., 0] = True
+        return {"attn_mask": m}
+    if name == "float_batch":  # per batch element, shared over heads
+        return {"attn_mask": torch.randn(*q.shape[:-3], 1, lq, lk, generator=g, dtype=q.dtype)}
+    raise KeyError(name)
+
+
+def sdpa_kwargs(kw, lq, lk):
+    """SDPA does not take is_causal with Lq != Lk the way we define it: pass a bool mask."""
+    if kw.get("is_causal"):
+        return {"attn_mask": causal_mask(lq, lk)}
+    return kw
+
+
+# ----------------------------------------------------------------------------- exactness
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("mask", MASKS)
+@pytest.mark.parametrize("shape", [dict(hq=4, hkv=2, lq=13, lk=17), dict(hq=3, hkv=3, lq=16, lk=16), dict(hq=6, hkv=1, lq=1, lk=9)])
+def test_exact_paths_match_sdpa(dtype, mask, shape):
+    q, k, v = make_qkv(dtype=dtype, **shape)
+    kw = mask_case(mask, q, k)
+    ref = sdpa(q, k, v, **sdpa_kwargs(kw, q.shape[-2], k.shape[-2]))
+    tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=1e-12, rtol=1e-10)
+    lk = k.shape[-2]
+    for out in (
+        topk_attention(q, k, v, topk=None, chunk_size=5, **kw),
+        topk_attention(q, k, v, topk=lk, chunk_size=4, **kw),
+        topk_attention(q, k, v, topk=10 * lk, chunk_size=64, **kw),
+        chunked_attention(q, k, v, chunk_size=3, **kw),
+        vanilla_attention(q, k, v, **kw),
+    ):
+        torch.testing.assert_close(out, ref, **tol)
+
+
+def test_batch_dims_any_number():
+    q, k, v = make_qkv(batch=(2, 3))
+    torch.testing.assert_close(topk_attention(q, k, v, topk=None, chunk_size=4), sdpa(q, k, v))
+    q, k, v = make_qkv(batch=())
+    torch.testing.assert_close(topk_attention(q, k, v, topk=None, chunk_size=4), sdpa(q, k, v))
+
+
+@pytest.mark.parametrize("mask", MASKS)
+@pytest.mark.parametrize("topk", [1, 3, 8])
+def test_topk_matches_dense_reference(mask, topk):
+    q, k, v = make_qkv()
+    kw = mask_case(mask, q, k)
+    torch.testing.assert_close(topk_attention(q, k, v, topk=topk, chunk_size=4, **kw), naive_topk(q, k, v, topk, **kw))
+
+
+@pytest.mark.parametrize("topk", [None, 1, 5])
+def test_independent_of_chunk_size(topk):
+    q, k, v = make_qkv(lq=23, lk=23)
+    outs = [topk_attention(q, k, v, topk=topk, chunk_size=c, is_causal=True) for c in (1, 2, 7, 23, 1000)]
+    for out in outs[1:]:
+        torch.testing.assert_close(out, outs[0], atol=1e-12, rtol=1e-12)
+
+
+def test_topk_changes_output_below_lk():
+    """The test above would pass for a kernel that ignores topk: make sure it does not."""
+    q, k, v = make_qkv()
+    assert (topk_attention(q, k, v, topk=2) - sdpa(q, k, v)).abs().max() > 1e-3
+
+
+def test_fewer_allowed_keys_than_k_and_fully_masked_rows():
+    q, k, v = make_qkv(lq=5, lk=7)
+    m = torch.zeros(5, 7, dtype=torch.bool)
+    m[0, :2] = True  # two allowed keys, k = 4: both used, nothing else
+    m[1, :] = True
+    # rows 2..4 fully masked: zeros, not an average of arbitrary values
+    out = topk_attention(q, k, v, topk=4, attn_mask=m)
+    torch.testing.assert_close(out[..., 0, :], sdpa(q, k, v, attn_mask=m)[..., 0, :])
+    assert torch.equal(out[..., 2:, :], torch.zeros_like(out[..., 2:, :]))
+    out_exact = chunked_attention(q, k, v, attn_mask=m)
+    assert torch.equal(out_exact[..., 2:, :], torch.zeros_like(out_exact[..., 2:, :]))
+    # causal with more queries than keys: the first queries see nothing
+    q2, k2, v2 = make_qkv(lq=6, lk=4)
+    # Lq > Lk means queries before position 0: rows 0,1 have no key
+    assert torch.equal(topk_attention(q2, k2, v2, topk=2, is_causal=True)[..., :2, :], torch.zeros(2, 4, 2, 6, dtype=q2.dtype))
+
+
+def test_decode_step_matches_full_causal_pass():
+    """One query over a KV cache equals the last row of the full causal pass."""
+    q, k, v = make_qkv(lq=12, lk=12)
+    for topk in (None, 3):
+        full = topk_attention(q, k, v, topk=topk, is_causal=True)
+        step = topk_attention(q[..., -1:, :], k, v, topk=topk, is_causal=True)
+        torch.testing.assert_close(step, full[..., -1:, :])
+
+
+def test_float16_scores_do_not_overflow():
+    q, k, v = make_qkv(dtype=torch.float32, d=64, lq=8, lk=8)
+    q, k = q * 40, k * 40  # raw q.k reaches ~1e5, past fp16's 65504; scaled first it fits
+    ref = topk_attention(q, k, v, topk=3)
+    out = topk_attention(q.half(), k.half(), v.half(), topk=3).float()
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out, ref, atol=0.1, rtol=0.05)
+
+
+def test_custom_scale():
+    q, k, v = make_qkv()
+    torch.testing.assert_close(topk_attention(q, k, v, topk=None, scale=0.3), sdpa(q, k, v, scale=0.3))
+
+
+# ----------------------------------------------------------------------------- gradients
+
+
+@pytest.mark.parametrize("topk", [None, 3])
+@pytest.mark.parametrize("mask", ["none", "causal", "bool", "float"])
+def test_gradcheck(topk, mask):
+    q, k, v = make_qkv(batch=(1,), hq=4, hkv=2, lq=5, lk=7, d=4, dv=3, grad=True)
+    kw = mask_case(mask, q, k)
+    assert torch.autograd.gradcheck(lambda a, b, c: topk_attention(a, b, c, topk=topk, chunk_size=2, **kw), (q, k, v))
+
+
+@pytest.mark.parametrize("topk", [None, 3])
+def test_gradcheck_float_mask_gradient(topk):
+    """A learned bias (T5 relative positions) gets its gradient, summed over broadcast dims."""
+    q, k, v = make_qkv(batch=(2,), hq=2, hkv=1, lq=4, lk=6, d=4, dv=3, grad=True)
+    bias = torch.randn(2, 1, 6, dtype=torch.float64, requires_grad=True)  # [Hq, 1, Lk]
+    assert torch.autograd.gradcheck(
+        lambda a, b, c, m: topk_attention(a, b, c, topk=topk, chunk_size=3, attn_mask=m, is_causal=True), (q, k, v, bias)
+    )
+
+
+@pytest.mark.parametrize("topk", [None, 3])
+def test_gradients_match_dense_reference(topk):
+    q, k, v = make_qkv(grad=True)
+    m = mask_case("bool", q, k)["attn_mask"]
+    out = topk_attention(q, k, v, topk=topk, chunk_size=4, attn_mask=m)
+    grads = torch.autograd.grad(out.square().sum(), (q, k, v))
+    ref = naive_topk(q, k, v, topk or 10**9, attn_mask=m)
+    ref_grads = torch.autograd.grad(ref.square().sum(), (q, k, v))
+    for a, b in zip(grads, ref_grads):
+        torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("topk", [None, 3])
+def test_backward_is_reentrant(topk):
+    q, k, v = make_qkv(grad=True)
+    out = topk_attention(q, k, v, topk=topk, chunk_size=4, is_causal=True)
+    g1 = torch.autograd.grad(out.sum(), (q, k, v), retain_graph=True)
+    g2 = torch.autograd.grad(out.sum(), (q, k, v))
+    for a, b in zip(g1, g2):
+        assert torch.equal(a, b)
+
+
+def test_fully_masked_rows_have_zero_finite_gradients():
+    q, k, v = make_qkv(lq=3, lk=4, grad=True)
+    m = torch.ones(3, 4, dtype=torch.bool)
+    m[1] = False
+    for topk in (None, 2):
+        (gq,) = torch.autograd.grad(topk_attention(q, k, v, topk=topk, attn_mask=m).sum(), (q,))
+        assert torch.isfinite(gq).all() and gq[..., 1, :].abs().max() == 0
+
+
+# ----------------------------------------------------------------------------- memory
+
+
+def saved_bytes(fn, *args):
+    """Bytes autograd saves for backward while ``fn`` runs, by storage (inputs included)."""
+    seen = {}
+
+    def pack(t):
+        seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn(*args)
+    return sum(seen.values())
+
+
+@pytest.mark.parametrize("topk", [64, None])
+def test_saved_for_backward_is_linear_in_length(topk):
+    h, d, c = 2, 32, 512
+
+    def run(length):
+        q, k, v = (torch.randn(1, h, length, d, requires_grad=True) for _ in range(3))
+        return saved_bytes(lambda: topk_attention(q, k, v, topk=topk, chunk_size=c, is_causal=True))
+
+    b2k, b4k = run(2048), run(4096)
+    one_square = 4096 * 4096 * 4  # one L x L float32 matrix
+    assert b4k * 10 <= one_square, f"saved {b4k} bytes at L=4096"
+    assert b4k <= 2.1 * b2k, f"saved bytes grow superlinearly: {b2k} -> {b4k}"
+    # the vanilla reference does save L x L per head: the measurement can tell
+    q, k, v = (torch.randn(1, h, 4096, d, requires_grad=True) for _ in range(3))
+    assert saved_bytes(lambda: vanilla_attention(q, k, v, is_causal=True)) >= h * one_square
+
+
+def test_indices_are_saved_as_int32():
+    q, k, v = make_qkv(dtype=torch.float32, grad=True)
+    dtypes = []
+
+    def pack(t):
+        dtypes.append(t.dtype)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        topk_attention(q, k, v, topk=3)
+    assert torch.int32 in dtypes and torch.int64 not in dtypes
+
+
+# ----------------------------------------------------------------------------- bad input
+
+
+def bad_cases():
+    q, k, v = make_qkv(dtype=torch.float32)
+    return [
+        (dict(topk=0), ValueError, "topk"),
+        (dict(topk=-3), ValueError, "topk"),
+        (dict(topk=2.5), TypeError, "topk"),
+        (dict(topk=True), TypeError, "topk"),
+        (dict(topk=2, chunk_size=0), ValueError, "chunk_size"),
+        (dict(topk=2, chunk_size=1.5), TypeError, "chunk_size"),
+        (dict(topk=2, key=k.double()), TypeError, "dtype"),
+        (dict(topk=2, key=k[..., :5]), ValueError, "head dim"),
+        (dict(topk=2, value=v[..., :5, :]), ValueError, "key and value"),
+        (dict(topk=2, query=q[:, :3]), ValueError, "multiple of key/value heads"),
+        (dict(topk=2, key=k[None]), ValueError, "number of dims"),
+        (dict(topk=2, attn_mask=torch.ones(5, 5, dtype=torch.bool)), ValueError, "attn_mask"),
+        (dict(topk=2, attn_mask=torch.ones(13, 17, dtype=torch.long)), TypeError, "attn_mask"),
+        (dict(topk=2, attn_mask=torch.ones(13, 17, dtype=torch.float64)), TypeError, "attn_mask"),
+        (dict(topk=2, query=q.int()), TypeError, "query"),
+        (dict(topk=2, scale="big"), TypeError, "scale"),
+    ], (q, k, v)
+
+
+@pytest.mark.parametrize("case", range(len(bad_cases()[0])))
+def test_bad_input_names_the_argument(case):
+    cases, (q, k, v) = bad_cases()
+    kw, exc, words = cases[case]
+    kw = dict(kw)
+    args = dict(query=kw.pop("query", q), key=kw.pop("key", k), value=kw.pop("value", v))
+    with pytest.raises(exc, match=words):
+        topk_attention(**args, **kw)
