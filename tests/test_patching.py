@@ -1,0 +1,448 @@
+"""use_topk on tiny randomly initialised Llama (GQA), BERT and T5 models.
+
+Every test compares model outputs, never top-k indices (ties differ across devices).
+"""
+
+import pytest
+import torch
+from transformers import (
+    BertConfig,
+    BertModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+    T5Config,
+    T5ForConditionalGeneration,
+)
+
+from topk_lib import use_topk
+from topk_lib.patching import _SPECS, ATTN_IMPLEMENTATION, describe_layers
+
+L = 12  # tokens per test sequence
+D_FF = 96
+TOL = 1e-5
+
+
+# --------------------------------------------------------------------------- tiny models
+
+
+def tiny_llama():
+    torch.manual_seed(0)
+    cfg = LlamaConfig(
+        hidden_size=48,
+        intermediate_size=D_FF,
+        num_hidden_layers=2,
+        num_attention_heads=6,
+        num_key_value_heads=2,  # GQA: 3 query heads per KV head
+        head_dim=8,
+        vocab_size=101,
+        max_position_embeddings=128,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+        attn_implementation="sdpa",
+    )
+    return LlamaForCausalLM(cfg).eval()
+
+
+def tiny_bert():
+    torch.manual_seed(0)
+    cfg = BertConfig(
+        hidden_size=48,
+        intermediate_size=D_FF,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        vocab_size=101,
+        max_position_embeddings=64,
+        attn_implementation="sdpa",
+    )
+    return BertModel(cfg).eval()
+
+
+def tiny_t5(ff="relu"):
+    torch.manual_seed(0)
+    cfg = T5Config(
+        d_model=48,
+        d_ff=D_FF,
+        d_kv=12,
+        num_layers=2,
+        num_decoder_layers=2,
+        num_heads=4,
+        vocab_size=101,
+        feed_forward_proj=ff,
+        decoder_start_token_id=0,
+        pad_token_id=0,
+        eos_token_id=1,
+        attn_implementation="sdpa",
+    )
+    model = T5ForConditionalGeneration(cfg).eval()
+    with torch.no_grad():  # the default init gives tiny random models near-constant outputs
+        for p in model.parameters():
+            p.normal_(0.0, 0.3)
+    return model
+
+
+ARCHS = {"llama": tiny_llama, "bert": tiny_bert, "t5": tiny_t5, "t5-gated": lambda: tiny_t5("gated-gelu")}
+
+
+@pytest.fixture(scope="module", params=sorted(ARCHS))
+def arch(request):
+    return request.param, ARCHS[request.param]()
+
+
+def inputs(name, *, padded=True, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, 101, (2, L), generator=g)  # [B, L]
+    mask = torch.ones(2, L, dtype=torch.long)
+    if padded:
+        mask[1, L - 4 :] = 0  # right padding in the second row
+    batch = {"input_ids": ids, "attention_mask": mask}
+    if name.startswith("t5"):
+        batch["decoder_input_ids"] = torch.randint(3, 101, (2, L - 3), generator=g)
+    return batch
+
+
+def run(model, batch):
+    with torch.no_grad():
+        out = model(**batch)
+    return out.logits if hasattr(out, "logits") else out.last_hidden_state
+
+
+def real_rows(name, batch, y):
+    """Drop padded query rows of BERT's output (they attend but nobody reads them)."""
+    if name == "bert":
+        return y[batch["attention_mask"].bool()]
+    return y
+
+
+def assert_restored(model):
+    for module in model.modules():
+        assert "forward" not in module.__dict__, f"{type(module).__name__}.forward left patched"
+        assert module not in _SPECS
+        cfg = getattr(module, "config", None)
+        if cfg is not None:
+            assert cfg._attn_implementation == "sdpa"
+
+
+# --------------------------------------------------------------------------- equivalence
+
+
+@pytest.mark.parametrize("which", ["attn", "ff", "both"])
+def test_large_k_equals_vanilla(arch, which):
+    name, model = arch
+    batch = inputs(name)
+    ref = run(model, batch)
+    kw = {"attn_k": 4 * L if which != "ff" else None, "ff_k": D_FF if which != "attn" else None}
+    with use_topk(model, **kw):
+        out = run(model, batch)
+    assert torch.allclose(real_rows(name, batch, out), real_rows(name, batch, ref), atol=TOL, rtol=0)
+
+
+@pytest.mark.parametrize("which", ["attn", "ff"])
+def test_small_k_changes_outputs(arch, which):
+    name, model = arch
+    batch = inputs(name)
+    ref = run(model, batch)
+    kw = {"attn_k": 1} if which == "attn" else {"ff_k": 2}
+    with use_topk(model, **kw):
+        out = run(model, batch)
+    assert (out - ref).abs().max() > 1e-3
+
+
+def test_chunk_size_does_not_change_outputs(arch):
+    name, model = arch
+    batch = inputs(name)
+    with use_topk(model, attn_k=3, ff_k=5, chunk_size=1024):
+        a = run(model, batch)
+    with use_topk(model, attn_k=3, ff_k=5, chunk_size=5):
+        b = run(model, batch)
+    assert torch.allclose(a, b, atol=TOL, rtol=0)
+
+
+def _manual_topk_ff(x, w_in, w_out, k, act, *, w_gate=None, by_magnitude, b_in=None, b_out=None):
+    h = act(x @ w_gate.T) * (x @ w_in.T) if w_gate is not None else act(x @ w_in.T + (0 if b_in is None else b_in))
+    score = h.abs() if by_magnitude else h
+    keep = torch.zeros_like(h).scatter_(-1, score.topk(k, dim=-1).indices, 1.0)
+    return (h * keep) @ w_out.T + (0 if b_out is None else b_out)
+
+
+@pytest.mark.parametrize("name", sorted(ARCHS))
+def test_ff_selection_rule(name):
+    """Gated and GELU layers keep the largest |h|, ReLU layers the largest h: checked against a dense reference."""
+    import torch.nn.functional as F
+
+    model = ARCHS[name]()
+    batch = inputs(name, padded=False)
+    k = 5
+    if name == "llama":
+        mlp = model.model.layers[0].mlp
+        entry, exit_ = mlp, mlp
+        ref = lambda x: _manual_topk_ff(  # noqa: E731
+            x, mlp.up_proj.weight, mlp.down_proj.weight, k, F.silu, w_gate=mlp.gate_proj.weight, by_magnitude=True
+        )
+    elif name == "bert":
+        layer = model.encoder.layer[0]
+        entry, exit_ = layer.intermediate, layer.output.dense
+        ref = lambda x: _manual_topk_ff(  # noqa: E731
+            x, layer.intermediate.dense.weight, exit_.weight, k, F.gelu, by_magnitude=True,
+            b_in=layer.intermediate.dense.bias, b_out=exit_.bias,
+        )
+    elif name == "t5":
+        mlp = model.encoder.block[0].layer[1].DenseReluDense
+        entry, exit_ = mlp, mlp
+        ref = lambda x: _manual_topk_ff(x, mlp.wi.weight, mlp.wo.weight, k, F.relu, by_magnitude=False)  # noqa: E731
+    else:
+        mlp = model.encoder.block[0].layer[1].DenseReluDense
+        entry, exit_ = mlp, mlp
+        gelu_tanh = lambda t: F.gelu(t, approximate="tanh")  # noqa: E731
+        ref = lambda x: _manual_topk_ff(  # noqa: E731
+            x, mlp.wi_1.weight, mlp.wo.weight, k, gelu_tanh, w_gate=mlp.wi_0.weight, by_magnitude=True
+        )
+    seen = {}
+    h1 = entry.register_forward_pre_hook(lambda m, a: seen.setdefault("x", a[0].detach().clone()))
+    h2 = exit_.register_forward_hook(lambda m, a, out: seen.setdefault("y", out.detach().clone()))
+    try:
+        with use_topk(model, ff_k={0: k}):
+            run(model, batch)
+    finally:
+        h1.remove()
+        h2.remove()
+    with torch.no_grad():
+        expected = ref(seen["x"])
+    assert torch.allclose(seen["y"], expected, atol=TOL, rtol=0)
+
+
+# --------------------------------------------------------------------------- restore, nesting
+
+
+def test_restored_on_exit_and_on_exception(arch):
+    name, model = arch
+    batch = inputs(name)
+    ref = run(model, batch)
+    with use_topk(model, attn_k={0: 1, (1, 0): 2}, ff_k=3):
+        assert (run(model, batch) - ref).abs().max() > 1e-3
+    assert_restored(model)
+    assert torch.equal(run(model, batch), ref)
+    with pytest.raises(RuntimeError, match="boom"):
+        with use_topk(model, attn_k=1, ff_k=1):
+            raise RuntimeError("boom")
+    assert_restored(model)
+    assert torch.equal(run(model, batch), ref)
+
+
+def test_nesting_and_switching_k(arch):
+    name, model = arch
+    batch = inputs(name)
+    ref = run(model, batch)
+    with use_topk(model, attn_k=2, ff_k=4):
+        both = run(model, batch)
+    with use_topk(model, attn_k=2):
+        attn_only = run(model, batch)
+        with use_topk(model, ff_k=4):  # the inner context adds FF top-k to the outer attention top-k
+            assert torch.allclose(run(model, batch), both, atol=TOL, rtol=0)
+        assert torch.allclose(run(model, batch), attn_only, atol=TOL, rtol=0)
+        exact = {x.layer: None for x in describe_layers(model)}
+        with use_topk(model, attn_k=exact):  # None = exact: the inner context switches top-k off
+            assert torch.allclose(run(model, batch), ref, atol=TOL, rtol=0)
+    outs = {}
+    for k in (1, 2, 4 * L, 2):  # switching k in a loop, no reload
+        with use_topk(model, attn_k=k):
+            outs.setdefault(k, []).append(run(model, batch))
+    assert torch.allclose(outs[4 * L][0], ref, atol=TOL, rtol=0)
+    assert torch.equal(outs[2][0], outs[2][1])
+    assert_restored(model)
+
+
+# --------------------------------------------------------------------------- masks
+
+
+def test_causal_mask_kept_llama():
+    model = tiny_llama()
+    batch = inputs("llama", padded=False)
+    changed = {k: v.clone() for k, v in batch.items()}
+    changed["input_ids"][:, -1] = (changed["input_ids"][:, -1] + 7) % 98 + 3  # only the future token differs
+    for k in (1, 3, 4 * L):
+        with use_topk(model, attn_k=k, ff_k=5):
+            a, b = run(model, batch), run(model, changed)
+        assert torch.allclose(a[:, :-1], b[:, :-1], atol=TOL, rtol=0), f"k={k}: a future token leaked"
+        assert (a[:, -1] - b[:, -1]).abs().max() > 1e-3
+
+
+def test_left_padding_llama():
+    """A left-padded row gives the same logits as the unpadded sequence, under top-k too."""
+    model = tiny_llama()
+    ids = inputs("llama", padded=False)["input_ids"][:1]  # [1, L]
+    padded = torch.cat([torch.zeros(1, 3, dtype=ids.dtype), ids], 1)  # [1, 3 + L]
+    mask = torch.cat([torch.zeros(1, 3, dtype=torch.long), torch.ones(1, L, dtype=torch.long)], 1)
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    with use_topk(model, attn_k=3):
+        a = run(model, {"input_ids": ids})
+        b = run(model, {"input_ids": padded, "attention_mask": mask, "position_ids": pos})
+    assert torch.allclose(a, b[:, 3:], atol=1e-4, rtol=0)
+
+
+def test_causal_mask_kept_t5_decoder():
+    model = tiny_t5()
+    batch = inputs("t5")
+    changed = {k: v.clone() for k, v in batch.items()}
+    changed["decoder_input_ids"][:, -1] = (changed["decoder_input_ids"][:, -1] + 7) % 98 + 3
+    with use_topk(model, attn_k=2, ff_k=5):
+        a, b = run(model, batch), run(model, changed)
+    assert torch.allclose(a[:, :-1], b[:, :-1], atol=TOL, rtol=0)
+    assert (a[:, -1] - b[:, -1]).abs().max() > 1e-3
+
+
+def test_bert_padding_mask_kept():
+    """Padded keys are never attended: changing them leaves the real rows unchanged."""
+    model = tiny_bert()
+    batch = inputs("bert")
+    changed = {k: v.clone() for k, v in batch.items()}
+    changed["input_ids"][1, L - 4 :] = 5
+    with use_topk(model, attn_k=2):
+        a, b = run(model, batch), run(model, changed)
+    assert torch.allclose(a[1, : L - 4], b[1, : L - 4], atol=TOL, rtol=0)
+
+
+# --------------------------------------------------------------------------- per head
+
+
+def _attn_output_per_head(model, name, batch, layer):
+    """The attention output of one layer before its output projection, per head: ``[B, Lq, H, dv]``."""
+    if name == "llama":
+        proj, heads = model.model.layers[layer].self_attn.o_proj, model.config.num_attention_heads
+    elif name == "bert":
+        proj, heads = model.encoder.layer[layer].attention.output.dense, model.config.num_attention_heads
+    else:
+        proj, heads = model.encoder.block[layer].layer[0].SelfAttention.o, model.config.num_heads
+    seen = []
+    handle = proj.register_forward_pre_hook(lambda mod, args: seen.append(args[0].detach().clone()))
+    try:
+        run(model, batch)
+    finally:
+        handle.remove()
+    x = seen[0]  # [B, Lq, H*dv]
+    return x.view(*x.shape[:-1], heads, -1)
+
+
+@pytest.mark.parametrize("name", ["llama", "bert", "t5"])
+def test_per_head_k_honoured(name):
+    model = ARCHS[name]()
+    batch = inputs(name, padded=False)
+    ref = _attn_output_per_head(model, name, batch, 0)
+    h = 1  # with GQA, head 1 shares its KV head with heads 0 and 2
+    with use_topk(model, attn_k={(0, h): 1}):
+        one = _attn_output_per_head(model, name, batch, 0)
+    changed = [(one[:, :, i] - ref[:, :, i]).abs().max().item() > 1e-4 for i in range(ref.shape[2])]
+    assert changed[h]
+    assert not any(c for i, c in enumerate(changed) if i != h)
+    assert torch.allclose(one[:, :, :h], ref[:, :, :h], atol=TOL, rtol=0)
+    assert torch.allclose(one[:, :, h + 1 :], ref[:, :, h + 1 :], atol=TOL, rtol=0)
+
+
+@pytest.mark.parametrize("name", ["llama", "t5"])
+def test_mixed_per_head_ks(name):
+    """Heads with different k in one layer each match the whole layer run at their k."""
+    model = ARCHS[name]()
+    batch = inputs(name, padded=False)
+    whole = {}
+    for k in (1, 2, None):
+        with use_topk(model, attn_k={0: k}):
+            whole[k] = _attn_output_per_head(model, name, batch, 0)
+    with use_topk(model, attn_k={0: 2, (0, 0): 1, (0, 3): 1, (0, 2): None}):
+        mixed = _attn_output_per_head(model, name, batch, 0)
+    for head, k in {0: 1, 1: 2, 2: None, 3: 1}.items():
+        assert torch.allclose(mixed[:, :, head], whole[k][:, :, head], atol=TOL, rtol=0), (head, k)
+    assert (whole[1] - whole[2]).abs().max() > 1e-3  # the comparison can fail
+
+
+# --------------------------------------------------------------------------- decoding with a KV cache
+
+
+def test_generate_with_cache_matches_vanilla_at_large_k():
+    model = tiny_llama()
+    ids = inputs("llama", padded=False)["input_ids"][:1]
+    kw = dict(max_new_tokens=10, do_sample=False, pad_token_id=0)
+    ref = model.generate(ids, **kw)
+    with use_topk(model, attn_k=L + 10, ff_k=D_FF):
+        out = model.generate(ids, **kw)
+    assert out.tolist() == ref.tolist()
+    assert_restored(model)
+
+
+def test_decode_step_is_topk_over_the_cache():
+    """One query row over the KV cache gives the same logits as the full forward's last row."""
+    model = tiny_llama()
+    ids = inputs("llama", padded=False)["input_ids"]  # [B, L]
+    with use_topk(model, attn_k=3, ff_k=7), torch.no_grad():
+        full = model(ids).logits[:, -1]  # [B, V]
+        cache = model(ids[:, :-1], use_cache=True).past_key_values
+        step = model(ids[:, -1:], cache=cache, use_cache=True).logits[:, -1]
+    with torch.no_grad():
+        vanilla = model(ids).logits[:, -1]
+    assert torch.allclose(full, step, atol=1e-4, rtol=0)
+    assert (full - vanilla).abs().max() > 1e-3
+
+
+def test_t5_generate_matches_vanilla_at_large_k():
+    model = tiny_t5()
+    batch = inputs("t5")
+    kw = dict(max_new_tokens=8, do_sample=False)
+    ref = model.generate(batch["input_ids"], attention_mask=batch["attention_mask"], **kw)
+    with use_topk(model, attn_k=4 * L, ff_k=D_FF):
+        out = model.generate(batch["input_ids"], attention_mask=batch["attention_mask"], **kw)
+    assert out.tolist() == ref.tolist()
+
+
+# --------------------------------------------------------------------------- layer numbering, bad input
+
+
+def test_describe_layers_numbers_encoder_then_decoder():
+    layers = describe_layers(tiny_t5())
+    assert [x.layer for x in layers] == [0, 1, 2, 3]
+    assert layers[0].block == "encoder.block.0" and layers[2].block == "decoder.block.0"
+    assert len(layers[2].attention) == 2  # self- and cross-attention share the decoder layer's k
+    assert all(x.heads == 4 and x.d_ff == D_FF for x in layers)
+    llama = describe_layers(tiny_llama())
+    assert [(x.heads, x.mlp) for x in llama] == [(6, "model.layers.0.mlp"), (6, "model.layers.1.mlp")]
+
+
+@pytest.mark.parametrize(
+    "kwargs, arg",
+    [
+        ({"attn_k": 0}, "attn_k"),
+        ({"attn_k": -3}, "attn_k"),
+        ({"attn_k": 2.5}, "attn_k"),
+        ({"attn_k": True}, "attn_k"),
+        ({"attn_k": "8"}, "attn_k"),
+        ({"attn_k": {2: 4}}, "attn_k"),
+        ({"attn_k": {-1: 4}}, "attn_k"),
+        ({"attn_k": {(0, 6): 1}}, "attn_k"),
+        ({"attn_k": {(0, 1, 2): 1}}, "attn_k"),
+        ({"attn_k": {0: 0}}, "attn_k"),
+        ({"ff_k": 0}, "ff_k"),
+        ({"ff_k": {(0, 0): 4}}, "ff_k"),
+        ({"ff_k": {5: 4}}, "ff_k"),
+        ({"ff_k": {0: 1.0}}, "ff_k"),
+        ({"attn_k": 4, "chunk_size": 0}, "chunk_size"),
+    ],
+)
+def test_bad_k_raises_naming_the_argument(kwargs, arg):
+    model = tiny_llama()
+    batch = inputs("llama")
+    ref = run(model, batch)
+    with pytest.raises(ValueError, match=arg):
+        with use_topk(model, **kwargs):
+            pass
+    assert_restored(model)
+    assert torch.equal(run(model, batch), ref)
+
+
+def test_registry_names_mask_function():
+    """Without a registered mask function transformers builds no mask: the pitfall in DESIGN.md."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+
+    model = tiny_llama()
+    with use_topk(model, attn_k=2):
+        assert model.config._attn_implementation == ATTN_IMPLEMENTATION
+        assert ATTN_IMPLEMENTATION in AttentionInterface._global_mapping
+        assert ATTN_IMPLEMENTATION in AttentionMaskInterface._global_mapping
