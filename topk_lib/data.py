@@ -375,6 +375,10 @@ def _download_apt(src: Source, dl: Path) -> None:
     if r.returncode == 0:
         return
     is_root = hasattr(os, "geteuid") and os.geteuid() == 0
+    fix = (
+        "the package lists may be empty: run `sudo apt-get update` (this needs root; "
+        "without root, skip this source by fetching the other names)"
+    )
     if is_root:
         # Fresh machines (CI containers) ship empty package lists: refresh once and retry.
         print(f"  {src.name}: apt-get download failed; running `apt-get update` once", flush=True)
@@ -383,17 +387,12 @@ def _download_apt(src: Source, dl: Path) -> None:
             r = _run(cmd, cwd=dl, name=src.name)
             if r.returncode == 0:
                 return
+            fix = "`apt-get update` was run and did not help"
         else:
-            r = u
-    versions = " ".join(a.spec for a in src.archives)
-    fix = (
-        "`apt-get update` was run and did not help"
-        if is_root
-        else "the package lists may be empty: run `sudo apt-get update` (this needs root; "
-        "without root, skip this source by fetching the other names)"
-    )
+            r, cmd = u, ["apt-get", "update"]
+            fix = "`apt-get update` failed: check the network and /etc/apt/sources.list*"
     raise FetchError(
-        f"{src.name}: `apt-get download {versions}` failed (exit {r.returncode}):\n    "
+        f"{src.name}: `{' '.join(cmd)}` failed (exit {r.returncode}):\n    "
         f"{_tail(r.stderr)}\n{fix}. The versions are pinned to Debian 12 (bookworm) main; "
         f"check `apt-cache policy fortunes-de`, then rerun `{_rerun(src.name)}`."
     )
