@@ -188,7 +188,7 @@ def test_smollm2_large_k_reproduces_logits(smollm2):
             out = model(ids).logits
         with use_topk(model, attn_k=4, ff_k=96):
             small = model(ids).logits
-    assert (out - ref).abs().max() < 1e-3 * ref.abs().max()
+    assert (out - ref).abs().max() < 5e-4  # float32 over 30 layers: measured 5e-5 on logits of size ~27
     assert (out.argmax(-1) == ref.argmax(-1)).all()
     assert (small - ref).abs().max() > 1e-2
 
