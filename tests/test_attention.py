@@ -4,7 +4,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from topk_lib import attention
 from topk_lib.attention import chunked_attention, topk_attention, vanilla_attention
+
+
+@pytest.fixture(params=["csr", "gather"])
+def product(request, monkeypatch):
+    """Run a test with each implementation of the sparse products (CSR kernels, gathers)."""
+    monkeypatch.setattr(attention, "_PRODUCT", request.param)
+    return request.param
 
 
 def make_qkv(batch=(2,), hq=4, hkv=2, lq=13, lk=17, d=8, dv=6, dtype=torch.float64, seed=0, grad=False):
@@ -101,7 +109,7 @@ def test_batch_dims_any_number():
 
 @pytest.mark.parametrize("mask", MASKS)
 @pytest.mark.parametrize("topk", [1, 3, 8])
-def test_topk_matches_dense_reference(mask, topk):
+def test_topk_matches_dense_reference(product, mask, topk):
     q, k, v = make_qkv()
     kw = mask_case(mask, q, k)
     torch.testing.assert_close(topk_attention(q, k, v, topk=topk, chunk_size=4, **kw), naive_topk(q, k, v, topk, **kw))
@@ -121,7 +129,7 @@ def test_topk_changes_output_below_lk():
     assert (topk_attention(q, k, v, topk=2) - sdpa(q, k, v)).abs().max() > 1e-3
 
 
-def test_fewer_allowed_keys_than_k_and_fully_masked_rows():
+def test_fewer_allowed_keys_than_k_and_fully_masked_rows(product):
     q, k, v = make_qkv(lq=5, lk=7)
     m = torch.zeros(5, 7, dtype=torch.bool)
     m[0, :2] = True  # two allowed keys, k = 4: both used, nothing else
@@ -166,14 +174,14 @@ def test_custom_scale():
 
 @pytest.mark.parametrize("topk", [None, 3])
 @pytest.mark.parametrize("mask", ["none", "causal", "bool", "float"])
-def test_gradcheck(topk, mask):
+def test_gradcheck(product, topk, mask):
     q, k, v = make_qkv(batch=(1,), hq=4, hkv=2, lq=5, lk=7, d=4, dv=3, grad=True)
     kw = mask_case(mask, q, k)
     assert torch.autograd.gradcheck(lambda a, b, c: topk_attention(a, b, c, topk=topk, chunk_size=2, **kw), (q, k, v))
 
 
 @pytest.mark.parametrize("topk", [None, 3])
-def test_gradcheck_float_mask_gradient(topk):
+def test_gradcheck_float_mask_gradient(product, topk):
     """A learned bias (T5 relative positions) gets its gradient, summed over broadcast dims."""
     q, k, v = make_qkv(batch=(2,), hq=2, hkv=1, lq=4, lk=6, d=4, dv=3, grad=True)
     bias = torch.randn(2, 1, 6, dtype=torch.float64, requires_grad=True)  # [Hq, 1, Lk]
@@ -183,7 +191,7 @@ def test_gradcheck_float_mask_gradient(topk):
 
 
 @pytest.mark.parametrize("topk", [None, 3])
-def test_gradients_match_dense_reference(topk):
+def test_gradients_match_dense_reference(product, topk):
     q, k, v = make_qkv(grad=True)
     m = mask_case("bool", q, k)["attn_mask"]
     out = topk_attention(q, k, v, topk=topk, chunk_size=4, attn_mask=m)
@@ -195,7 +203,7 @@ def test_gradients_match_dense_reference(topk):
 
 
 @pytest.mark.parametrize("topk", [None, 3])
-def test_backward_is_reentrant(topk):
+def test_backward_is_reentrant(product, topk):
     q, k, v = make_qkv(grad=True)
     out = topk_attention(q, k, v, topk=topk, chunk_size=4, is_causal=True)
     g1 = torch.autograd.grad(out.sum(), (q, k, v), retain_graph=True)
@@ -204,7 +212,7 @@ def test_backward_is_reentrant(topk):
         assert torch.equal(a, b)
 
 
-def test_fully_masked_rows_have_zero_finite_gradients():
+def test_fully_masked_rows_have_zero_finite_gradients(product):
     q, k, v = make_qkv(lq=3, lk=4, grad=True)
     m = torch.ones(3, 4, dtype=torch.bool)
     m[1] = False

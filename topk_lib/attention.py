@@ -45,8 +45,12 @@ from __future__ import annotations
 
 import math
 import numbers
+import warnings
 
 import torch
+
+# CSR kernels are stable for what we use (construction, sparse x dense, sampled_addmm).
+warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
 
 __all__ = ["topk_attention", "chunked_attention", "vanilla_attention"]
 
@@ -175,10 +179,69 @@ def _flat_rows(t):
     return t.reshape(-1, t.shape[-1]), offsets.view(*t.shape[:-2], 1, 1, 1)
 
 
-def _gather_rows(flat, offsets, idx):
-    """Rows of K or V picked by ``idx [..., Hkv, G, c, k]`` -> ``[..., Hkv, G, c, k, d]``."""
-    rows = (idx.long() + offsets).reshape(-1)
-    return flat.index_select(0, rows).view(*idx.shape, flat.shape[-1])
+class _Kept:
+    """The kept entries of one query chunk as a sparse matrix with k entries per row.
+
+    Rows are all (batch, kv head, group, query) of the chunk, columns all (batch, kv
+    head, key): one block-diagonal matrix, so a whole chunk is one sparse product.
+    ``idx [..., Hkv, G, c, k]`` holds key positions; entries with weight 0 are inert.
+    CPU float32/float64 use CSR kernels (sparse x dense and sampled dense x dense);
+    other dtypes and devices gather the kept rows of K and V instead.
+    """
+
+    def __init__(self, idx, offsets, n_cols):
+        self.shape = idx.shape  # [..., Hkv, G, c, k]
+        self.cols = (idx.long() + offsets).reshape(-1)  # [rows * k]
+        self.n_rows, self.k, self.n_cols = idx[..., 0].numel(), idx.shape[-1], n_cols
+        self.csr = _PRODUCT == "csr" and idx.device.type == "cpu"
+        self._order = None
+
+    def _matrix(self, values, dtype):
+        crow = torch.arange(0, self.n_rows * self.k + 1, self.k, device=self.cols.device)
+        return torch.sparse_csr_tensor(
+            crow, self.cols, values.reshape(-1).to(dtype), size=(self.n_rows, self.n_cols), check_invariants=False
+        )
+
+    def times(self, values, dense):
+        """``P @ dense`` with P's kept entries ``values [..., c, k]``: ``[..., c, d]``."""
+        if self.csr and dense.dtype in (torch.float32, torch.float64):
+            out = self._matrix(values, dense.dtype) @ dense  # [rows, d]
+        else:
+            picked = dense.index_select(0, self.cols).view(self.n_rows, self.k, -1)  # [rows, k, d]
+            out = torch.matmul(values.reshape(self.n_rows, 1, self.k).to(dense.dtype), picked).squeeze(-2)
+        return out.view(*self.shape[:-1], dense.shape[-1])
+
+    def sampled(self, rows, dense):
+        """``(rows @ dense^T)`` at the kept entries; ``rows [..., c, d]``: ``[..., c, k]``."""
+        rows2 = rows.reshape(self.n_rows, -1)
+        if self.csr and dense.dtype in (torch.float32, torch.float64):
+            pattern = self._matrix(torch.zeros(self.cols.numel(), dtype=dense.dtype), dense.dtype)
+            out = torch.sparse.sampled_addmm(pattern, rows2.contiguous(), dense.t(), beta=0.0).values()
+        else:
+            picked = dense.index_select(0, self.cols).view(self.n_rows, self.k, -1)  # [rows, k, d]
+            out = torch.matmul(picked, rows2.unsqueeze(-1)).squeeze(-1)
+        return out.view(self.shape)
+
+    def t_times(self, values, rows):
+        """``P^T @ rows`` for ``rows [..., c, d]``: one sum per key, ``[n_cols, d]``."""
+        rows2 = rows.reshape(self.n_rows, -1)
+        if self.csr and rows.dtype in (torch.float32, torch.float64):
+            if self._order is None:  # transpose the pattern once, reuse it for dK and dV
+                self._order = torch.argsort(self.cols)
+                counts = torch.bincount(self.cols, minlength=self.n_cols)
+                self._t_crow = torch.cat([counts.new_zeros(1), counts.cumsum(0)])
+                self._t_cols = torch.div(self._order, self.k, rounding_mode="floor")
+            vals = values.reshape(-1)[self._order].to(rows.dtype)
+            pt = torch.sparse_csr_tensor(
+                self._t_crow, self._t_cols, vals, size=(self.n_cols, self.n_rows), check_invariants=False
+            )
+            return pt @ rows2.contiguous()
+        out = rows2.new_zeros(self.n_cols, rows2.shape[-1])
+        contrib = values.reshape(self.n_rows, self.k, 1).to(rows.dtype) * rows2.unsqueeze(1)  # [rows, k, d]
+        return out.index_add_(0, self.cols, contrib.reshape(-1, rows2.shape[-1]))
+
+
+_PRODUCT = "csr"  # "csr" or "gather"; tests run both
 
 
 def _softmax_kept(vals):
@@ -231,8 +294,7 @@ class _TopkAttention(torch.autograd.Function):
             vals, idx = s.topk(kc, dim=-1, sorted=False)  # [..., Hkv, G, c, kc]
             del s
             p, lse[..., r0:r1, :] = _softmax_kept(vals)
-            v_sel = _gather_rows(v_flat, offsets, idx)  # [..., Hkv, G, c, kc, dv]
-            out5[..., r0:r1, :] = torch.matmul(p.unsqueeze(-2), v_sel).squeeze(-2)
+            out5[..., r0:r1, :] = _Kept(idx, offsets, v_flat.shape[0]).times(p, v_flat)  # [..., c, dv]
             # masked keys picked only because a row has fewer than k allowed ones: not kept
             idx_all[..., r0:r1, :kc] = idx.masked_fill_(vals == float("-inf"), -1)
         ctx.save_for_backward(query, key, value, attn_mask, idx_all, lse)
@@ -262,25 +324,23 @@ class _TopkAttention(torch.autograd.Function):
             r1 = min(r0 + chunk_size, lq)
             kept = idx_all[..., r0:r1, :] >= 0  # [..., Hkv, G, c, k]
             idx = idx_all[..., r0:r1, :].clamp(min=0).long()
-            rows = (idx + offsets).reshape(-1)
+            pattern = _Kept(idx, offsets, k_flat.shape[0])
             qc = q5[..., r0:r1, :] * scale  # [..., Hkv, G, c, d]
-            k_sel = k_flat.index_select(0, rows).view(*idx.shape, d)  # [..., c, k, d]
-            s = torch.matmul(k_sel, qc.unsqueeze(-1)).squeeze(-1)  # recomputed kept scores [..., c, k]
+            s = pattern.sampled(qc, k_flat)  # kept scores, recomputed [..., c, k]
             if float_mask:
                 s = s + _mask_at(mask5, r0, r1, idx)
             l = lse[..., r0:r1, :]
             p = torch.exp(s.to(l.dtype) - torch.where(torch.isinf(l), torch.zeros_like(l), l))
             p = p.masked_fill_(~kept, 0.0).to(query.dtype)  # [..., Hkv, G, c, k]
             go = go5[..., r0:r1, :]  # [..., Hkv, G, c, dv]
-            v_sel = v_flat.index_select(0, rows).view(*idx.shape, -1)  # [..., c, k, dv]
-            dp = torch.matmul(v_sel, go.unsqueeze(-1)).squeeze(-1)  # [..., Hkv, G, c, k]
+            dp = pattern.sampled(go, v_flat)  # [..., Hkv, G, c, k]
             ds = p * (dp - (p * dp).sum(-1, keepdim=True))  # softmax backward on kept entries
             if need_q:
-                dq[..., r0:r1, :] = torch.matmul(ds.unsqueeze(-2), k_sel).squeeze(-2) * scale
+                dq[..., r0:r1, :] = pattern.times(ds, k_flat) * scale
             if need_k:
-                dk_flat.index_add_(0, rows, (ds.unsqueeze(-1) * qc.unsqueeze(-2)).reshape(-1, d))
+                dk_flat += pattern.t_times(ds, qc)
             if need_v:
-                dv_flat.index_add_(0, rows, (p.unsqueeze(-1) * go.unsqueeze(-2)).reshape(-1, go.shape[-1]))
+                dv_flat += pattern.t_times(p, go)
             if need_m:
                 dmask[..., r0:r1, :].scatter_add_(-1, idx, ds)
         grads = [
