@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: test test-all figures lab data install
+.PHONY: test test-all figures lab data data-test install
 
 install: $(STAMP)
 
@@ -23,11 +23,15 @@ $(STAMP): requirements.txt pyproject.toml
 data: $(STAMP)
 	$(BIN)/python -m topk_lib.data all
 
+# The texts the tests and quick notebooks read (a few seconds; idempotent).
+data-test: $(STAMP)
+	$(BIN)/python -m topk_lib.data moby-dick sotu
+
 # Fast suite plus the notebook smoke runs; `make test-all` adds the tests marked slow.
-test: $(STAMP)
+test: $(STAMP) data-test
 	$(BIN)/python -m pytest -m "not gpu"
 
-test-all: $(STAMP)
+test-all: $(STAMP) data-test
 	$(BIN)/python -m pytest -m "not gpu" --runslow
 
 figures: $(STAMP)
