@@ -49,9 +49,6 @@ import warnings
 
 import torch
 
-# CSR kernels are stable for what we use (construction, sparse x dense, sampled_addmm).
-warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
-
 __all__ = ["topk_attention", "chunked_attention", "vanilla_attention"]
 
 
@@ -198,9 +195,7 @@ class _Kept:
 
     def _matrix(self, values, dtype):
         crow = torch.arange(0, self.n_rows * self.k + 1, self.k, device=self.cols.device)
-        return torch.sparse_csr_tensor(
-            crow, self.cols, values.reshape(-1).to(dtype), size=(self.n_rows, self.n_cols), check_invariants=False
-        )
+        return _csr(crow, self.cols, values.reshape(-1).to(dtype), (self.n_rows, self.n_cols))
 
     def times(self, values, dense):
         """``P @ dense`` with P's kept entries ``values [..., c, k]``: ``[..., c, d]``."""
@@ -232,16 +227,19 @@ class _Kept:
                 self._t_crow = torch.cat([counts.new_zeros(1), counts.cumsum(0)])
                 self._t_cols = torch.div(self._order, self.k, rounding_mode="floor")
             vals = values.reshape(-1)[self._order].to(rows.dtype)
-            pt = torch.sparse_csr_tensor(
-                self._t_crow, self._t_cols, vals, size=(self.n_cols, self.n_rows), check_invariants=False
-            )
-            return pt @ rows2.contiguous()
+            return _csr(self._t_crow, self._t_cols, vals, (self.n_cols, self.n_rows)) @ rows2.contiguous()
         out = rows2.new_zeros(self.n_cols, rows2.shape[-1])
         contrib = values.reshape(self.n_rows, self.k, 1).to(rows.dtype) * rows2.unsqueeze(1)  # [rows, k, d]
         return out.index_add_(0, self.cols, contrib.reshape(-1, rows2.shape[-1]))
 
 
 _PRODUCT = "csr"  # "csr" or "gather"; tests run both
+
+
+def _csr(crow, cols, values, size):
+    with warnings.catch_warnings():  # "CSR support is in beta": what we use is stable
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.sparse_csr_tensor(crow, cols, values, size=size, check_invariants=False)
 
 
 def _softmax_kept(vals):

@@ -1,0 +1,68 @@
+"""Selections at a fixed budget of keys per query, and the Performer baseline."""
+
+import pytest
+import torch
+
+from topk_lib.approximations import METHODS, approximate, head_errors, selection_mask
+from topk_lib.attention import chunked_attention
+
+
+def qkv(lq=12, lk=12, h=2, d=8, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(1, h, n, d, generator=g, dtype=torch.float64) for n in (lq, lk, lk)]
+
+
+@pytest.mark.parametrize("method", ["window", "random", "sink_window"])
+@pytest.mark.parametrize("budget", [1, 3, 6])
+def test_masks_keep_budget_causal_keys(method, budget):
+    lq, lk = 7, 10
+    mask = selection_mask(lq, lk, method=method, budget=budget, generator=torch.Generator().manual_seed(0))
+    allowed = torch.arange(lk)[None, :] <= torch.arange(lk - lq, lk)[:, None]
+    assert not (mask & ~allowed).any()
+    assert torch.equal(mask.sum(-1), allowed.sum(-1).clamp(max=budget))
+
+
+def test_window_and_sink_window_contents():
+    window = selection_mask(1, 10, method="window", budget=3)
+    assert window[0].nonzero().flatten().tolist() == [7, 8, 9]
+    sink = selection_mask(1, 10, method="sink_window", budget=5, n_sink=2)
+    assert sink[0].nonzero().flatten().tolist() == [0, 1, 7, 8, 9]
+
+
+def test_random_is_seeded():
+    a = selection_mask(5, 9, method="random", budget=3, generator=torch.Generator().manual_seed(1))
+    b = selection_mask(5, 9, method="random", budget=3, generator=torch.Generator().manual_seed(1))
+    c = selection_mask(5, 9, method="random", budget=3, generator=torch.Generator().manual_seed(2))
+    assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+@pytest.mark.parametrize("method", ["topk", "window", "random", "sink_window"])
+def test_full_budget_is_exact(method):
+    q, k, v = qkv()
+    exact = chunked_attention(q, k, v, is_causal=True)
+    torch.testing.assert_close(approximate(q, k, v, method=method, budget=12), exact)
+    assert (approximate(q, k, v, method=method, budget=2) - exact).abs().max() > 1e-3
+
+
+def test_topk_keeps_more_mass_and_beats_selections_on_peaked_attention():
+    q, k, v = qkv(lq=64, lk=64, h=4, d=16)
+    q = q * 3  # peakier scores, as in trained heads
+    rows = head_errors(q, k, v, methods=("topk", "window", "random", "sink_window"), budgets=(8,))
+    mean = {m: sum(r["relative_error"] for r in rows if r["method"] == m) / 4 for m in ("topk", "window", "random")}
+    assert mean["topk"] < mean["window"] and mean["topk"] < mean["random"]
+
+
+def test_performer_approximates_with_many_features():
+    q, k, v = (t.float() * 0.5 for t in qkv(lq=16, lk=16, h=1, d=4))
+    exact = chunked_attention(q, k, v, is_causal=True)
+    few = approximate(q, k, v, method="performer", budget=2)
+    many = approximate(q, k, v, method="performer", budget=2048)
+    err = lambda o: ((o - exact).norm() / exact.norm()).item()  # noqa: E731
+    assert err(many) < 0.15 and err(many) < err(few)
+
+
+def test_bad_method():
+    q, k, v = qkv()
+    with pytest.raises(ValueError, match="method"):
+        approximate(q, k, v, method="lsh", budget=4)
+    assert "topk" in METHODS

@@ -1,0 +1,98 @@
+"""Top-k against other ways of spending a budget of k keys per query (Gupta et al. 2021, section 4).
+
+Given one layer's queries, keys and values (real activations, see
+:func:`topk_lib.capture.record_qkv`), each method keeps ``budget`` keys per query and
+runs exact softmax attention over those only:
+
+* ``"topk"``: the k highest-scoring keys (the oracle among selections);
+* ``"window"``: the k most recent keys (a sliding window);
+* ``"random"``: k keys drawn uniformly from those the query may attend;
+* ``"sink_window"``: the first ``n_sink`` tokens plus the ``k - n_sink`` most recent
+  (StreamingLLM's attention sinks);
+* ``"performer"``: not a selection: FAVOR+ random features (``performer-pytorch``) with
+  ``budget`` features, linear in length.
+
+All methods are causal (queries sit at the last Lq of Lk positions, as in
+:func:`topk_lib.topk_attention`) and use the scale ``1/sqrt(d)``.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+
+from topk_lib.attention import chunked_attention, topk_attention
+
+METHODS = ("topk", "window", "random", "sink_window", "performer")
+
+
+def selection_mask(lq: int, lk: int, *, method: str, budget: int, n_sink: int = 4, generator=None, device=None):
+    """Bool mask ``[Lq, Lk]`` (True = kept) with at most ``budget`` causal keys per query."""
+    if method not in ("window", "random", "sink_window"):
+        raise ValueError(f"method must be 'window', 'random' or 'sink_window' for a mask, got {method!r}")
+    if budget <= 0:
+        raise ValueError(f"budget must be a positive int, got {budget}")
+    pos = torch.arange(lk - lq, lk, device=device)[:, None]  # absolute query positions [Lq, 1]
+    key = torch.arange(lk, device=device)[None, :]  # [1, Lk]
+    causal = key <= pos
+    if method == "window":
+        return causal & (key > pos - budget)
+    if method == "sink_window":
+        sinks = min(n_sink, budget)
+        return causal & ((key < sinks) | (key > pos - (budget - sinks)))
+    # random: rank causal keys by uniform noise and keep the `budget` best of each row
+    noise = torch.rand(lq, lk, generator=generator, device=device).masked_fill_(~causal, -1.0)  # [Lq, Lk]
+    kept = noise.topk(min(budget, lk), dim=-1).indices
+    return torch.zeros(lq, lk, dtype=torch.bool, device=device).scatter_(-1, kept, True) & causal
+
+
+def performer_attention(query, key, value, *, n_features: int, seed: int = 0):
+    """Causal FAVOR+ attention (Choromanski et al. 2021) with ``n_features`` random features."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # performer-pytorch warns about its missing CUDA kernel
+        from performer_pytorch import FastAttention
+
+    torch.manual_seed(seed)  # the random projection is drawn at construction
+    rep = query.shape[-3] // key.shape[-3]
+    key, value = key.repeat_interleave(rep, -3), value.repeat_interleave(rep, -3)  # [B, Hq, Lk, d]
+    attn = FastAttention(dim_heads=query.shape[-1], nb_features=n_features, causal=True).to(query.device, query.dtype)
+    if query.shape[-2] != key.shape[-2]:
+        raise ValueError("performer_attention needs Lq == Lk (self-attention over the whole input)")
+    return attn(query, key, value)
+
+
+def approximate(query, key, value, *, method: str, budget: int, n_sink: int = 4, seed: int = 0, chunk_size: int = 1024):
+    """Output ``[..., Hq, Lq, dv]`` of causal attention under one approximation method."""
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    if method == "topk":
+        return topk_attention(query, key, value, topk=budget, is_causal=True, chunk_size=chunk_size)
+    if method == "performer":
+        return performer_attention(query, key, value, n_features=budget, seed=seed)
+    generator = torch.Generator(device=query.device).manual_seed(seed)
+    mask = selection_mask(
+        query.shape[-2], key.shape[-2], method=method, budget=budget, n_sink=n_sink, generator=generator, device=query.device
+    )
+    return chunked_attention(query, key, value, attn_mask=mask, chunk_size=chunk_size)
+
+
+def head_errors(query, key, value, *, methods=METHODS, budgets=(16, 64), n_sink: int = 4, seed: int = 0):
+    """Relative output error ‖o_m − o‖/‖o‖ per head (norms over all queries) for each method and budget.
+
+    Returns rows ``{"method", "budget", "head", "relative_error"}`` for one layer's
+    ``[1, Hq, L, d]`` activations.
+    """
+    exact = chunked_attention(query, key, value, is_causal=True)  # [1, Hq, L, dv]
+    norm = exact.flatten(-2).norm(dim=-1).clamp_min(torch.finfo(exact.dtype).tiny)  # [1, Hq]
+    rows = []
+    for budget in budgets:
+        for method in methods:
+            out = approximate(query, key, value, method=method, budget=budget, n_sink=n_sink, seed=seed)
+            err = ((out - exact).flatten(-2).norm(dim=-1) / norm)[0]  # [Hq]
+            rows += [
+                {"method": method, "budget": budget, "head": h, "relative_error": e}
+                for h, e in enumerate(err.tolist())
+            ]
+    return rows
+
