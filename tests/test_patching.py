@@ -368,6 +368,17 @@ def test_generate_with_cache_matches_vanilla_at_large_k():
     assert_restored(model)
 
 
+def test_generate_with_static_cache():
+    """Prefill into a static cache hands the kernel more key slots than queries and no mask."""
+    model = tiny_llama()
+    ids = inputs("llama", padded=False)["input_ids"][:1]
+    kw = dict(max_new_tokens=6, do_sample=False, pad_token_id=0, cache_implementation="static")
+    ref = model.generate(ids, **kw)
+    with use_topk(model, attn_k=L + 6):
+        out = model.generate(ids, **kw)
+    assert out.tolist() == ref.tolist()
+
+
 def test_decode_step_is_topk_over_the_cache():
     """One query row over the KV cache gives the same logits as the full forward's last row."""
     model = tiny_llama()
@@ -446,3 +457,43 @@ def test_registry_names_mask_function():
         assert model.config._attn_implementation == ATTN_IMPLEMENTATION
         assert ATTN_IMPLEMENTATION in AttentionInterface._global_mapping
         assert ATTN_IMPLEMENTATION in AttentionMaskInterface._global_mapping
+
+
+# --------------------------------------------------------------------------- GPU
+
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@pytest.mark.gpu
+@cuda
+@pytest.mark.parametrize("name", sorted(ARCHS))
+def test_cuda_matches_cpu(name):
+    """On the GPU: k >= L equals vanilla, and small k gives what it gives on the CPU."""
+    model = ARCHS[name]()
+    batch = inputs(name)
+    with use_topk(model, attn_k=3, ff_k=5):
+        cpu_small = run(model, batch)
+    model = model.cuda()
+    gbatch = {k: v.cuda() for k, v in batch.items()}
+    ref = run(model, gbatch)
+    with use_topk(model, attn_k=4 * L, ff_k=D_FF):
+        full = run(model, gbatch)
+    with use_topk(model, attn_k=3, ff_k=5):
+        small = run(model, gbatch)
+    assert torch.allclose(real_rows(name, batch, full), real_rows(name, batch, ref), atol=1e-4, rtol=0)
+    assert torch.allclose(small.cpu(), cpu_small, atol=1e-4, rtol=0)
+    assert_restored(model)
+
+
+@pytest.mark.gpu
+@cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_generate_matches_vanilla(dtype):
+    model = tiny_llama().to("cuda", dtype)
+    ids = inputs("llama", padded=False)["input_ids"][:1].cuda()
+    kw = dict(max_new_tokens=10, do_sample=False, pad_token_id=0)
+    ref = model.generate(ids, **kw)
+    with use_topk(model, attn_k=L + 10, ff_k=D_FF):
+        out = model.generate(ids, **kw)
+    assert out.tolist() == ref.tolist()

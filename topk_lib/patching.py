@@ -516,6 +516,8 @@ def use_topk(model, attn_k=None, ff_k=None, chunk_size=1024):
         if layer not in attn_spec:
             continue
         heads = _num_heads(module)
+        if heads is None:
+            raise ValueError(f"attn_k: cannot tell how many query heads {name} ({type(module).__name__}) has")
         current = _SPECS.get(module)
         ks = list(current.ks) if current is not None and len(current.ks) == heads else [None] * heads
         entry = attn_spec[layer]
