@@ -1,0 +1,54 @@
+"""Layer sensitivity and per-head budgets on a tiny random Llama."""
+
+import pandas as pd
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from topk_lib import use_topk
+from topk_lib.experiments import layer_sensitivity, load_budget, per_head_budget, save_budget
+
+
+@pytest.fixture(scope="module")
+def tiny_llama():
+    torch.manual_seed(0)
+    cfg = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+                      num_key_value_heads=2, head_dim=8, vocab_size=50, attn_implementation="sdpa")
+    return LlamaForCausalLM(cfg).eval()
+
+
+def test_layer_sensitivity(tiny_llama):
+    ids = torch.randint(0, 50, (1, 24), generator=torch.Generator().manual_seed(0))
+    small = layer_sensitivity(tiny_llama, ids, k=1)
+    assert list(small.layer) == [0, 1, 2]
+    assert (small.kl > 0).all() and small.top1_agreement.between(0, 1).all()
+    exact = layer_sensitivity(tiny_llama, ids, k=24)  # k >= L: nothing changes
+    assert exact.kl.abs().max() < 1e-6 and (exact.top1_agreement == 1).all()
+
+
+def test_per_head_budget_and_scaling():
+    table = pd.DataFrame({"layer": [0, 0, 1, 1], "head": [0, 1, 0, 1], "value": [2.0, 6.0, 10.0, 30.0]})
+    assert per_head_budget(table) == {(0, 0): 2, (0, 1): 6, (1, 0): 10, (1, 1): 30}
+    scaled = per_head_budget(table, average_k=6)  # mean 12 -> factor 0.5
+    assert scaled == {(0, 0): 1, (0, 1): 3, (1, 0): 5, (1, 1): 15}
+    assert per_head_budget(table, average_k=6, min_k=2, max_k=10)[(1, 1)] == 10
+    with pytest.raises(ValueError, match="columns"):
+        per_head_budget(table.drop(columns="head"))
+    with pytest.raises(ValueError, match="several rows"):
+        per_head_budget(pd.concat([table, table]))
+
+
+def test_budget_round_trip_and_use(tmp_path, tiny_llama):
+    budget = {(0, 0): 1, (0, 3): 2, (2, 1): 5}
+    path = save_budget(budget, tmp_path / "budget.json", model="tiny")
+    assert load_budget(path) == budget
+    with pytest.raises(FileExistsError, match="overwrite"):
+        save_budget(budget, path)
+    save_budget({(0, 0): 3}, path, overwrite=True)
+    assert load_budget(path) == {(0, 0): 3}
+    ids = torch.randint(0, 50, (1, 16), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        base = tiny_llama(ids).logits
+        with use_topk(tiny_llama, attn_k=load_budget(path)):
+            changed = tiny_llama(ids).logits
+    assert not torch.allclose(base, changed)
