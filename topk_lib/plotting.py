@@ -54,3 +54,50 @@ def plot_error_vs_k(df: pd.DataFrame, *, title: str, x="k", y="relative_error", 
     ax.set_title(title)
     fig.tight_layout()
     return fig
+
+
+def plot_metric_vs_k(df: pd.DataFrame, *, y: str, ylabel: str, title: str, hue="layer", logy=False):
+    """One line per ``hue`` value (median over heads, band = interquartile range) against k."""
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    sns.lineplot(data=df, x="k", y=y, hue=hue, estimator="median", errorbar=("pi", 50), palette="viridis", ax=ax)
+    ax.set_xscale("log", base=2)
+    if logy:
+        ax.set_yscale("log")
+    ax.set_xlabel("k (keys kept per query)")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    if ax.get_legend() is not None:
+        ax.legend(title=hue, fontsize="small", ncols=2 if df[hue].nunique() > 8 else 1)
+    fig.tight_layout()
+    return fig
+
+
+def plot_layer_head_heatmaps(panels: dict, *, title: str, cbar_label: str, fmt=".2f", annotate=True, cmap="mako",
+                             vmin=None, vmax=None):
+    """Side-by-side layer x head heatmaps; ``panels`` maps a panel title to a [layer, head] DataFrame."""
+    n = len(panels)
+    first = next(iter(panels.values()))
+    height = max(3.0, 0.28 * first.shape[0] + 1.5)
+    fig, axes = plt.subplots(1, n, figsize=(0.55 * first.shape[1] * n + 2.5 * n, height), squeeze=False)
+    for ax, (name, table) in zip(axes[0], panels.items()):
+        sns.heatmap(table, ax=ax, annot=annotate and table.size <= 400, fmt=fmt, cmap=cmap, vmin=vmin, vmax=vmax,
+                    cbar_kws={"label": cbar_label}, annot_kws={"fontsize": 6})
+        ax.set_title(name)
+        ax.set_xlabel("head")
+        ax.set_ylabel("layer")
+    fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+def plot_bars(df: pd.DataFrame, *, x: str, y: str, xlabel: str, ylabel: str, title: str, logy=False, hue=None):
+    """Bars of ``y`` per ``x`` (e.g. KL per layer)."""
+    fig, ax = plt.subplots(figsize=(max(5, 0.25 * df[x].nunique() + 2), 3.8))
+    sns.barplot(data=df, x=x, y=y, hue=hue, ax=ax, color=None if hue else sns.color_palette("mako")[3])
+    if logy:
+        ax.set_yscale("log")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    fig.tight_layout()
+    return fig
