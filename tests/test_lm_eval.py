@@ -73,3 +73,11 @@ def test_bad_arguments(lm, kw, arg):
     model, tok = lm
     with pytest.raises(ValueError, match=arg):
         perplexity(model, tok, TEXT, **kw)
+
+
+def test_closing_note_settings():
+    from topk_lib.lm_eval import closing_note_settings
+
+    s = closing_note_settings()
+    assert s[0] == (None, None) and len(s) == 17 and len(set(s)) == 17
+    assert (8, None) in s and (None, 48) in s and (16, 48) in s

@@ -143,3 +143,63 @@ def perplexity_sweep(
         row = _result(nll, correct, count, time.perf_counter() - t0, len(windows))
         rows.append({"attn_k": attn_k, "ff_k": ff_k, **row})
     return pd.DataFrame(rows)
+
+
+# --------------------------------------------------------------------------- command line
+
+#: The sweep of issue 3's closing note: attention k alone, FF k alone, then both paired by position.
+ATTN_KS = (None, 256, 128, 64, 32, 16, 8)
+FF_KS = (None, 768, 384, 192, 96, 48)  # None = dense, 1536 on SmolLM2
+
+
+def closing_note_settings():
+    """``(attn_k, ff_k)`` pairs: baseline, attention alone, FF alone, both (256/768 ... 16/48)."""
+    return [(k, None) for k in ATTN_KS] + [(None, k) for k in FF_KS[1:]] + list(zip(ATTN_KS[1:6], FF_KS[1:]))
+
+
+def main(argv=None):
+    """``python -m topk_lib.lm_eval [--quick]``: SmolLM2 on Moby Dick, written to data/results."""
+    import argparse
+    import platform
+
+    import transformers
+
+    from topk_lib import paths
+    from topk_lib.data import moby_dick_text
+    from topk_lib.models import load_model
+
+    ap = argparse.ArgumentParser(description=main.__doc__)
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--window", type=int, default=1024)
+    ap.add_argument("--n-windows", type=int, default=4)
+    ap.add_argument("--quick", action="store_true", help="one window, baseline and the smallest k only")
+    ap.add_argument("--out", default=None, help="CSV path (default data/results/<model>_moby_dick_perplexity.csv)")
+    args = ap.parse_args(argv)
+    settings = [(None, None), (8, 48)] if args.quick else closing_note_settings()
+    n_windows = 1 if args.quick else args.n_windows
+    model, tokenizer = load_model(args.model)
+    t0 = time.perf_counter()
+    df = perplexity_sweep(model, tokenizer, moby_dick_text(), settings=settings, window=args.window, n_windows=n_windows)
+    wall = time.perf_counter() - t0
+    for col in ("attn_k", "ff_k"):
+        df[col] = ["full" if v is None or v != v else str(int(v)) for v in df[col]]
+    device = next(model.parameters()).device
+    df["device"] = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.machine() + " cpu"
+    df["dtype"] = str(next(model.parameters()).dtype).removeprefix("torch.")
+    df["threads"] = torch.get_num_threads()
+    df["torch"] = torch.__version__
+    df["transformers"] = transformers.__version__
+    print(df.iloc[:, :8].to_string(index=False, float_format=lambda x: f"{x:.4f}"))
+    print(f"sweep wall time {wall:.1f} s")
+    if not args.quick:
+        from pathlib import Path
+
+        out = Path(args.out) if args.out else paths.RESULTS / f"{args.model}_moby_dick_perplexity.csv"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        df.to_csv(out, index=False)
+        print("wrote", out)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
