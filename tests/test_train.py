@@ -275,7 +275,7 @@ def test_mean_std_table():
 def test_plots_return_figures():
     curves = pd.DataFrame({"k": ["8", "8", "full", "full"], "seed": [0, 0, 0, 0], "step": [1, 2, 1, 2],
                            "val_acc": [0.1, 0.2, 0.1, 0.3], "train_loss": [2.0, 1.9, 2.0, 1.8]})
-    fig = train.plot_learning_curves(curves, title="t", reference=(0.364, "LRA"))
+    fig = train.plot_learning_curves(curves, title="t", references=[(0.364, "LRA"), (0.15, "majority")])
     assert fig.axes
     results = pd.DataFrame({"k": ["8", "full", "16"], "seed": [0, 0, 0], "test_acc": [0.2, 0.3, 0.25]})
     assert train.plot_accuracy_vs_k(results, title="t").axes

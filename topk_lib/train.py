@@ -58,6 +58,7 @@ __all__ = [
     "finetune_spam",
     "finetune_sweep",
     "mean_std_table",
+    "k_order",
     "plot_learning_curves",
     "plot_accuracy_vs_k",
     "plot_finetune_vs_k",
@@ -459,7 +460,7 @@ def finetune_spam(*, split_df, attn_k=None, ff_k=None, seed: int = 0, steps: int
         return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}, torch.tensor(df.y.to_numpy())
 
     train = split_df[split_df.split == "train"]
-    train_enc, train_y = tokens(train)
+    train_y = torch.tensor(train.y.to_numpy())
     val_enc, val_y = tokens(_subset(split_df[split_df.split == "val"], n_val, 0)) if n_val != 0 else (None, None)
     test_enc, test_y = tokens(_subset(split_df[split_df.split == "test"], n_test, 0))
     opt = torch.optim.AdamW(clf.parameters(), lr=lr, weight_decay=weight_decay)
@@ -473,9 +474,10 @@ def finetune_spam(*, split_df, attn_k=None, ff_k=None, seed: int = 0, steps: int
         for step, idx in enumerate(_batches(len(train_y), batch_size, steps, gen)):
             for group in opt.param_groups:
                 group["lr"] = _lr_at(step, steps=steps, warmup=n_warm, lr=lr)
-            m = train_enc["attention_mask"][idx]  # [b, max_length]
+            enc, _ = tokens(train.iloc[idx.tolist()])  # only the emails this step needs
+            m = enc["attention_mask"]  # [b, max_length]
             width = int(m.sum(1).max())
-            logits = clf(train_enc["input_ids"][idx, :width], m[:, :width])  # [b, 2]
+            logits = clf(enc["input_ids"][:, :width], m[:, :width])  # [b, 2]
             loss = F.cross_entropy(logits, train_y[idx])
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -547,7 +549,7 @@ def finetune_sweep(*, settings, seeds, split_df, train_kw: dict | None = None, s
 # --------------------------------------------------------------------------- tables and figures
 
 
-def _k_order(values):
+def k_order(values):
     """Sort k labels numerically with "full" last."""
     return sorted(set(values), key=lambda v: (v == "full", int(v) if v != "full" else 0))
 
@@ -560,22 +562,25 @@ def mean_std_table(df, *, by, value):
     return g
 
 
-def plot_learning_curves(curves, *, title: str, reference=None):
-    """Validation accuracy against step, one line per k (mean over seeds, band: ± 1 std)."""
+def plot_learning_curves(curves, *, title: str, references=()):
+    """Validation accuracy against step, one line per k (mean over seeds, band: ± 1 std).
+
+    ``references``: ``(value, label)`` pairs drawn as grey horizontal lines.
+    """
     import matplotlib.pyplot as plt
     import seaborn as sns
 
-    order = _k_order(curves.k)
+    order = k_order(curves.k)
     palette = dict(zip(order, sns.color_palette("viridis", len(order) - 1) + [(0.1, 0.1, 0.1)]))
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
     sns.lineplot(data=curves, x="step", y="val_acc", hue="k", hue_order=order, palette=palette, errorbar="sd",
                  marker="o", markersize=3, ax=ax)
-    if reference is not None:
-        ax.axhline(reference[0], color="grey", ls="--", lw=1, label=reference[1])
+    for (value, label), ls in zip(references, ("--", ":", "-.")):  # e.g. a paper's number, a baseline
+        ax.axhline(value, color="grey", ls=ls, lw=1, label=label)
     ax.set_xlabel("training step")
     ax.set_ylabel("validation accuracy")
     ax.set_title(title)
-    ax.legend(title="k (keys per query)", fontsize="small")
+    ax.legend(title="k (keys per query)", fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
     return fig
 
@@ -585,23 +590,23 @@ def _k_axis(ax, order):
     ax.set_xlabel("k (keys kept per query; full = exact)")
 
 
-def plot_accuracy_vs_k(results, *, title: str, y="test_acc", ylabel="test accuracy", reference=None):
+def plot_accuracy_vs_k(results, *, title: str, y="test_acc", ylabel="test accuracy", references=()):
     """Mean test accuracy per k with ± 1 std error bars over seeds, and the single seeds as dots."""
     import matplotlib.pyplot as plt
 
-    order = _k_order(results.k)
+    order = k_order(results.k)
     stats = results.groupby("k")[y].agg(["mean", "std"]).reindex(order).fillna(0.0)
     fig, ax = plt.subplots(figsize=(5.5, 4))
     x = range(len(order))
     ax.errorbar(x, stats["mean"], yerr=stats["std"], fmt="o-", capsize=4, color="C0", label="mean ± std over seeds")
     pos = {k: i for i, k in enumerate(order)}
     ax.scatter([pos[k] for k in results.k], results[y], s=12, color="C0", alpha=0.4, label="single seeds")
-    if reference is not None:
-        ax.axhline(reference[0], color="grey", ls="--", lw=1, label=reference[1])
+    for (value, label), ls in zip(references, ("--", ":", "-.")):  # e.g. a paper's number, a baseline
+        ax.axhline(value, color="grey", ls=ls, lw=1, label=label)
     _k_axis(ax, order)
     ax.set_ylabel(ylabel)
     ax.set_title(title)
-    ax.legend(fontsize="small")
+    ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
     return fig
 
@@ -620,7 +625,7 @@ def plot_finetune_vs_k(results, *, title: str):
               ("trained", "f1"): ("o-", "C2"), ("swap", "f1"): ("s--", "C3")}
     labels = {"trained": "fine-tuned with top-k", "swap": "fine-tuned vanilla, top-k at test"}
     for ax, (col, df, name) in zip(axes, panels):
-        order = _k_order(df[col])
+        order = k_order(df[col])
         pos = {k: i for i, k in enumerate(order)}
         for (mode, metric), (fmt, color) in styles.items():
             part = df[df["mode"] == mode]
@@ -637,9 +642,10 @@ def plot_finetune_vs_k(results, *, title: str):
         ax.set_xlabel(f"{name} (full = exact/dense)")
         ax.set_title(name)
     axes[0].set_ylabel("test score (mean ± std over seeds)")
-    axes[0].legend(fontsize="small", loc="lower right")
+    handles, names = axes[0].get_legend_handles_labels()
     fig.suptitle(title)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.12, 1, 1))
+    fig.legend(handles, names, fontsize="small", loc="lower center", ncols=2, frameon=False)
     return fig
 
 
