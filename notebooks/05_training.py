@@ -37,7 +37,7 @@ SEEDS = [0, 1, 2]  # seeds of every run (initialisation and data order)
 LISTOPS_LENGTH = [64, 128]  # min and max tokens per expression (LRA uses 500-2000)
 LISTOPS_SIZES = [10000, 500, 1000]  # train / val / test expressions (LRA: 96k / 2k / 2k)
 LISTOPS_KS = [8, 16, 32, 64, None]  # keys kept per query in every layer; None = exact attention
-LISTOPS_STEPS = 300  # training steps per run; timed at 0.15-0.3 s/step: 15 runs take about 20 min
+LISTOPS_STEPS = 250  # training steps per run; timed at 0.23-0.49 s/step (k=64 slowest): 15 runs about 20 min
 LISTOPS_BATCH = 32  # expressions per step
 LISTOPS_LR = 0.001  # peak AdamW learning rate (10 % warm-up, then linear decay)
 LISTOPS_MODEL = {"d_model": 64, "n_heads": 4, "n_layers": 2, "pool": "mean"}  # the small encoder
@@ -46,7 +46,7 @@ LISTOPS_N_EVAL = 300  # validation expressions per evaluation
 FT_ATTN_KS = [8, 16, 32]  # attention top-k for fine-tuning (plus exact); MiniLM inputs are 128 tokens
 FT_FF_KS = [64]  # feed-forward top-k (of 1536 hidden units) for fine-tuning
 FT_SWAP_FF_KS = [64, 256]  # feed-forward k for the swap (vanilla-trained, top-k at test only)
-FT_STEPS = 20  # fine-tuning steps per run; timed at 3.3 s/step, plus ~20 s per test pass: about 27 min
+FT_STEPS = 20  # fine-tuning steps per run; timed at 3.0-3.9 s/step and ~20 s per test pass: about 27 min
 FT_BATCH = 16  # emails per step
 FT_LR = 0.0001  # peak AdamW learning rate
 FT_MAX_LENGTH = 128  # tokens per email (subject + body, truncated)

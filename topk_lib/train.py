@@ -431,11 +431,12 @@ def finetune_spam(*, split_df, attn_k=None, ff_k=None, seed: int = 0, steps: int
     """Fine-tune MiniLM + head on the ``split_df`` of :func:`spam_split` under ``use_topk(attn_k, ff_k)``.
 
     Training draws ``steps`` batches from the train split (seeded order, identical for every
-    k); mean training loss, and validation accuracy on ``n_val`` emails (none when 0), every
-    ``eval_every`` steps; test accuracy and
-    F1 (spam = positive) of the final model on ``n_test`` test emails (all when None), under
-    the training setting. ``swap_attn_ks`` / ``swap_ff_ks``: extra test evaluations of the
-    same trained model under attention / feed-forward top-k (the swap without training).
+    k). Every ``eval_every`` steps the curve records the mean training loss and the
+    validation accuracy on ``n_val`` emails (no validation when 0). The final model's test
+    accuracy and F1 (spam = positive) on ``n_test`` test emails (all when None) are measured
+    under the training setting. ``swap_attn_ks`` / ``swap_ff_ks``: extra test evaluations of
+    the same model under attention / feed-forward top-k (the swap without training).
+    ``model`` is anything :func:`topk_lib.models.load_model` takes (tests use a tiny BERT).
     """
     from topk_lib.models import load_model
     from topk_lib.patching import use_topk
@@ -522,8 +523,8 @@ def finetune_sweep(*, settings, seeds, split_df, train_kw: dict | None = None, s
     from tqdm.auto import tqdm
 
     train_kw = dict(train_kw or {})
-    ids = sorted(split_df.id.astype(str) + "/" + split_df.group.astype(str)) if "id" in split_df else []
-    split_key = hashlib.sha256(json.dumps([ids, list(split_df.split)]).encode()).hexdigest()[:12]
+    # the cache key names the split by content: which emails, in which split
+    split_key = hashlib.sha256(json.dumps(sorted(zip(split_df.input, split_df.split))).encode()).hexdigest()[:12]
     rows, curve_rows = [], []
     runs = [(a, f, s) for a, f in settings for s in seeds]
     for attn_k, ff_k, seed in tqdm(runs, desc="fine-tuning runs", unit="run", disable=not progress):
