@@ -25,7 +25,7 @@ data: $(STAMP)
 
 # The texts the tests and quick notebooks read (a few seconds; idempotent).
 data-test: $(STAMP)
-	$(BIN)/python -m topk_lib.data moby-dick sotu
+	$(BIN)/python -m topk_lib.data moby-dick sotu spam
 
 # Fast suite plus the notebook smoke runs; `make test-all` adds the tests marked slow.
 test: $(STAMP) data-test
