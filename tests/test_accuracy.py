@@ -1,0 +1,283 @@
+"""Accuracy-versus-k sweeps: settings, bootstrap intervals, caching, summaries and plots (topk_lib.accuracy)."""
+
+import json
+import math
+
+import matplotlib
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from transformers import AutoTokenizer, BertConfig, BertModel, LlamaConfig, LlamaForCausalLM
+
+from topk_lib import accuracy, models, plot_accuracy
+from topk_lib.accuracy import Setting, bootstrap_ci, settings_grid
+from topk_lib.lm_eval import perplexity
+
+TEXT = " ".join(f"the {w} sat on the {v} mat number {i}." for i, (w, v) in
+                enumerate(zip(["cat", "dog", "whale", "ship"] * 40, ["red", "old", "wet", "big", "new"] * 32)))
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return AutoTokenizer.from_pretrained(models._package_file("minilm-l6"))
+
+
+@pytest.fixture(scope="module")
+def llama(tok):
+    torch.manual_seed(0)
+    cfg = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, vocab_size=tok.vocab_size, max_position_embeddings=512,
+                      pad_token_id=0, eos_token_id=102, bos_token_id=101)
+    return LlamaForCausalLM(cfg).eval()
+
+
+@pytest.fixture(scope="module")
+def bert(tok):
+    torch.manual_seed(0)
+    cfg = BertConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                     vocab_size=tok.vocab_size, max_position_embeddings=256)
+    return BertModel(cfg).eval()
+
+
+# --------------------------------------------------------------------------- bootstrap
+
+
+def test_bootstrap_constant_data_has_zero_width():
+    assert bootstrap_ci(np.full(50, 0.7)) == pytest.approx((0.7, 0.7, 0.7))
+
+
+def test_bootstrap_bernoulli_matches_normal_approximation():
+    n, p = 2000, 0.3
+    values = np.r_[np.ones(int(n * p)), np.zeros(n - int(n * p))]
+    est, lo, hi = bootstrap_ci(values, n_resamples=4000, seed=1)
+    half = 1.96 * math.sqrt(p * (1 - p) / n)  # 0.0201
+    assert est == pytest.approx(p)
+    assert lo == pytest.approx(p - half, abs=0.003) and hi == pytest.approx(p + half, abs=0.003)
+    assert bootstrap_ci(values, seed=1) == bootstrap_ci(values, seed=1)  # deterministic
+    wider = bootstrap_ci(values, level=0.99, seed=1)
+    assert wider[1] < lo and wider[2] > hi
+
+
+def test_bootstrap_ratio_and_transform():
+    sums, counts = np.array([10.0, 2.0, 6.0]), np.array([5.0, 1.0, 4.0])
+    est, lo, hi = bootstrap_ci(sums, weights=counts, transform=np.exp)
+    assert est == pytest.approx(math.exp(18 / 10))
+    # every resample's ratio lies between the smallest and largest unit ratio
+    assert math.exp(1.5) <= lo <= est <= hi <= math.exp(2.0)
+
+
+def test_bootstrap_bad_arguments():
+    with pytest.raises(ValueError, match="values"):
+        bootstrap_ci([])
+    with pytest.raises(ValueError, match="weights"):
+        bootstrap_ci([1.0, 2.0], weights=[1.0])
+    with pytest.raises(ValueError, match="level"):
+        bootstrap_ci([1.0], level=95)
+
+
+def test_block_sums_stay_inside_windows():
+    a = np.arange(10, dtype=float).reshape(2, 5)
+    s, c = accuracy.block_sums(a, block=2)
+    assert s.tolist() == [1, 5, 4, 11, 15, 9] and c.tolist() == [2, 2, 1, 2, 2, 1]
+
+
+# --------------------------------------------------------------------------- settings
+
+
+def test_settings_grid_names_and_kwargs():
+    budget = {(0, 0): 2, (0, 1): 6, (1, 0): 4, (1, 1): 4}
+    grid = settings_grid(attn_ks=[8], ff_ks=[96], both=[(8, 96)], budgets={4: budget})
+    assert [s.name for s in grid] == ["vanilla", "attn8", "ff96", "attn8_ff96", "budget4"]
+    assert [s.kind for s in grid] == ["vanilla", "attention", "ff", "both", "budget"]
+    assert math.isnan(grid[0].x) and grid[2].x == 96 and grid[3].x == 8 and grid[4].x == 4
+    assert grid[4].topk() == {"attn_k": budget, "ff_k": None}
+    assert grid[3].topk() == {"attn_k": 8, "ff_k": 96}
+    json.dumps(grid[4].config())  # JSON-able cache key
+
+
+def test_settings_validation():
+    with pytest.raises(ValueError, match="attn_ks"):
+        settings_grid(attn_ks=[0])
+    with pytest.raises(ValueError, match="share a name"):
+        settings_grid(attn_ks=[8, 8])
+    with pytest.raises(ValueError, match="kind"):
+        Setting("sparse")
+    with pytest.raises(ValueError, match="ff_k"):
+        Setting("attention", attn_k=8, ff_k=4)
+
+
+# --------------------------------------------------------------------------- caching
+
+
+def test_run_sweep_caches_and_skips(tmp_path, monkeypatch):
+    monkeypatch.setenv("TOPK_LAB_RESULTS", str(tmp_path))  # results_dir() is read at call time
+    calls = []
+
+    def compute(setting):
+        calls.append(setting.name)
+        return {"value": len(calls)}
+
+    grid = settings_grid(attn_ks=[4, 8])
+    first = accuracy.run_sweep("toy", grid, config={"data": 1}, compute=compute, progress=False)
+    assert calls == ["vanilla", "attn4", "attn8"] and all(r["computed"] for r in first)
+    files = sorted(p.name for p in (tmp_path / "accuracy" / "toy").iterdir())
+    assert len(files) == 3 and all(f.endswith(".json") for f in files)  # no temporary files left
+    again = accuracy.run_sweep("toy", grid, config={"data": 1}, compute=compute, progress=False)
+    assert calls == ["vanilla", "attn4", "attn8"]  # nothing recomputed
+    assert [r["value"] for r in again] == [1, 2, 3] and not any(r["computed"] for r in again)
+    accuracy.run_sweep("toy", grid[:1], config={"data": 2}, compute=compute, progress=False)
+    assert calls[-1] == "vanilla" and len(calls) == 4  # a changed config is a new result
+
+
+def test_interrupted_sweep_resumes(tmp_path):
+    calls = []
+
+    def compute(setting):
+        if setting.name == "attn8" and not calls.count("boom"):
+            calls.append("boom")
+            raise KeyboardInterrupt
+        calls.append(setting.name)
+        return {}
+
+    grid = settings_grid(attn_ks=[4, 8])
+    with pytest.raises(KeyboardInterrupt):
+        accuracy.run_sweep("toy", grid, config={}, compute=compute, progress=False, root=tmp_path)
+    accuracy.run_sweep("toy", grid, config={}, compute=compute, progress=False, root=tmp_path)
+    assert calls == ["vanilla", "attn4", "boom", "attn8"]
+
+
+# --------------------------------------------------------------------------- task sweeps on tiny models
+
+
+def test_lm_sweep_matches_lm_eval(llama, tok, tmp_path):
+    grid = settings_grid(attn_ks=[1, 64], ff_ks=[64])
+    df = accuracy.lm_sweep(llama, tok, TEXT, model_name="tiny", corpus="toy", settings=grid, window=40,
+                           n_windows=3, block=8, progress=False, root=tmp_path)
+    ppl = df[df.metric == "perplexity"].set_index("setting")
+    ref = perplexity(llama, tok, TEXT, window=40, n_windows=3)
+    assert ppl.loc["vanilla", "value"] == pytest.approx(ref["perplexity"], rel=1e-4)
+    assert ppl.loc["vanilla", "lo"] < ppl.loc["vanilla", "value"] < ppl.loc["vanilla", "hi"]
+    assert ppl.loc["attn64", "value"] == pytest.approx(ref["perplexity"], rel=1e-4)  # k >= L is exact
+    assert ppl.loc["ff64", "value"] == pytest.approx(ref["perplexity"], rel=1e-4)  # k = d_ff is exact
+    assert abs(ppl.loc["attn1", "value"] - ref["perplexity"]) > 1e-3
+    acc = df[(df.metric == "accuracy") & (df.setting == "vanilla")].value.item()
+    assert acc == pytest.approx(ref["accuracy"])
+    assert set(df.task) == {"lm_toy_40"} and df.n.eq(3 * 39).all()
+
+
+def test_classification_qa_passkey_sweeps_smoke(llama, tok, tmp_path):
+    grid = settings_grid(attn_ks=[2], ff_ks=[8])
+    examples = [("a fine film", "pos"), ("dull and long", "neg"), ("the best", "pos"), ("awful", "neg")]
+    cls = accuracy.classification_sweep(llama, tok, examples, model_name="tiny", task="polarity", template="{text}:",
+                                        labels={"pos": " good", "neg": " bad"}, settings=grid, progress=False,
+                                        root=tmp_path)
+    assert set(cls.metric) == {"accuracy", "accuracy_raw"} and cls.value.between(0, 1).all() and cls.n.eq(4).all()
+    qa = accuracy.qa_sweep(llama, tok, [("Who?", "me"), ("When?", "now")], model_name="tiny", settings=grid,
+                           max_new_tokens=3, progress=False, root=tmp_path)
+    assert set(qa.metric) == {"contains", "exact"} and len(qa) == 6
+    pk = accuracy.passkey_sweep(llama, tok, model_name="tiny", settings=grid[:2], lengths=[100, 150], depths=[0.5],
+                                n_per_cell=2, progress=False, root=tmp_path)
+    assert set(pk.task) == {"passkey", "passkey_100", "passkey_150"}
+    assert pk[(pk.task == "passkey") & (pk.metric == "accuracy")].n.eq(4).all()
+
+
+def test_retrieval_sweep_cosine(bert, tok, tmp_path):
+    pairs = [("the whale swam far", "it was a white whale"), ("congress passed the budget", "taxes rose"),
+             ("a dog in the rain", "wet fur everywhere")]
+    grid = settings_grid(attn_ks=[64, 1], ff_ks=[64])
+    df = accuracy.retrieval_sweep(bert, tok, pairs, model_name="tiny-bert", settings=grid[1:], progress=False,
+                                  root=tmp_path)  # no vanilla setting first: the reference is computed anyway
+    cos = df[df.metric == "cosine"].set_index("setting").value
+    assert cos["attn64"] == pytest.approx(1.0, abs=1e-6) and cos["ff64"] == pytest.approx(1.0, abs=1e-6)
+    assert cos["attn1"] < 1 - 1e-5  # random tiny BERT: small but clear
+    mrr = df[df.metric == "mrr"].value
+    assert mrr.between(1 / 3, 1).all()
+
+
+# --------------------------------------------------------------------------- summaries
+
+
+def _summary(rows):
+    base = dict(sweep="s", attn_k=pd.NA, ff_k=pd.NA, nominal_k=np.nan, lo=np.nan, hi=np.nan, n=10, seconds=1.0,
+                computed=True)
+    return pd.DataFrame([{**base, **r} for r in rows])
+
+
+def test_smallest_k_within():
+    rows = [dict(task="t", kind="vanilla", setting="vanilla", x=np.nan, metric="accuracy", value=0.80)]
+    rows += [dict(task="t", kind="attention", setting=f"attn{k}", x=k, metric="accuracy", value=v)
+             for k, v in [(64, 0.81), (32, 0.795), (16, 0.75), (8, 0.795)]]  # k=8 recovers by chance: ignored
+    rows += [dict(task="u", kind="vanilla", setting="vanilla", x=np.nan, metric="accuracy", value=0.5),
+             dict(task="u", kind="attention", setting="attn64", x=64, metric="accuracy", value=0.3)]
+    out = accuracy.smallest_k_within(_summary(rows), metric="accuracy", kind="attention").set_index("task")
+    assert out.loc["t", "k"] == 32 and out.loc["t", "value"] == 0.795
+    assert out.loc["u", "k"] is pd.NA
+    ppl = _summary([dict(task="t", kind="vanilla", setting="vanilla", x=np.nan, metric="perplexity", value=100.0),
+                    dict(task="t", kind="ff", setting="ff768", x=768, metric="perplexity", value=101.9),
+                    dict(task="t", kind="ff", setting="ff384", x=384, metric="perplexity", value=102.1)])
+    out = accuracy.smallest_k_within(ppl, metric="perplexity", kind="ff", relative=0.02, lower_is_better=True)
+    assert out.k.tolist() == [768]
+
+
+def test_budget_comparison_and_relative():
+    rows = [dict(task="t", kind="vanilla", setting="vanilla", x=np.nan, metric="accuracy", value=0.8),
+            dict(task="t", kind="attention", setting="attn8", x=8, metric="accuracy", value=0.6),
+            dict(task="t", kind="budget", setting="budget8", x=8.2, nominal_k=8, metric="accuracy", value=0.7),
+            dict(task="t", kind="ff", setting="ff96", x=96, metric="accuracy", value=0.4)]
+    b = accuracy.budget_comparison(_summary(rows), metric="accuracy")
+    assert b.to_dict("records") == [{"task": "t", "average_k": 8.0, "budget_mean_k": 8.2, "uniform": 0.6,
+                                     "budget": 0.7, "gain": pytest.approx(0.1)}]
+    rel = accuracy.relative_to_vanilla(_summary(rows), metrics={"t": "accuracy"}, d_ff=1536)
+    assert rel.to_dict("records") == [{"task": "t", "metric": "accuracy", "k": 96, "k_frac": 96 / 1536,
+                                       "relative": pytest.approx(0.5)}]
+
+
+def test_paper_reference_numbers():
+    ref = accuracy.paper_reference()
+    assert set(ref.model) == {"T5-base", "T5-3B", "T5-11B"} and len(ref) == 6 + 6 + 4
+    row = ref[(ref.model == "T5-base") & (ref.k == 16)].iloc[0]
+    assert row.exact_match == 58.7 and row.relative == pytest.approx(58.7 / 62.4) and row.k_frac == 16 / 3072
+    assert ref[(ref.model == "T5-11B") & (ref.k == 1024)].relative.item() > 1  # 81.4 vs full 81.3
+
+
+def test_scale_budget_keeps_proportions():
+    budget = {(0, 0): 10, (0, 1): 30, (1, 0): 20, (1, 1): 40}
+    scaled = accuracy.scale_budget(budget, average_k=5)
+    assert scaled == {(0, 0): 2, (0, 1): 6, (1, 0): 4, (1, 1): 8}
+    with pytest.raises(ValueError, match="budget"):
+        accuracy.scale_budget({}, average_k=4)
+
+
+def test_measure_head_budget(llama, tok):
+    pytest.importorskip("topk_lib.capture")
+    budget = accuracy.measure_head_budget(llama, tok, TEXT, n_tokens=64, progress=False)
+    assert sorted(budget) == [(l, h) for l in range(2) for h in range(4)]
+    assert all(1 <= k <= 64 for k in budget.values())
+    lo = accuracy.measure_head_budget(llama, tok, TEXT, n_tokens=64, frac=0.5, progress=False)
+    assert all(lo[key] <= budget[key] for key in budget)  # half the mass needs no more keys than 99 %
+
+
+# --------------------------------------------------------------------------- plots
+
+
+def test_plots_return_figures(llama, tok, tmp_path):
+    rows = [dict(task=t, kind="vanilla", setting="vanilla", x=np.nan, metric="accuracy", value=0.8, lo=0.75, hi=0.85)
+            for t in ("a", "b")]
+    for t in ("a", "b"):
+        rows += [dict(task=t, kind="attention", setting=f"attn{k}", attn_k=k, x=k, metric="accuracy", value=0.7,
+                      lo=0.6, hi=0.8) for k in (4, 16)]
+        rows += [dict(task=t, kind="both", setting=f"attn{k}_ff{6 * k}", attn_k=k, ff_k=6 * k, x=k, metric="accuracy",
+                      value=0.6, lo=0.5, hi=0.7) for k in (4, 16)]
+        rows += [dict(task=t, kind="budget", setting="budget4", x=4.1, nominal_k=4, metric="accuracy", value=0.75,
+                      lo=0.7, hi=0.8)]
+    df = _summary(rows)
+    fig = plot_accuracy.plot_accuracy_vs_k(df, metric="accuracy", ylabel="accuracy", title="t", percent=True)
+    assert isinstance(fig, matplotlib.figure.Figure) and len(fig.axes) == 2  # no ff rows: two panels
+    fig = plot_accuracy.plot_budget_frontier(df, metric="accuracy", ylabel="accuracy", title="t")
+    assert len(fig.axes) == 2
+    ours = pd.DataFrame({"task": ["a", "a"], "k_frac": [0.1, 0.5], "relative": [0.9, 1.0]})
+    fig = plot_accuracy.plot_paper_reference(ours, accuracy.paper_reference(), title="t")
+    assert len(fig.axes[0].lines) == 3 + 1 + 1  # three T5 models, ours, the line at 1
+    with pytest.raises(ValueError, match="metric"):
+        plot_accuracy.plot_accuracy_vs_k(df, metric="mrr", ylabel="", title="")
