@@ -66,3 +66,29 @@ def test_bad_method():
     with pytest.raises(ValueError, match="method"):
         approximate(q, k, v, method="lsh", budget=4)
     assert "topk" in METHODS
+
+
+def test_record_qkv_reproduces_the_layer_output():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from topk_lib.approximations import record_qkv
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, head_dim=8, vocab_size=50, attn_implementation="sdpa")
+    model = LlamaForCausalLM(cfg).eval()
+    ids = torch.randint(0, 50, (1, 10))
+    before = model(ids).logits
+    qkv_by_layer = record_qkv(model, ids, layers=[1])
+    q, k, v = qkv_by_layer[1]
+    assert q.shape == (1, 4, 10, 8) and k.shape == (1, 2, 10, 8)
+    seen = []
+    hook = model.model.layers[1].self_attn.o_proj.register_forward_pre_hook(lambda m, a: seen.append(a[0]))
+    model(ids)
+    hook.remove()
+    out = chunked_attention(q, k, v, is_causal=True)  # [1, Hq, L, d]
+    torch.testing.assert_close(out.transpose(1, 2).reshape(1, 10, 32), seen[0], atol=1e-5, rtol=1e-5)
+    assert model.config._attn_implementation == "sdpa"
+    torch.testing.assert_close(model(ids).logits, before)
+    with pytest.raises(ValueError, match="layers"):
+        record_qkv(model, ids, layers=[5])

@@ -1,7 +1,7 @@
 """Top-k against other ways of spending a budget of k keys per query (Gupta et al. 2021, section 4).
 
-Given one layer's queries, keys and values (real activations, see
-:func:`topk_lib.capture.record_qkv`), each method keeps ``budget`` keys per query and
+Given one layer's queries, keys and values (real activations, recorded by
+:func:`record_qkv`), each method keeps ``budget`` keys per query and
 runs exact softmax attention over those only:
 
 * ``"topk"``: the k highest-scoring keys (the oracle among selections);
@@ -18,13 +18,63 @@ All methods are causal (queries sit at the last Lq of Lk positions, as in
 
 from __future__ import annotations
 
+import inspect
 import warnings
+import weakref
 
 import torch
 
 from topk_lib.attention import chunked_attention, topk_attention
+from topk_lib.patching import _configs, describe_layers
 
 METHODS = ("topk", "window", "random", "sink_window", "performer")
+
+#: Registered in transformers' attention registry while :func:`record_qkv` runs.
+QKV_IMPLEMENTATION = "topk_lab_qkv"
+_SINKS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # module -> list receiving (q, k, v)
+
+
+def _qkv_forward(module, query, key, value, attention_mask, **kwargs):
+    """Exact SDPA, keeping a copy of the inputs of the modules being watched."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    sink = _SINKS.get(module)
+    if sink is not None:
+        sink.append((query.detach().clone(), key.detach().clone(), value.detach().clone()))
+    return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+
+
+@torch.no_grad()
+def record_qkv(model, input_ids, *, layers) -> dict:
+    """Queries, keys and values (after rotary embeddings, K/V not repeated) of ``layers``.
+
+    Runs the model once with exact attention; returns ``{layer: (q [B, Hq, L, d],
+    k [B, Hkv, L, d], v [B, Hkv, L, dv])}``. The model is restored on exit.
+    """
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    infos = {info.layer: info for info in describe_layers(model) if info.attention}
+    missing = [layer for layer in layers if layer not in infos]
+    if missing:
+        raise ValueError(f"layers: {missing} have no attention module; the model has layers {sorted(infos)}")
+    AttentionInterface.register(QKV_IMPLEMENTATION, _qkv_forward)
+    AttentionMaskInterface.register(QKV_IMPLEMENTATION, sdpa_mask)  # without it the causal mask disappears
+    sinks = {layer: [] for layer in layers}
+    configs = _configs(model)
+    saved = [config._attn_implementation_internal for config in configs]
+    try:
+        for config in configs:
+            config._attn_implementation_internal = QKV_IMPLEMENTATION
+        for layer in layers:
+            _SINKS[model.get_submodule(infos[layer].attention[0])] = sinks[layer]
+        no_cache = {"use_cache": False} if "use_cache" in inspect.signature(model.forward).parameters else {}
+        model(input_ids, **no_cache)
+    finally:
+        for config, impl in zip(configs, saved):
+            config._attn_implementation_internal = impl
+        _SINKS.clear()
+    return {layer: sinks[layer][0] for layer in layers}
 
 
 def selection_mask(lq: int, lk: int, *, method: str, budget: int, n_sink: int = 4, generator=None, device=None):
