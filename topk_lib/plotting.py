@@ -94,10 +94,38 @@ def plot_bars(df: pd.DataFrame, *, x: str, y: str, xlabel: str, ylabel: str, tit
     """Bars of ``y`` per ``x`` (e.g. KL per layer)."""
     fig, ax = plt.subplots(figsize=(max(5, 0.25 * df[x].nunique() + 2), 3.8))
     sns.barplot(data=df, x=x, y=y, hue=hue, ax=ax, color=None if hue else sns.color_palette("mako")[3])
+    if df[x].astype(str).str.len().max() > 6:
+        ax.tick_params(axis="x", labelrotation=25)
+    if hue is not None:
+        sns.move_legend(ax, "upper left", bbox_to_anchor=(1.02, 1), title=hue)
     if logy:
         ax.set_yscale("log")
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.set_title(title)
+    fig.tight_layout()
+    return fig
+
+
+def plot_panels_vs_k(df: pd.DataFrame, *, panels: dict, title: str, hue="layer", logy=()):
+    """Side-by-side metric-vs-k panels from a tidy frame (``metric``, ``k``, ``value``, ``hue``).
+
+    ``panels`` maps a metric name to its axis label; lines are medians over heads, bands
+    the interquartile range; metrics named in ``logy`` get a log y axis.
+    """
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.6 * len(panels), 4.0), squeeze=False)
+    for i, (ax, (metric, label)) in enumerate(zip(axes[0], panels.items())):
+        sns.lineplot(data=df[df["metric"] == metric], x="k", y="value", hue=hue, estimator="median",
+                     errorbar=("pi", 50), palette="viridis", ax=ax, legend=i == len(panels) - 1)
+        ax.set_xscale("log", base=2)
+        if metric in logy:
+            ax.set_yscale("log")
+        ax.set_xlabel("k (keys kept per query)")
+        ax.set_ylabel(label)
+    legend = axes[0][-1].get_legend()
+    if legend is not None:
+        sns.move_legend(axes[0][-1], "upper left", bbox_to_anchor=(1.02, 1), title=hue, fontsize="small",
+                        ncols=2 if df[hue].nunique() > 12 else 1)
+    fig.suptitle(title)
     fig.tight_layout()
     return fig
