@@ -41,9 +41,8 @@ import torch
 
 from topk_lib import load_model
 from topk_lib.approximations import head_errors, record_qkv
-from topk_lib.capture import capture_attention_stats
 from topk_lib.data import moby_dick_text, pydoc_text, sotu_speeches
-from topk_lib.experiments import layer_sensitivity
+from topk_lib.experiments import cached_attention_stats, layer_sensitivity
 from topk_lib.lm_eval import token_windows
 from topk_lib.plotting import plot_bars, plot_layer_head_heatmaps, plot_panels_vs_k, save_figure
 from topk_lib.results import cached_frame
@@ -52,26 +51,22 @@ torch.set_num_threads(THREADS)
 if QUICK:
     LENGTH, ENCODER_LENGTH, CONTEXT_LENGTHS = 128, 64, [64, 128]
     KS, APPROX_LAYERS = [1, 4, 16, 64], [1, 15]
+TEXT, ENCODER_TEXT = ("pydoc", "pydoc") if QUICK else ("moby_dick", "sotu_last")
 decoder_text = pydoc_text() if QUICK else moby_dick_text()
 encoder_text = pydoc_text() if QUICK else sotu_speeches()[-1]["text"]
 decoder, decoder_tokenizer = load_model(DECODER)
 encoder, encoder_tokenizer = load_model(ENCODER)
 ids = token_windows(decoder_tokenizer, decoder_text, window=LENGTH, n_windows=1)  # [1, L]
 encoder_ids = encoder_tokenizer(encoder_text, truncation=True, max_length=ENCODER_LENGTH, return_tensors="pt").input_ids
-config = {"decoder": DECODER, "encoder": ENCODER, "quick": QUICK, "ks": KS}
+config = {"decoder": DECODER, "text": TEXT, "ks": KS}
 
 # %% [markdown]
 # ## Mass kept, output error and KL against k, per layer
 
 # %%
-decoder_stats = cached_frame(
-    "smollm2_attention", folder="01_approximation", config={**config, "length": LENGTH},
-    compute=functools.partial(capture_attention_stats, decoder, ids, ks=KS),
-)
-encoder_stats = cached_frame(
-    "minilm_attention", folder="01_approximation", config={**config, "length": ENCODER_LENGTH},
-    compute=functools.partial(capture_attention_stats, encoder, encoder_ids, ks=[k for k in KS if k <= ENCODER_LENGTH]),
-)
+decoder_stats = cached_attention_stats(decoder, ids, model_name=DECODER, text_name=TEXT, ks=KS)
+encoder_stats = cached_attention_stats(encoder, encoder_ids, model_name=ENCODER, text_name=ENCODER_TEXT,
+                                       ks=[k for k in KS if k <= encoder_ids.shape[1]])
 panels = {"mass_kept": "attention mass kept", "rel_error": "relative output error", "kl": "KL(p_k‖p) (nats)"}
 for name, stats, tokens in (("smollm2", decoder_stats, LENGTH), ("minilm", encoder_stats, encoder_ids.shape[1])):
     shown = stats[(stats.bucket == "all") & ~(stats.k >= tokens)]  # k >= L is exact: error 0 has no log
@@ -89,7 +84,7 @@ summary
 # %%
 at = lambda metric, k: decoder_stats.query(f"bucket == 'all' and metric == '{metric}' and k == {k}").value  # noqa: E731
 print(
-    f"Caption: on SmolLM2 ({LENGTH} tokens of {'pydoc' if QUICK else 'Moby Dick'}), the median head keeps "
+    f"Caption: on SmolLM2 ({LENGTH} tokens of {TEXT}), the median head keeps "
     f"{at('mass_kept', 16).median():.1%} of its attention mass at k=16 and {at('mass_kept', 64).median():.1%} at k=64; "
     f"the worst head keeps {at('mass_kept', 64).min():.1%} at k=64. The median relative output error is "
     f"{at('rel_error', 16).median():.3f} at k=16 and {at('rel_error', 64).median():.3f} at k=64."
@@ -153,11 +148,8 @@ print(f"Caption: the most sensitive layers are {worst.layer.tolist()} (KL {worst
 
 # %%
 by_length = pd.concat([
-    cached_frame(
-        "smollm2_attention", folder="01_approximation", config={**config, "length": length},
-        compute=functools.partial(capture_attention_stats, decoder,
-                                  token_windows(decoder_tokenizer, decoder_text, window=length, n_windows=1), ks=KS),
-    ).assign(length=length)
+    cached_attention_stats(decoder, token_windows(decoder_tokenizer, decoder_text, window=length, n_windows=1),
+                           model_name=DECODER, text_name=TEXT, ks=KS).assign(length=length)
     for length in CONTEXT_LENGTHS
 ])
 fig = plot_panels_vs_k(by_length[(by_length.bucket == "all") & ~(by_length.k >= by_length.length)], panels={"mass_kept": "attention mass kept", "rel_error": "relative output error"},

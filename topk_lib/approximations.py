@@ -77,6 +77,18 @@ def record_qkv(model, input_ids, *, layers) -> dict:
     return {layer: sinks[layer][0] for layer in layers}
 
 
+def attention_probs(query, key, *, causal: bool = True):
+    """Exact attention probabilities ``[..., Hq, Lq, Lk]`` (for short inputs: drill-down plots)."""
+    rep = query.shape[-3] // key.shape[-3]
+    key = key.repeat_interleave(rep, -3)  # [..., Hq, Lk, d]
+    scores = query @ key.transpose(-1, -2) / query.shape[-1] ** 0.5  # [..., Hq, Lq, Lk]
+    if causal:
+        lq, lk = scores.shape[-2:]
+        future = torch.arange(lk)[None, :] > torch.arange(lk - lq, lk)[:, None]
+        scores = scores.masked_fill(future, float("-inf"))
+    return torch.softmax(scores, dim=-1)
+
+
 def selection_mask(lq: int, lk: int, *, method: str, budget: int, n_sink: int = 4, generator=None, device=None):
     """Bool mask ``[Lq, Lk]`` (True = kept) with at most ``budget`` causal keys per query."""
     if method not in ("window", "random", "sink_window"):

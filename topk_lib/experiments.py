@@ -15,11 +15,28 @@ import math
 import os
 from pathlib import Path
 
+import hashlib
+
 import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
 from topk_lib.patching import describe_layers, use_topk
+from topk_lib.results import cached_frame
+
+
+def cached_attention_stats(model, input_ids, *, model_name: str, text_name: str, ks, **capture_kw) -> pd.DataFrame:
+    """:func:`topk_lib.capture.capture_attention_stats`, cached by model, input tokens and ks.
+
+    Notebooks 01 and 02 read the same statistics: the second one finds them in the cache.
+    """
+    from topk_lib.capture import capture_attention_stats
+
+    tokens = hashlib.sha256(input_ids.numpy().tobytes()).hexdigest()[:12]
+    config = {"model": model_name, "text": text_name, "length": int(input_ids.shape[-1]), "tokens": tokens,
+              "ks": [int(k) for k in ks], **capture_kw}
+    return cached_frame(f"{model_name}_{text_name}_{input_ids.shape[-1]}_attention", folder="attention_stats",
+                        config=config, compute=lambda: capture_attention_stats(model, input_ids, ks=ks, **capture_kw))
 
 
 @torch.no_grad()

@@ -129,3 +129,41 @@ def plot_panels_vs_k(df: pd.DataFrame, *, panels: dict, title: str, hue="layer",
     fig.suptitle(title)
     fig.tight_layout()
     return fig
+
+
+def plot_k_vs_position(df: pd.DataFrame, *, y_label: str, title: str, hue="layer"):
+    """A per-row statistic against query position: ``df`` has ``position`` (bucket start), ``value``, ``hue``."""
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    sns.lineplot(data=df, x="position", y="value", hue=hue, estimator="median", errorbar=None, palette="viridis",
+                 marker="o", ax=ax)
+    ax.set_xscale("symlog", base=2, linthresh=1)
+    ax.set_xlim(left=0)
+    ax.set_yscale("log", base=2)
+    ax.set_xlabel("query position (bucket start, tokens)")
+    ax.set_ylabel(y_label)
+    ax.set_title(title)
+    if ax.get_legend() is not None:
+        sns.move_legend(ax, "upper left", bbox_to_anchor=(1.02, 1), title=hue, fontsize="small",
+                        ncols=2 if df[hue].nunique() > 12 else 1)
+    fig.tight_layout()
+    return fig
+
+
+def plot_head_drilldown(probs, kept, tokens, *, title: str):
+    """One head's attention map ``probs [L, L]`` with the kept entries ``kept [L, L]`` (bool) outlined."""
+    import numpy as np
+
+    n = len(tokens)
+    fig, ax = plt.subplots(figsize=(0.22 * n + 3, 0.22 * n + 1.5))
+    sns.heatmap(probs, ax=ax, cmap="rocket_r", vmin=0, vmax=float(probs.max()), xticklabels=tokens, yticklabels=tokens,
+                cbar_kws={"label": "attention probability", "shrink": 0.6}, square=True)
+    rows, cols = np.nonzero(kept)
+    ax.scatter(cols + 0.5, rows + 0.5, marker="s", s=18, facecolors="none", edgecolors="#1f77b4", linewidths=0.8,
+               label="kept by top-k")
+    ax.tick_params(labelsize=6)
+    ax.set_xlabel("key")
+    ax.set_ylabel("query")
+    ax.set_title(title)
+    ax.legend(loc="upper right", fontsize="small")
+    fig.tight_layout()
+    return fig
