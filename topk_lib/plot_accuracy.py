@@ -38,6 +38,15 @@ def _vanilla_line(ax, vanilla, color, *, band=True):
         ax.axhspan(r.lo, r.hi, color=color, alpha=0.08, lw=0)
 
 
+def _k_ticks(ax, xs):
+    """Ticks at the ks swept, written as plain integers (a log2 axis would print 2^n)."""
+    xs = sorted({float(x) for x in xs if np.isfinite(x)})
+    if xs:
+        ax.set_xticks(xs)
+        ax.set_xticklabels([f"{x:g}" if x >= 10 or x == int(x) else f"{x:.1f}" for x in xs], fontsize="small")
+        ax.minorticks_off()
+
+
 def _line(ax, pts, color, label, *, ls="-", marker="o"):
     pts = pts.sort_values("x")
     ax.plot(pts.x, pts.value, ls=ls, marker=marker, ms=4, color=color, label=label)
@@ -77,6 +86,7 @@ def plot_accuracy_vs_k(summary, *, metric, ylabel, title, kinds=("attention", "f
             ax.minorticks_off()
             ax.set_xlabel("attention k / feed-forward k")
         else:
+            _k_ticks(ax, df[df.kind == kind].x)
             ax.set_xlabel("feed-forward k (of d_ff)" if kind == "ff" else "attention k (keys per query)")
         ax.set_title(_PANEL_TITLES.get(kind, kind))
         if logy:
@@ -116,6 +126,7 @@ def plot_budget_frontier(summary, *, metric, ylabel, title, labels=None, logy=Fa
         _line(ax, uniform, colors["attention"], "uniform k")
         _line(ax, budget, colors["budget"], "per-head budget", marker="s")
         ax.set_xscale("log", base=2)
+        _k_ticks(ax, uniform.x.tolist() + budget.x.tolist())
         ax.set_xlabel("average attention k")
         ax.set_title(labels.get(task, task))
         if logy:

@@ -1,0 +1,441 @@
+# ---
+# jupyter:
+#   jupytext:
+#     formats: ipynb,py:percent
+#   kernelspec:
+#     display_name: topk-lab
+#     language: python
+#     name: topk-lab
+# ---
+
+# %% [markdown]
+# # 03 · Accuracy versus k: pretrained models, zero-shot, attention and feed-forward top-k
+#
+# The paper's central claim (Gupta et al. 2021, section 4) is that top-k attention is a
+# drop-in: a pretrained model keeps nearly the same accuracy down to small k, without
+# corrective training; the same holds for top-k feed-forward layers read as key-value
+# memories. We test it on the models we can run offline. **SmolLM2-135M** (30 layers,
+# 9 query heads, SwiGLU feed-forward of 1536 units): (1) perplexity and next-token accuracy
+# on held-out windows of *Moby Dick* and the State of the Union addresses, at 1024 and
+# 4096 tokens; (2) zero-shot classification by label-word scores with contextual
+# calibration (Zhao et al. 2021): 7-language identification of Debian fortune cookies and
+# Pang & Lee review polarity; (3) trivia questions answered by greedy generation with
+# decode-time top-k over the KV cache; (4) passkey retrieval from filler text at several
+# lengths and depths; (5) a uniform k against a per-head budget with the same average k.
+# **all-MiniLM-L6-v2**: (6) paragraph retrieval on the State of the Union addresses. A last
+# panel sets our feed-forward curves beside the paper's UnifiedQA numbers.
+#
+# Every interval is a 95 % percentile bootstrap over examples (over blocks of 64
+# consecutive tokens for language modelling). k is on a log axis; the dashed line is the
+# vanilla model.
+#
+# **Budget.** Full mode is sized for 60 minutes on the project's 2-core CPU with one torch
+# thread while other jobs share the machine: the comments in the parameters cell give the
+# timings each sample size was chosen from, which add up to about 40 minutes, leaving room
+# for a busier machine. Every (task, setting) result is cached under
+# `data/results/accuracy/`, so an interrupted run resumes where it stopped and a rerun only
+# redraws. Each section prints the wall time it spent computing, and the closing cell the
+# total. Quick mode (CI) uses CPython's pydoc text, a handful of examples and one k per kind.
+
+# %% tags=["parameters"]
+QUICK = False  # pydoc text, a few examples, one k per kind: the CI smoke run (under 3 minutes)
+THREADS = 1  # torch threads; on the shared 2-core CPU two threads contend with other jobs and run far slower
+SEED = 0  # fixes every sample (fortunes, polarity, trivia, passkeys, paragraphs)
+# Timings below: SmolLM2 / MiniLM on the shared 2-core CPU, one thread, with other jobs running.
+# (1) language modelling: ~7 s (vanilla), ~9 s (attention), ~8 s (FF), ~9 s (both) per 1024-token window and
+# ~25 / 45 / 30 / 68 s per 4096-token window: about 15 minutes for both corpora.
+LM_CORPORA = ["moby-dick", "sotu"]  # texts scored (sotu: all 233 addresses, joined)
+LM_SETUPS = {
+    1024: {"windows": 2, "attn": [128, 32, 8, 2], "ff": [768, 384, 96], "both": [[128, 768], [32, 384], [8, 96]]},
+    4096: {"windows": 1, "attn": [128, 32, 8], "ff": [384], "both": [[32, 384]]},
+}  # window length -> windows per corpus and the ks swept (attention k, FF k of 1536, pairs switched together)
+# (2) classification: ~0.26 s per example per setting (content-free prompts included): about 5 minutes.
+LANG_PER_LABEL = 20  # fortunes per language (7 languages, a fixed balanced sample)
+LANG_CHARS = [30, 160]  # keep fortunes of this many characters (short single cookies)
+POLARITY_N = 100  # polarity sentences (of 200), half positive, half negative
+CLS_ATTN_KS = [8, 2]  # prompts are a few dozen tokens, so only small attention k drops any key
+CLS_FF_KS = [192, 48]  # feed-forward k of 1536
+# (3) trivia QA: ~10 s per 16 questions and setting: about 5 minutes.
+QA_N = 96  # trivia questions (of 261), a fixed sample
+QA_MAX_NEW_TOKENS = 24  # greedy tokens per answer
+QA_ATTN_KS = [8, 2]  # prompt + answer is under a hundred tokens
+QA_FF_KS = [384, 96]  # feed-forward k of 1536
+# (4) passkey: ~5 / 12 / 27 s per 1k / 2k / 4k prompt vanilla, up to ~6 / 14 / 40 s with top-k: about 8 minutes.
+PASSKEY_LENGTHS = [1024, 2048, 4096]  # prompt lengths in tokens
+PASSKEY_DEPTHS = [0.1, 0.5, 0.9]  # where the key sits (0 = start of the filler, 1 = end)
+PASSKEY_PER_CELL = 1  # keys per (length, depth)
+PASSKEY_ATTN_KS = [16, 2]  # attention k (feed-forward top-k is not swept here)
+# (5) per-head budget vs uniform k on the 1024-token windows of (1): ~8 s per window and setting, ~2 minutes.
+BUDGET_FILE = "smollm2-135m_head_budget.json"  # notebook 02's budget (save_budget JSON) under data/results
+BUDGET_KS = [32, 8, 2]  # average k compared (each must also be a uniform attention k of LM_SETUPS[1024])
+BUDGET_TOKENS = 1024  # pydoc tokens the budget is measured on when BUDGET_FILE is absent (~10 s)
+# (6) MiniLM retrieval: ~14 s for vanilla, ~17 s per top-k setting: about 2 minutes.
+RETRIEVAL_N = 200  # paragraphs (queries and documents)
+RETRIEVAL_SENTENCES = 4  # sentences per pseudo-paragraph (the SOTU files have no paragraph breaks)
+RETRIEVAL_ATTN_KS = [32, 8, 2]  # documents are about a hundred tokens
+RETRIEVAL_FF_KS = [384, 96, 24]  # feed-forward k of MiniLM's 1536
+
+# %%
+import time
+
+import numpy as np
+import pandas as pd
+import torch
+
+from topk_lib import accuracy, data, zeroshot
+from topk_lib.experiments import load_budget, save_budget
+from topk_lib.listops import results_dir
+from topk_lib.models import load_model
+from topk_lib.plot_accuracy import plot_accuracy_vs_k, plot_budget_frontier, plot_paper_reference
+from topk_lib.plotting import save_figure
+
+if QUICK:
+    LM_CORPORA = ["pydoc"]
+    LM_SETUPS = {256: {"windows": 1, "attn": [8, 2], "ff": [96], "both": [[8, 96]]}}
+    LANG_PER_LABEL, POLARITY_N, CLS_ATTN_KS, CLS_FF_KS = 2, 6, [2], [96]
+    QA_N, QA_MAX_NEW_TOKENS, QA_ATTN_KS, QA_FF_KS = 4, 6, [2], [96]
+    PASSKEY_LENGTHS, PASSKEY_DEPTHS, PASSKEY_ATTN_KS = [256], [0.5], [2]
+    BUDGET_KS, BUDGET_TOKENS = [8, 2], 256
+    RETRIEVAL_N, RETRIEVAL_ATTN_KS, RETRIEVAL_FF_KS = 16, [2], [96]
+torch.set_num_threads(THREADS)
+started = time.perf_counter()
+model, tokenizer = load_model("smollm2-135m")
+D_FF = model.config.intermediate_size
+print(f"SmolLM2: {model.config.num_hidden_layers} layers, {model.config.num_attention_heads} query heads, "
+      f"d_ff {D_FF}; torch {torch.__version__}, {torch.get_num_threads()} thread(s); "
+      f"results cached under {results_dir() / 'accuracy'}")
+
+# %% [markdown]
+# ## 1 · Language modelling
+#
+# Windows are spread evenly over each text and scored independently; every setting sees
+# the same tokens. Attention top-k keeps the k largest scores per query in every layer and
+# head (causal, so early tokens have fewer than k keys and are exact); feed-forward top-k
+# keeps the k largest |activation| of SmolLM2's 1536 gated units per token.
+
+# %%
+texts = {
+    "moby-dick": lambda: data.moby_dick_text(fetch=True),
+    "sotu": lambda: "\n\n".join(s["text"] for s in data.sotu_speeches(fetch=True)),
+    "pydoc": lambda: data.pydoc_text(),
+}
+lm_parts = []
+for corpus in LM_CORPORA:
+    text = texts[corpus]()
+    for window, setup in LM_SETUPS.items():
+        grid = accuracy.settings_grid(attn_ks=setup["attn"], ff_ks=setup["ff"], both=setup["both"])
+        lm_parts.append(accuracy.lm_sweep(model, tokenizer, text, model_name="smollm2-135m", corpus=corpus,
+                                          settings=grid, window=window, n_windows=setup["windows"]))
+lm = pd.concat(lm_parts, ignore_index=True)
+lm_seconds = lm.drop_duplicates(["sweep", "setting"]).query("computed").seconds.sum()
+lm[lm.metric == "perplexity"].pivot(index="setting", columns="task", values="value").round(2)
+
+# %%
+fig = plot_accuracy_vs_k(lm, metric="perplexity", ylabel="perplexity", logy=True,
+                         title="SmolLM2-135M: perplexity of held-out windows vs k")
+save_figure(fig, "03_lm_perplexity_vs_k")
+fig = plot_accuracy_vs_k(lm, metric="accuracy", ylabel="next-token accuracy", percent=True,
+                         title="SmolLM2-135M: next-token accuracy vs k")
+save_figure(fig, "03_lm_accuracy_vs_k")
+
+# %%
+for task in dict.fromkeys(lm.task):
+    t = lm[(lm.task == task) & (lm.metric == "perplexity")].set_index("setting")
+    worst_attn = t[t.kind == "attention"].sort_values("x").iloc[0]
+    worst_ff = t[t.kind == "ff"].sort_values("x").iloc[0]
+    print(f"{task}: vanilla perplexity {t.loc['vanilla', 'value']:.2f} "
+          f"[{t.loc['vanilla', 'lo']:.2f}, {t.loc['vanilla', 'hi']:.2f}] over {t.loc['vanilla', 'n']} tokens; "
+          f"attention k={worst_attn.x:g}: {worst_attn.value:.2f}, FF k={worst_ff.x:g}: {worst_ff.value:.2f}")
+print(f"language modelling computed for {lm_seconds:.0f} s this run (cached settings cost nothing)")
+
+# %% [markdown]
+# **Reading the figures.** Left panels switch attention only, middle panels feed-forward
+# only, right panels both (tick labels: attention k / FF k). The printout gives, per text
+# and window length, the vanilla perplexity with its interval and the perplexity at the
+# smallest k of each kind; the closing note lists the smallest k that stays within 2 % of
+# vanilla. Comparing the 1024- and 4096-token tasks shows whether longer windows need a
+# larger attention k.
+
+# %% [markdown]
+# ## 2 · Zero-shot classification with contextual calibration
+#
+# Each input is scored by the log-probability of each label word after the prompt
+# (`Text: …\nLanguage:` with ` English`, ` German`, …; `Review: …\nSentiment:` with
+# ` positive`/` negative`; every label word is one SmolLM2 token). Calibration divides the
+# label distribution by the one the model gives content-free inputs (`N/A`, empty,
+# `[MASK]`), recomputed under every setting. The prompt wordings were picked among three on
+# a small pilot sample. Fortune cookies are labelled by the Debian package they ship in.
+
+# %%
+fortunes = data.fortunes_by_language(min_chars=LANG_CHARS[0], max_chars=LANG_CHARS[1], fetch=True)
+fortunes = {lang: [" ".join(t.split()) for t in texts] for lang, texts in fortunes.items()}  # one line each
+lang_examples = zeroshot.balanced_sample(fortunes, n_per_label=LANG_PER_LABEL, seed=SEED)
+polarity = data.polarity_sentences(fetch=True)
+polarity_examples = zeroshot.balanced_sample(
+    {label: [t for t, l in polarity if l == label] for label in ("pos", "neg")}, n_per_label=POLARITY_N // 2,
+    seed=SEED)
+cls_grid = accuracy.settings_grid(attn_ks=CLS_ATTN_KS, ff_ks=CLS_FF_KS)
+cls = pd.concat([
+    accuracy.classification_sweep(model, tokenizer, lang_examples, model_name="smollm2-135m", task="language_id",
+                                  template=zeroshot.LANGUAGE_TEMPLATE, labels=zeroshot.LANGUAGE_LABELS,
+                                  settings=cls_grid),
+    accuracy.classification_sweep(model, tokenizer, polarity_examples, model_name="smollm2-135m", task="polarity",
+                                  template=zeroshot.POLARITY_TEMPLATE, labels=zeroshot.POLARITY_LABELS,
+                                  settings=cls_grid),
+], ignore_index=True)
+cls_seconds = cls.drop_duplicates(["sweep", "setting"]).query("computed").seconds.sum()
+prompt_tokens = [len(tokenizer(zeroshot.LANGUAGE_TEMPLATE.format(text=t))["input_ids"]) for t, _ in lang_examples]
+print(f"{len(lang_examples)} fortunes ({LANG_PER_LABEL} per language, prompts of {min(prompt_tokens)}-"
+      f"{max(prompt_tokens)} tokens), {len(polarity_examples)} polarity sentences; "
+      f"computed for {cls_seconds:.0f} s this run")
+cls.pivot_table(index="setting", columns=["task", "metric"], values="value", sort=False).round(3)
+
+# %%
+fig = plot_accuracy_vs_k(cls, metric="accuracy", ylabel="accuracy (calibrated)", percent=True,
+                         labels={"language_id": "7-language identification", "polarity": "review polarity"},
+                         title="SmolLM2-135M zero-shot classification vs k")
+save_figure(fig, "03_classification_vs_k")
+
+# %%
+for task, chance in (("language_id", 1 / 7), ("polarity", 1 / 2)):
+    t = cls[cls.task == task].pivot_table(index="setting", columns="metric", values="value", sort=False)
+    print(f"{task}: vanilla {t.loc['vanilla', 'accuracy']:.1%} calibrated, {t.loc['vanilla', 'accuracy_raw']:.1%} "
+          f"raw (chance {chance:.0%}); calibration changes accuracy by "
+          f"{(t.accuracy - t.accuracy_raw).min():+.1%} to {(t.accuracy - t.accuracy_raw).max():+.1%} across settings")
+
+# %% [markdown]
+# **Reading the figure.** One line per task, calibrated accuracy with its bootstrap
+# interval; the table above also has the uncalibrated (`accuracy_raw`) numbers. The
+# prompts are a few dozen tokens long, so only an attention k below that drops any key.
+
+# %% [markdown]
+# ## 3 · Trivia questions, greedy generation under decode-time top-k
+#
+# The question goes through SmolLM2's chat template with the system message
+# *"Answer the question with a short phrase, no explanation."*; the answer is generated
+# greedily with the KV cache, so every decoded token attends to its top-k cached keys.
+# Scores: the normalised gold answer occurs in the generated text (containment), and the
+# normalised first line equals it (exact match; SQuAD normalisation).
+
+# %%
+trivia = data.trivia_qa(fetch=True)
+qa_pairs = [trivia[i] for i in sorted(np.random.default_rng(SEED).choice(len(trivia), QA_N, replace=False))]
+qa = accuracy.qa_sweep(model, tokenizer, qa_pairs, model_name="smollm2-135m",
+                       settings=accuracy.settings_grid(attn_ks=QA_ATTN_KS, ff_ks=QA_FF_KS),
+                       max_new_tokens=QA_MAX_NEW_TOKENS)
+qa_seconds = qa.drop_duplicates(["sweep", "setting"]).query("computed").seconds.sum()
+qa.pivot_table(index="setting", columns="metric", values="value", sort=False).round(3)
+
+# %%
+fig = plot_accuracy_vs_k(qa.assign(task=qa.metric).assign(metric="score"), metric="score", ylabel="share of questions",
+                         percent=True, labels={"contains": "answer contained", "exact": "exact match"},
+                         title=f"SmolLM2-135M trivia ({QA_N} questions), greedy answers vs k")
+save_figure(fig, "03_trivia_vs_k")
+
+# %%
+t = qa[qa.metric == "contains"].set_index("setting")
+print(f"vanilla: gold answer contained in {t.loc['vanilla', 'value']:.1%} [{t.loc['vanilla', 'lo']:.1%}, "
+      f"{t.loc['vanilla', 'hi']:.1%}] of {t.loc['vanilla', 'n']} answers, exact match "
+      f"{qa[(qa.metric == 'exact') & (qa.setting == 'vanilla')].value.item():.1%}; "
+      + ", ".join(f"{s}: {v:.1%}" for s, v in t.value.items() if s != "vanilla")
+      + f"; computed for {qa_seconds:.0f} s this run")
+
+# %% [markdown]
+# **Reading the figure.** Containment accepts an answer given as a sentence, exact match
+# does not. Prompt and answer together are under a hundred tokens, so only small attention
+# k leave out keys.
+
+# %% [markdown]
+# ## 4 · Passkey retrieval
+#
+# A 5-digit key is hidden in repeated filler ("The grass is green. The sky is blue. …") at
+# a relative depth, and the prompt ends with *"What is the pass key? The pass key is"*. A
+# prompt counts as solved when greedy decoding returns the whole key; this is checked in
+# one teacher-forced pass (the argmax at each answer position must be the key's next
+# token), which gives the same verdict as generating.
+
+# %%
+passkey = accuracy.passkey_sweep(model, tokenizer, model_name="smollm2-135m",
+                                 settings=accuracy.settings_grid(attn_ks=PASSKEY_ATTN_KS),
+                                 lengths=PASSKEY_LENGTHS, depths=PASSKEY_DEPTHS, n_per_cell=PASSKEY_PER_CELL, seed=SEED)
+passkey_seconds = passkey.drop_duplicates(["sweep", "setting"]).query("computed").seconds.sum()
+passkey.pivot_table(index="setting", columns=["task", "metric"], values="value", sort=False).round(3)
+
+# %%
+per_length = passkey[passkey.task != "passkey"]
+fig = plot_accuracy_vs_k(per_length, metric="accuracy", ylabel="keys retrieved", percent=True,
+                         labels={f"passkey_{n}": f"{n} tokens" for n in PASSKEY_LENGTHS},
+                         title=f"SmolLM2-135M passkey retrieval vs attention k "
+                               f"({len(PASSKEY_DEPTHS) * PASSKEY_PER_CELL} prompts per length)")
+save_figure(fig, "03_passkey_vs_k")
+
+# %%
+t = passkey[(passkey.task == "passkey")].pivot_table(index="setting", columns="metric", values="value", sort=False)
+print(f"{int(passkey[passkey.task == 'passkey'].n.iloc[0])} prompts at depths {PASSKEY_DEPTHS}: "
+      + ", ".join(f"{s}: {r.accuracy:.0%} of keys ({r.digits:.0%} of answer tokens)" for s, r in t.iterrows())
+      + f"; computed for {passkey_seconds:.0f} s this run")
+
+# %% [markdown]
+# **Reading the figure.** One line per prompt length (pooled over depths). With few
+# prompts per length the intervals are wide; the table also gives the share of correct
+# answer tokens, a finer measure than whole-key accuracy.
+
+# %% [markdown]
+# ## 5 · Uniform k against a per-head budget at the same average k
+#
+# Notebook 02 measures, per head, the k that keeps 99 % of the attention mass and writes it
+# as JSON; heads that spread their attention get more keys, peaked heads fewer. Here the
+# budget is rescaled to each average k and compared with the same k in every head, on the
+# 1024-token windows of section 1. When notebook 02 has not been run, the budget is
+# measured here (median over query rows of the k for 99 % of the mass) on pydoc text, which
+# no task evaluates.
+
+# %%
+budget_path = results_dir() / BUDGET_FILE
+own_budget_path = results_dir() / "accuracy" / f"smollm2-135m_head_budget_k99_pydoc{BUDGET_TOKENS}.json"
+if budget_path.exists():
+    budget, budget_source = load_budget(budget_path), f"notebook 02 ({budget_path.name})"
+elif own_budget_path.exists():
+    budget, budget_source = load_budget(own_budget_path), f"measured earlier here ({own_budget_path.name})"
+else:
+    budget = accuracy.measure_head_budget(model, tokenizer, data.pydoc_text(), n_tokens=BUDGET_TOKENS)
+    save_budget(budget, own_budget_path, overwrite=True, source="pydoc", tokens=BUDGET_TOKENS, statistic="k99 median")
+    budget_source = f"measured now on {BUDGET_TOKENS} pydoc tokens"
+budget_ks = np.array(list(budget.values()))
+print(f"per-head budget from {budget_source}: {len(budget)} heads, k from {budget_ks.min()} to {budget_ks.max()}, "
+      f"median {np.median(budget_ks):g}, mean {budget_ks.mean():.1f}")
+budgets = {k: accuracy.scale_budget(budget, average_k=k) for k in BUDGET_KS}
+budget_window = min(LM_SETUPS)
+budget_parts = []
+for corpus in LM_CORPORA:
+    grid = accuracy.settings_grid(budgets=budgets)  # vanilla (cached from section 1) and the budgets
+    budget_parts.append(accuracy.lm_sweep(model, tokenizer, texts[corpus](), model_name="smollm2-135m",
+                                          corpus=corpus, settings=grid, window=budget_window,
+                                          n_windows=LM_SETUPS[budget_window]["windows"]))
+budget_rows = pd.concat(budget_parts, ignore_index=True)
+budget_seconds = budget_rows.drop_duplicates(["sweep", "setting"]).query("computed").seconds.sum()
+frontier = pd.concat([lm[lm.task.isin(set(budget_rows.task))], budget_rows[budget_rows.kind == "budget"]],
+                     ignore_index=True)
+budget_table = pd.concat({m: accuracy.budget_comparison(frontier, metric=m).set_index(["task", "average_k"])
+                          for m in ("perplexity", "accuracy")}, axis=1)
+budget_table.round(3)
+
+# %%
+fig = plot_budget_frontier(frontier, metric="perplexity", ylabel="perplexity", logy=True,
+                           title=f"Per-head budget vs uniform k ({budget_window}-token windows)")
+save_figure(fig, "03_budget_vs_uniform")
+
+# %%
+for (task, k), r in budget_table.iterrows():
+    print(f"{task}, average k {k:g} (budget mean {r[('perplexity', 'budget_mean_k')]:.2f}): perplexity "
+          f"{r[('perplexity', 'uniform')]:.2f} uniform vs {r[('perplexity', 'budget')]:.2f} budget, next-token "
+          f"accuracy {r[('accuracy', 'uniform')]:.1%} vs {r[('accuracy', 'budget')]:.1%}")
+print(f"budget settings computed for {budget_seconds:.0f} s this run")
+
+# %% [markdown]
+# **Reading the figure.** Blue: the same k in every head; red: the per-head budget rescaled
+# to the same average (its real average after rounding is the x position). Lower is
+# better; the table gives both perplexity and next-token accuracy.
+
+# %% [markdown]
+# ## 6 · MiniLM paragraph retrieval on the State of the Union
+#
+# The addresses carry no paragraph breaks, so a paragraph is a run of consecutive
+# sentences; its first sentence is the query and the rest a document. Every query is
+# ranked against all documents by cosine similarity of all-MiniLM-L6-v2 embeddings (mean
+# pooling, as sentence-transformers does). MiniLM has 6 layers of 12 heads and 1536 GELU
+# feed-forward units.
+
+# %%
+encoder, encoder_tokenizer = load_model("minilm-l6")
+speeches = data.sotu_speeches(fetch=True)
+pairs = zeroshot.paragraph_pairs([s["text"] for s in speeches], n=RETRIEVAL_N,
+                                 sentences_per_paragraph=RETRIEVAL_SENTENCES, seed=SEED)
+doc_tokens = [len(ids) for ids in encoder_tokenizer([d for _, d in pairs])["input_ids"]]
+retrieval = accuracy.retrieval_sweep(encoder, encoder_tokenizer, pairs, model_name="minilm-l6",
+                                     settings=accuracy.settings_grid(attn_ks=RETRIEVAL_ATTN_KS,
+                                                                     ff_ks=RETRIEVAL_FF_KS))
+retrieval_seconds = retrieval.drop_duplicates(["sweep", "setting"]).query("computed").seconds.sum()
+print(f"{len(pairs)} paragraphs; documents of {min(doc_tokens)}-{max(doc_tokens)} tokens "
+      f"(median {int(np.median(doc_tokens))}, truncated at 256)")
+retrieval.pivot_table(index="setting", columns="metric", values="value", sort=False).round(3)
+
+# %%
+scores = retrieval[retrieval.metric.isin(["acc@1", "mrr"])]
+fig = plot_accuracy_vs_k(scores.assign(task=scores.metric).assign(metric="score"), metric="score",
+                         ylabel="score", labels={"acc@1": "accuracy@1", "mrr": "mean reciprocal rank"},
+                         title=f"MiniLM paragraph retrieval on SOTU ({len(pairs)} paragraphs) vs k")
+save_figure(fig, "03_retrieval_vs_k")
+fig = plot_accuracy_vs_k(retrieval, metric="cosine", ylabel="cosine to vanilla embedding",
+                         labels={"sotu_retrieval": "queries and documents"},
+                         title="MiniLM embeddings under top-k: cosine similarity to vanilla")
+save_figure(fig, "03_retrieval_cosine_vs_k")
+
+# %%
+t = retrieval.pivot_table(index="setting", columns="metric", values="value", sort=False)
+print(f"vanilla: accuracy@1 {t.loc['vanilla', 'acc@1']:.1%}, MRR {t.loc['vanilla', 'mrr']:.3f} over {len(pairs)} "
+      f"documents (chance accuracy@1 {1 / len(pairs):.2%}); lowest cosine to vanilla "
+      f"{t.cosine.min():.3f} at {t.cosine.idxmin()}; computed for {retrieval_seconds:.0f} s this run")
+
+# %% [markdown]
+# ## Beside the paper: feed-forward top-k relative to the full model
+#
+# Gupta et al. (2021) report the average exact match of UnifiedQA (T5-base, T5-3B and
+# T5-11B) with top-k in the feed-forward layers only; those published numbers
+# (`accuracy.GUPTA2021_UNIFIEDQA_FF`) are drawn as grey lines, relative to each model's
+# full score, against the share of feed-forward units kept, k / d_ff. Our feed-forward
+# curves (SmolLM2 and MiniLM both have d_ff = 1536) use each task's main metric.
+
+# %%
+main_metric = {**{task: "accuracy" for task in dict.fromkeys(lm.task)}, "language_id": "accuracy",
+               "polarity": "accuracy", "trivia": "contains", "sotu_retrieval": "acc@1"}
+all_rows = pd.concat([lm, cls, qa, passkey, retrieval], ignore_index=True)
+ours = accuracy.relative_to_vanilla(all_rows, metrics=main_metric, kind="ff", d_ff=D_FF)
+paper = accuracy.paper_reference()
+fig = plot_paper_reference(ours, paper, title="Feed-forward top-k: accuracy relative to the full model",
+                           labels={"sotu_retrieval": "MiniLM retrieval acc@1", "trivia": "trivia (contained)"})
+save_figure(fig, "03_ff_vs_paper")
+print("k/d_ff where the paper's models stay within 1 % of full: "
+      + ", ".join(f"{m}: down to {g[g.relative >= 0.99].k_frac.min():.4f}" for m, g in paper.groupby("model", sort=False)))
+print("ours (SmolLM2 and MiniLM, relative to vanilla): "
+      + "; ".join(f"{task}: " + ", ".join(f"{r.k_frac:.3f} -> {r.relative:.2f}" for _, r in g.iterrows())
+                  for task, g in ours.groupby("task", sort=False)))
+
+# %% [markdown]
+# **Reading the figure.** In the paper's numbers the larger T5 models keep their score
+# with a smaller share of their feed-forward units than T5-base: the k they need grows much
+# more slowly than d_ff. Our models have d_ff = 1536 only, so a given share is far fewer
+# units; the printout gives this run's numbers.
+
+# %% [markdown]
+# ## Closing note
+#
+# For SmolLM2, per task, the smallest attention k and feed-forward k in the sweep such
+# that it and every larger k stay within 1 point of vanilla accuracy (2 % relative for
+# perplexity), from the point estimates; `<NA>` when even the largest k swept falls
+# outside. Then what the per-head budget buys at the same average k, and the wall time.
+
+# %%
+decoder_rows = all_rows[all_rows.sweep != "sotu_retrieval"]
+targets = [(task, m) for m in ("perplexity", "accuracy") for task in dict.fromkeys(lm.task)]
+targets += [("language_id", "accuracy"), ("polarity", "accuracy"), ("trivia", "contains"), ("passkey", "accuracy")]
+closing = {}
+for task, metric in targets:
+    rows = decoder_rows[(decoder_rows.task == task) & (decoder_rows.metric == metric)]
+    tolerance = dict(relative=0.02, lower_is_better=True) if metric == "perplexity" else dict(points=0.01)
+    for kind in ("attention", "ff"):
+        if (rows.kind == kind).any():
+            within = accuracy.smallest_k_within(rows, metric=metric, kind=kind, **tolerance).iloc[0]
+            closing.setdefault((task, metric), {"vanilla": within.vanilla})
+            closing[(task, metric)].update({f"{kind} k": within.k, f"{kind} value": within.value})
+closing = pd.DataFrame.from_dict(closing, orient="index").rename_axis(["task", "metric"])
+closing.round(3)
+
+# %%
+print("Per-head budget vs uniform k at the same average k (perplexity; negative gain = budget better): "
+      + "; ".join(f"{task} k={k:g}: {r[('perplexity', 'uniform')]:.2f} -> {r[('perplexity', 'budget')]:.2f}"
+                  for (task, k), r in budget_table.iterrows()))
+walls = pd.Series({"language modelling": lm_seconds, "classification": cls_seconds, "trivia": qa_seconds,
+                   "passkey": passkey_seconds, "budget": budget_seconds, "retrieval": retrieval_seconds})
+print("Seconds spent computing this run: " + ", ".join(f"{k} {v:.0f}" for k, v in walls.items())
+      + f"; notebook wall time {(time.perf_counter() - started) / 60:.1f} min (cached results cost nothing).")
