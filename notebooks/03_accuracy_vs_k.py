@@ -76,6 +76,7 @@ RETRIEVAL_ATTN_KS = [32, 8, 2]  # documents are about a hundred tokens
 RETRIEVAL_FF_KS = [384, 96, 24]  # feed-forward k of MiniLM's 1536
 
 # %%
+import json
 import time
 
 import numpy as np
@@ -288,13 +289,17 @@ print(f"{int(passkey[passkey.task == 'passkey'].n.iloc[0])} prompts at depths {P
 # budget is rescaled to each average k and compared with the same k in every head, on the
 # 1024-token windows of section 1. When notebook 02 has not been run, the budget is
 # measured here (median over query rows of the k for 99 % of the mass) on pydoc text, which
-# no task evaluates.
+# no task evaluates. Notebook 02 measures on a window of one of the evaluated texts (the
+# printout names it); the other corpus is then the held-out comparison.
 
 # %%
 budget_path = results_dir() / BUDGET_FILE
 own_budget_path = results_dir() / "accuracy" / f"smollm2-135m_head_budget_k99_pydoc{BUDGET_TOKENS}.json"
 if budget_path.exists():
-    budget, budget_source = load_budget(budget_path), f"notebook 02 ({budget_path.name})"
+    budget_info = json.loads(budget_path.read_text())
+    budget, budget_source = load_budget(budget_path), (
+        f"notebook 02 ({budget_path.name}: {budget_info.get('tokens', '?')} tokens of "
+        f"{budget_info.get('text', 'an unnamed text')}, {budget_info.get('statistic', 'k99')})")
 elif own_budget_path.exists():
     budget, budget_source = load_budget(own_budget_path), f"measured earlier here ({own_budget_path.name})"
 else:
