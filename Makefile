@@ -23,9 +23,9 @@ $(STAMP): requirements.txt pyproject.toml
 data: $(STAMP)
 	$(BIN)/python -m topk_lib.data all
 
-# The texts the tests and quick notebooks read (a few seconds; idempotent).
+# The data the tests and quick notebooks read (about 30 s the first time; idempotent).
 data-test: $(STAMP)
-	$(BIN)/python -m topk_lib.data moby-dick sotu spam
+	$(BIN)/python -m topk_lib.data moby-dick sotu spam fortunes polarity trivia
 
 # Fast suite plus the notebook smoke runs; `make test-all` adds the tests marked slow.
 test: $(STAMP) data-test
