@@ -1,0 +1,193 @@
+"""The benchmark harness: isolation, budget, timeout, memory method, CSV merge (tiny sizes)."""
+
+import csv
+import time
+
+import pytest
+import torch
+
+from topk_lib import bench
+
+MB = 1e6
+
+
+def _spec(**over):
+    spec = dict(suite="test", kind="attention", method="topk", B=1, H=2, L=64, d=16, C=16, k=8,
+                device="cpu", dtype="float32", warmup=1, repeats=2, budget_bytes=1 << 30, quick=True)
+    spec["pass"] = "fwd+bwd"
+    spec.update(over)
+    return spec
+
+
+def _calibrate(method, **over):
+    spec = dict(suite="test", kind="calibrate", method=method, device="cpu", dtype="float32",
+                warmup=1, repeats=1, budget_bytes=1 << 30)
+    spec["pass"] = "fwd"
+    spec.update(over)
+    return spec
+
+
+@pytest.mark.parametrize("isolation", ["forkserver", "subprocess"])
+def test_point_runs_in_a_child_and_returns_a_full_row(isolation):
+    row = bench.run_point(_spec(), timeout_s=120, isolation=isolation)
+    assert row["status"] == "ok", row["note"]
+    assert set(bench.COLUMNS) <= set(row)
+    assert row["median_s"] > 0 and row["min_s"] <= row["median_s"]
+    assert row["peak_bytes"] >= 0
+    assert row["mem_method"] in ("cpu-rss-hwm", "cpu-ru-maxrss")
+    assert row["threads"] == torch.get_num_threads()
+    assert row["torch_version"] == torch.__version__
+    assert (row["method"], row["pass"], row["L"], row["C"], row["k"]) == ("topk", "fwd+bwd", 64, 16, 8)
+
+
+@pytest.mark.parametrize("method", ["vanilla", "sdpa", "chunked", "topk", "performer"])
+def test_every_attention_method_runs(method):
+    row = bench.run_point(_spec(method=method, nb_features=16), timeout_s=120)
+    assert row["status"] == "ok", row["note"]
+
+
+def test_point_over_the_budget_did_not_fit():
+    # A real kernel: vanilla attention at L=1024, H=12 needs ~150 MB of scores; give it 32 MB.
+    row = bench.run_point(_spec(method="vanilla", L=1024, H=12, d=64, budget_bytes=32 << 20), timeout_s=120)
+    assert row["status"] == "did not fit", row
+    assert row["median_s"] is None and row["peak_bytes"] is None
+    # and a plain 2 GB allocation under a 128 MiB budget
+    row = bench.run_point(_calibrate("alloc", alloc_bytes=2_000_000_000, budget_bytes=128 << 20), timeout_s=60)
+    assert row["status"] == "did not fit" and "allocate" in row["note"]
+
+
+def test_point_past_its_timeout_is_recorded_timeout():
+    t0 = time.monotonic()
+    row = bench.run_point(_calibrate("sleep", sleep_s=60), timeout_s=2)
+    assert row["status"] == "timeout"
+    assert time.monotonic() - t0 < 20
+
+
+def test_broken_point_is_an_error_row_not_a_crash():
+    row = bench.run_point(_spec(method="no-such-method"), timeout_s=60)
+    assert row["status"] == "error" and "no-such-method" in row["note"]
+
+
+def test_cpu_memory_method_reads_a_known_allocation():
+    row = bench.run_point(_calibrate("alloc", alloc_bytes=200_000_000), timeout_s=60)
+    assert row["status"] == "ok", row["note"]
+    assert row["peak_bytes"] == pytest.approx(200_000_000, rel=0.10)
+
+
+def test_cpu_memory_matches_an_analytic_count_of_vanilla_attention():
+    # Forward at L=1024, H=12: the masked scores, the softmax output and its nan_to_num copy are
+    # live at once (3 x L*L*H float32) plus K and V copied by repeat_interleave (2 x H*L*d).
+    n, h, d = 1024, 12, 64
+    analytic = 3 * n * n * h * 4 + 2 * h * n * d * 4  # 157.3 MB
+    row = bench.run_point(_spec(method="vanilla", L=n, H=h, d=d, repeats=1, **{"pass": "fwd"}), timeout_s=120)
+    assert row["status"] == "ok", row["note"]
+    assert row["peak_bytes"] == pytest.approx(analytic, rel=0.10)
+
+
+def test_merge_is_idempotent_and_replaces_by_key(tmp_path):
+    out = tmp_path / "bench_cpu.csv"
+    a = bench._row_template(_spec(L=64))
+    b = bench._row_template(_spec(L=128))
+    a.update(status="ok", median_s=0.5, peak_bytes=1000)
+    b.update(status="timeout")
+    bench.merge_rows(out, [a, b])
+    first = out.read_text()
+    bench.merge_rows(out, [a, b])
+    assert out.read_text() == first  # same rows again: same file
+    a2 = dict(a, median_s=0.25, timestamp="later")
+    bench.merge_rows(out, [a2])  # same key (L=64): replaces, L=128 is kept
+    rows = bench.read_rows(out)
+    assert len(rows) == 2
+    by_len = {r["L"]: r for r in rows}
+    assert by_len["64"]["median_s"] == "0.25" and by_len["128"]["status"] == "timeout"
+    with open(out, newline="") as fh:
+        assert csv.DictReader(fh).fieldnames[: len(bench.COLUMNS)] == list(bench.COLUMNS)
+    assert [p.name for p in tmp_path.iterdir()] == ["bench_cpu.csv"]  # no temporary, no lock file left
+
+
+def test_suite_reruns_merge_into_one_set_of_rows(tmp_path, capsys):
+    out = tmp_path / "bench_cpu.csv"
+    rows = bench.run_suite("product", quick=True, out=out, budget=1 << 30, timeout_s=120, progress=False)
+    assert {r["status"] for r in rows} == {"ok"}, [r["note"] for r in rows if r["status"] != "ok"]
+    assert bench.main(["product", "--quick", "--budget", "1GiB", "--out", str(out)]) == 0  # the CLI, again
+    saved = bench.read_rows(out)
+    assert len(saved) == len(rows) == 2 * 6
+    printed = capsys.readouterr().out
+    assert "gather_bmm" in printed and "Lk=1024" in printed
+
+
+def test_default_csv_paths(monkeypatch, tmp_path):
+    monkeypatch.delenv("TOPK_LAB_RESULTS", raising=False)
+    assert bench.results_path("cpu").name == "bench_cpu.csv"
+    assert bench.results_path("cpu", quick=True).parent.name == "quick"  # git-ignored folder
+    monkeypatch.setenv("TOPK_LAB_RESULTS", str(tmp_path))  # the notebook runner's override wins
+    assert bench.results_path("cpu", quick=True) == tmp_path / "bench_cpu.csv"
+
+
+def test_sparse_weights_times_v_variants_agree():
+    torch.manual_seed(0)
+    h, c, lk, d, k = 2, 8, 32, 4, 5
+    v = torch.randn(h, lk, d, dtype=torch.float64)
+    idx = torch.rand(h, c, lk).topk(k, dim=-1).indices
+    p = torch.softmax(torch.randn(h, c, k, dtype=torch.float64), -1)
+    ref = torch.einsum("hck,hckd->hcd", p, v[torch.arange(h)[:, None, None], idx])
+    for method in bench.PRODUCT_METHODS:
+        torch.testing.assert_close(bench.sparse_weights_times_v(p, idx, v, method=method), ref)
+
+
+def test_chunked_dense_feedforward_is_exact_with_gradients():
+    torch.manual_seed(0)
+    x = torch.randn(10, 6, dtype=torch.float64, requires_grad=True)
+    w_in = torch.randn(12, 6, dtype=torch.float64, requires_grad=True)
+    w_out = torch.randn(6, 12, dtype=torch.float64, requires_grad=True)
+    ref = torch.relu(x @ w_in.T) @ w_out.T
+    out = bench.chunked_dense_feedforward(x, w_in, w_out, chunk_size=3)
+    torch.testing.assert_close(out, ref)
+    g_ref = torch.autograd.grad(ref.sum(), (x, w_in, w_out))
+    g = torch.autograd.grad(out.sum(), (x, w_in, w_out))
+    for a, b in zip(g, g_ref):
+        torch.testing.assert_close(a, b)
+
+
+def test_tiny_transformer_attention_choices_agree_when_exact():
+    torch.manual_seed(0)
+    x = torch.randn(1, 16, 32)
+    outs = []
+    for attention in ("vanilla", "sdpa", "chunked", "topk"):
+        torch.manual_seed(1)
+        model = bench.TinyTransformer(n_layers=2, d=32, heads=4, d_ff=64, attention=attention, topk=16,
+                                      chunk_size=4)
+        outs.append(model(x))
+    for o in outs[1:]:  # topk=16 >= L: exact too
+        torch.testing.assert_close(o, outs[0], rtol=1e-4, atol=1e-5)
+
+
+def test_kernel_targets_read_ratios():
+    rows = []
+    for n, (tk, tc, mk, mc) in {8192: (3.0, 2.0, 100e6, 90e6), 16384: (9.0, 8.0, 190e6, 180e6)}.items():
+        for method, t, m in (("topk", tk, mk), ("chunked", tc, mc)):
+            for ps, scale in (("fwd", 1.0), ("fwd+bwd", 3.0)):
+                rows.append(dict(method=method, L=str(n), status="ok", median_s=str(t * scale),
+                                 peak_bytes=str(m), **{"pass": ps}))
+    verdicts = {name: met for name, _, met in bench.kernel_targets(rows)}
+    assert verdicts["top-k fwd time <= 1.5x chunked at L=8192"] is True  # 1.5x exactly
+    assert verdicts["top-k fwd time <= 1.5x chunked at L=16384"] is True
+    assert verdicts["top-k fwd+bwd peak <= 1.2x chunked at L=16384"] is True
+    assert verdicts["top-k fwd+bwd peak grows <= linearly 8192->16384 (<= 2.0x)"] is True
+    rows[0]["median_s"] = "3.1"  # top-k fwd at 8192 now 1.55x
+    assert not {n: m for n, _, m in bench.kernel_targets(rows)}["top-k fwd time <= 1.5x chunked at L=8192"]
+
+
+@pytest.mark.parametrize("text, expected", [("16GiB", 16 << 30), ("500MB", 500_000_000), ("2G", 2 << 30),
+                                            ("1048576", 1 << 20), ("1.5 GiB", 3 << 29)])
+def test_parse_bytes(text, expected):
+    assert bench.parse_bytes(text) == expected
+
+
+def test_bad_arguments_are_named():
+    with pytest.raises(ValueError, match="suite"):
+        bench.run_suite("nope")
+    with pytest.raises(ValueError, match="pass"):
+        bench.run_point(_spec(**{"pass": "bwd"}))
+    with pytest.raises(ValueError, match="memory size"):
+        bench.parse_bytes("lots")
