@@ -18,7 +18,17 @@ def test_cached_frame_computes_once_per_config(tmp_path, monkeypatch):
     pd.testing.assert_frame_equal(a, b)
     assert len(calls) == 1
     cached_frame("demo", config={"k": 3}, compute=compute, folder="x")
-    assert len(calls) == 2 and len(list((tmp_path / "x").glob("demo_*.csv"))) == 2
+    assert len(calls) == 2 and len(list((tmp_path / "x").glob("demo_*.csv.gz"))) == 2
     assert not list((tmp_path / "x").glob(".*tmp"))
     with pytest.raises(TypeError, match="DataFrame"):
         cached_frame("bad", config={}, compute=lambda: [1, 2])
+
+
+def test_cached_frame_bytes_are_reproducible(tmp_path, monkeypatch):
+    frame = pd.DataFrame({"k": [1, 2], "value": [1 / 3, 2 / 3]})
+    blobs = []
+    for run in ("a", "b"):
+        monkeypatch.setenv("TOPK_LAB_RESULTS", str(tmp_path / run))
+        cached_frame("demo", config={}, compute=lambda: frame)
+        blobs.append(next((tmp_path / run).glob("*.csv.gz")).read_bytes())
+    assert blobs[0] == blobs[1]

@@ -482,7 +482,7 @@ def _build_product(spec, device, dtype):
     return _runner(lambda: sparse_weights_times_v(p, idx, v, method=method), None, [])
 
 
-PRODUCT_METHODS = ("scatter_mm", "gather_bmm", "gather_mulsum")
+PRODUCT_METHODS = ("scatter_mm", "gather_bmm", "gather_mulsum", "csr")
 
 
 def sparse_weights_times_v(p, idx, v, *, method="gather_bmm"):
@@ -491,13 +491,19 @@ def sparse_weights_times_v(p, idx, v, *, method="gather_bmm"):
     ``p [H, C, k]`` kept probabilities, ``idx [H, C, k]`` key indices, ``v [H, Lk, d]``.
     ``scatter_mm``: dense ``[H, C, Lk]`` weights then a matmul, O(C*Lk*d) as in the paper;
     ``gather_bmm``: ``index_select`` the k rows, then ``p[..., None, :] @ v_sel``, O(C*k*d);
-    ``gather_mulsum``: the same gather, then ``(p[..., None] * v_sel).sum(-2)``.
+    ``gather_mulsum``: the same gather, then ``(p[..., None] * v_sel).sum(-2)``;
+    ``csr``: what ``topk_attention`` does on CPU, one block-diagonal CSR matrix times V.
     """
     h, c, k = p.shape
     lk, d = v.shape[-2:]
     if method == "scatter_mm":
         dense = torch.zeros(h, c, lk, dtype=p.dtype, device=p.device).scatter_(-1, idx, p)  # [H, C, Lk]
         return torch.matmul(dense, v)  # [H, C, d]
+    if method == "csr":
+        from topk_lib.attention import _Kept
+
+        offsets = torch.arange(h, device=p.device).view(h, 1, 1) * lk  # first row of each head in [H*Lk, d]
+        return _Kept(idx, offsets, h * lk).times(p, v.reshape(-1, d))  # [H, C, d]
     rows = (idx + torch.arange(h, device=p.device).view(h, 1, 1) * lk).reshape(-1)  # rows of v as [H*Lk, d]
     v_sel = v.reshape(-1, d).index_select(0, rows).view(h, c, k, d)  # [H, C, k, d]
     if method == "gather_bmm":
@@ -891,7 +897,7 @@ def _model12_specs(common, quick, cuda):
 def _product_specs(common, quick, cuda):
     lengths = (512, 1024) if quick else (2048, 8192, 16384)
     c, k = (128, 16) if quick else (1024, 128)
-    methods = ("scatter_mm", "gather_bmm", "gather_mulsum", "qk_matmul", "topk_sorted", "topk_unsorted")
+    methods = ("scatter_mm", "gather_bmm", "gather_mulsum", "csr", "qk_matmul", "topk_sorted", "topk_unsorted")
     for n in lengths:
         for method in methods:
             yield {**common, "kind": "product", "method": method, "pass": "fwd", "H": 12, "d": 64, "L": n,

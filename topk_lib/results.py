@@ -7,6 +7,7 @@ a changed setting never reads a stale result and never overwrites another one.
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import json
 import os
@@ -28,13 +29,13 @@ def config_key(config: dict) -> str:
     return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:10]
 
 
-def write_atomic(path: Path, text: str) -> Path:
-    """Write ``text`` to ``path`` through a temporary file and ``os.replace``."""
+def write_atomic(path: Path, data: str | bytes) -> Path:
+    """Write ``data`` to ``path`` through a temporary file and ``os.replace``."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
+        with os.fdopen(fd, "wb" if isinstance(data, bytes) else "w") as f:
+            f.write(data)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -43,18 +44,22 @@ def write_atomic(path: Path, text: str) -> Path:
 
 
 def cached_frame(name: str, *, config: dict, compute, folder: str | None = None) -> pd.DataFrame:
-    """``compute()`` -> DataFrame, cached as ``results_dir()/folder/name_<hash>.csv``.
+    """``compute()`` -> DataFrame, cached as ``results_dir()/folder/name_<hash>.csv.gz``.
 
     The parameters are stored beside it (``.json``); a present cache is read instead of
-    recomputing. Delete the file to recompute.
+    recomputing. Delete the file to recompute. Values keep 7 significant digits and the
+    gzip header carries no timestamp, so the same results give the same bytes.
     """
     root = results_dir() / folder if folder else results_dir()
-    path = root / f"{name}_{config_key(config)}.csv"
+    stem = f"{name}_{config_key(config)}"
+    path = root / f"{stem}.csv.gz"
     if path.exists():
         return pd.read_csv(path)
     frame = compute()
     if not isinstance(frame, pd.DataFrame):
         raise TypeError(f"compute must return a pandas DataFrame, got {type(frame).__name__}")
-    write_atomic(path.with_suffix(".json"), json.dumps({"name": name, **config}, indent=1, sort_keys=True, default=str) + "\n")
-    write_atomic(path, frame.to_csv(index=False))
+    info = json.dumps({"name": name, **config}, indent=1, sort_keys=True, default=str) + "\n"
+    write_atomic(root / f"{stem}.json", info)
+    data = gzip.compress(frame.to_csv(index=False, float_format="%.7g").encode(), mtime=0)
+    write_atomic(path, data)
     return frame
