@@ -8,15 +8,24 @@ to the sources.
 
 Quick mode writes figures to ``figures/quick/`` and results to ``data/results/quick/``
 so a smoke run never overwrites the published figures and result caches.
+
+After the table it prints, per notebook, which figures it (re)wrote — new, changed, or
+rewritten with the same bytes (SHA-256 before and after) — and which result caches under
+the results folder it wrote (mtime changed or new) or read. Reads are seen through access
+times: before each notebook every result file's atime is set just below its mtime, so the
+kernel's default ``relatime`` rule records the next read; on a filesystem mounted
+``noatime`` the summary says reads are not tracked. Files changed by other processes during
+a run would be attributed to the notebook running at the time.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import os
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from topk_lib import paths
@@ -25,11 +34,21 @@ BUILD = paths.ROOT / "build" / "notebooks"
 
 
 @dataclass
+class Outputs:
+    """What one notebook did to the figure and result folders."""
+
+    figures: dict = field(default_factory=dict)  # figure stem -> "new" | "changed" | "same bytes"
+    written: list = field(default_factory=list)  # result files (relative paths) created or modified
+    read: list | None = field(default_factory=list)  # result files read; None = reads not tracked
+
+
+@dataclass
 class NotebookResult:
     name: str
     seconds: float
     ok: bool
     error: str = ""
+    outputs: Outputs | None = None
 
 
 class NotebookError(RuntimeError):
@@ -93,18 +112,132 @@ def execute(source: Path, *, quick: bool, out_dir: Path = BUILD, progress: bool 
     return executed
 
 
-def run_all(sources, *, quick: bool) -> list[NotebookResult]:
+# --------------------------------------------------------------------------- what each notebook wrote and read
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def snapshot_figures(folder: Path) -> dict[str, tuple[int, str]]:
+    """``{file name: (mtime_ns, sha256)}`` of the PNG/PDF figures directly in ``folder``."""
+    if not folder.is_dir():
+        return {}
+    return {p.name: (p.stat().st_mtime_ns, _sha256(p)) for p in sorted(folder.iterdir())
+            if p.suffix in (".png", ".pdf") and not p.name.startswith(".") and p.is_file()}
+
+
+def _result_files(folder: Path, exclude=()) -> list[Path]:
+    if not folder.is_dir():
+        return []
+    skip = [Path(e).resolve() for e in exclude]
+    return [p for p in sorted(folder.rglob("*")) if p.is_file() and not p.name.startswith(".")
+            and not any(s == p.resolve() or s in p.resolve().parents for s in skip)]
+
+
+def snapshot_results(folder: Path, *, exclude=()) -> dict[str, tuple[int, int]]:
+    """``{relative path: (mtime_ns, atime_ns)}`` of the result files under ``folder``."""
+    out = {}
+    for p in _result_files(folder, exclude):
+        st = p.stat()
+        out[str(p.relative_to(folder))] = (st.st_mtime_ns, st.st_atime_ns)
+    return out
+
+
+def arm_read_tracking(folder: Path, *, exclude=()) -> bool:
+    """Set each result file's atime 1 s below its mtime, so that a read moves it (``relatime``).
+
+    Returns whether this filesystem records reads at all (probed on a scratch file);
+    mtimes are left untouched.
+    """
+    if not folder.is_dir():
+        return True  # nothing to read yet; what a notebook creates counts as written
+    probe = folder / ".topk_lab_atime_probe"
+    try:
+        probe.write_bytes(b"x")
+        st = probe.stat()
+        os.utime(probe, ns=(st.st_mtime_ns - 10**9, st.st_mtime_ns))
+        probe.read_bytes()
+        if probe.stat().st_atime_ns <= st.st_mtime_ns - 10**9:
+            return False  # noatime: reads leave no trace
+        for p in _result_files(folder, exclude):
+            st = p.stat()
+            os.utime(p, ns=(st.st_mtime_ns - 10**9, st.st_mtime_ns))
+    except OSError:
+        return False  # a read-only results folder: reads cannot be tracked, nothing was written either
+    finally:
+        probe.unlink(missing_ok=True)
+    return True
+
+
+def compare_outputs(fig_before, fig_after, res_before, res_after, *, reads_tracked: bool) -> Outputs:
+    """What changed between two snapshots (``res_before`` taken after :func:`arm_read_tracking`)."""
+    figures = {}
+    for name, (mtime, digest) in fig_after.items():
+        old = fig_before.get(name)
+        if old is not None and old[0] == mtime:
+            continue  # not rewritten
+        status = "new" if old is None else ("same bytes" if old[1] == digest else "changed")
+        stem = Path(name).stem
+        rank = ("same bytes", "changed", "new")  # a stem reports its most notable file
+        figures[stem] = max(figures.get(stem, status), status, key=rank.index)
+    written = [name for name, (mtime, _) in res_after.items()
+               if name not in res_before or res_before[name][0] != mtime]
+    read = None
+    if reads_tracked:
+        read = [name for name, (mtime, atime) in res_after.items()
+                if name in res_before and res_before[name][0] == mtime and atime > res_before[name][1]]
+    return Outputs(figures=dict(sorted(figures.items())), written=written, read=read)
+
+
+def format_outputs(results: list[NotebookResult], *, figures: Path, results_folder: Path) -> str:
+    """The per-notebook summary of figures (re)written and result caches read or written."""
+    lines = [f"figures (in {figures}) and result caches (in {results_folder}), per notebook:"]
+    for r in results:
+        out = r.outputs
+        if out is None:
+            continue
+        lines.append(f"{r.name}{'' if r.ok else ' (FAILED)'}")
+        figs = ", ".join(f"{stem} [{status}]" for stem, status in out.figures.items()) or "none"
+        lines.append(f"  figures written ({len(out.figures)}): {figs}")
+        if out.read is None:
+            lines.append("  results read: not tracked (this filesystem records no access times)")
+        else:
+            lines.append(f"  results read ({len(out.read)}): {', '.join(out.read) or 'none'}")
+        lines.append(f"  results written ({len(out.written)}): {', '.join(out.written) or 'none'}")
+    return "\n".join(lines)
+
+
+def output_folders(quick: bool) -> tuple[Path, Path, list[Path]]:
+    """Figures folder, results folder and what to skip under it (the quick folder, in full mode)."""
+    figures = Path(os.environ.get("TOPK_LAB_FIGURES", paths.FIGURES))
+    results = Path(os.environ.get("TOPK_LAB_RESULTS", paths.RESULTS))
+    quick_results = paths.RESULTS / "quick"
+    exclude = [] if quick or quick_results.resolve() == results.resolve() else [quick_results]
+    return figures, results, exclude
+
+
+def run_all(sources, *, quick: bool, execute_fn=None) -> list[NotebookResult]:
+    """Execute ``sources`` in order; each result carries what the notebook wrote and read."""
     from tqdm.auto import tqdm
 
+    execute_fn = execute_fn or execute
     results = []
     os.environ.update(quick_environment(quick))
+    figures, results_folder, exclude = output_folders(quick)
     for source in tqdm(sources, desc="notebooks", unit="nb"):
+        fig_before = snapshot_figures(figures)
+        tracked = arm_read_tracking(results_folder, exclude=exclude)
+        res_before = snapshot_results(results_folder, exclude=exclude)
         start = time.perf_counter()
         try:
-            execute(source, quick=quick)
-            results.append(NotebookResult(source.stem, time.perf_counter() - start, True))
+            execute_fn(source, quick=quick)
+            result = NotebookResult(source.stem, time.perf_counter() - start, True)
         except NotebookError as err:
-            results.append(NotebookResult(source.stem, time.perf_counter() - start, False, str(err)))
+            result = NotebookResult(source.stem, time.perf_counter() - start, False, str(err))
+        result.outputs = compare_outputs(fig_before, snapshot_figures(figures), res_before,
+                                         snapshot_results(results_folder, exclude=exclude), reads_tracked=tracked)
+        results.append(result)
     return results
 
 
@@ -131,8 +264,9 @@ def main(argv=None) -> int:
     for r in results:
         if not r.ok:
             print(f"\n{r.error}", file=sys.stderr)
-    figures = Path(os.environ.get("TOPK_LAB_FIGURES", paths.FIGURES))
-    print(f"\nfigures in {figures}")
+    figures, results_folder, _ = output_folders(args.quick)
+    print()
+    print(format_outputs(results, figures=figures, results_folder=results_folder))
     return 0 if all(r.ok for r in results) else 1
 
 

@@ -1,0 +1,520 @@
+"""The interactive k explorer behind notebook 06 (Gupta et al. 2021, section 3.1 and the analysis of section 4).
+
+Top-k attention keeps, per query, the k largest scores. To *see* what that keeps, the
+explorer runs one exact forward pass of a (model, text) pair, keeps every layer's
+queries, keys and values, and then answers "what does top-k keep at layer l, head h,
+k?" by re-thresholding only, without running the model again:
+
+* :class:`AttentionExplorer` holds one (model, text). At construction it records Q/K/V of
+  all layers in one forward (:func:`~topk_lib.approximations.record_qkv`) and reduces each
+  layer's probabilities to a table of the mean top-j mass for every j = 1..L
+  (``[layers, heads, L]``, a few hundred kB), so the per-layer mass-kept profile at any k
+  is an index lookup. :meth:`AttentionExplorer.view` returns one head's attention map, the
+  entries top-k keeps, the mass they hold and the head's output relative error
+  ``‖o_k − o‖/‖o‖`` (``o_k`` from :func:`~topk_lib.attention.topk_attention`, the same
+  kernel ``use_topk`` runs). A layer's probabilities ``[H, L, L]`` are recomputed from
+  Q/K on demand (one small matmul) and the last few layers are kept in an LRU cache.
+* :class:`ExplorerSession` is what the notebook's widgets call: it loads models lazily,
+  keeps the explorers of recent (model, text) pairs, and has the callables handed to
+  ``ipywidgets.interactive_output`` and to ``observe`` (the notebook defines no functions).
+* :func:`compare_continuations`: greedy continuation of a prompt with exact attention and
+  under decode-time top-k (``use_topk`` around ``model.generate``; the prompt's prefill
+  runs top-k too), and the index of the first generated token where they differ.
+
+Memory, SmolLM2-135M (30 layers, 9 query / 3 KV heads, d = 64) at 512 tokens, float32:
+Q/K/V of all layers take 30 × (9 + 3 + 3) × 512 × 64 × 4 B ≈ 59 MB, the mass table 0.55 MB,
+one layer's probabilities 9.4 MB (the LRU holds 4: 38 MB), instead of 283 MB for the
+probabilities of all layers.
+
+Measured: ``python -m topk_lib.explorer --tokens 512 --repeats 7`` (SmolLM2 on the start of
+Moby Dick, float32, torch 2.13 CPU, a 2-core machine shared with other jobs; medians over
+random (layer, head, k)):
+
+=====================================  =======  =============  ============  ===========
+run                                    build    head/k change  layer change  figure draw
+=====================================  =======  =============  ============  ===========
+2 threads, a quiet moment (load ~2)    1.9 s    3 ms           9 ms          0.14 s
+2 threads, another job busy (load ~3)  15 s     145 ms         210 ms        0.14 s
+1 thread, another job busy (load ~3)   3.6 s    4 ms           13 ms         0.13 s
+=====================================  =======  =============  ============  ===========
+
+"head/k change" is :meth:`AttentionExplorer.view` on a cached layer, "layer change" the same
+with the layer's probabilities recomputed, "figure draw" creating the figure and rendering it
+with Agg. A slider move therefore answers in 0.15-0.35 s, well under a second; two torch
+threads fighting another process for two cores are what make the small ops slow.
+
+Scale: attention is ``softmax(q·kᵀ / sqrt(d))`` with the causal mask where the model's
+attention module is causal (decoders), none otherwise (encoders, one text without padding).
+Models whose attention scale is not ``1/sqrt(d)`` (e.g. Gemma's ``query_pre_attn_scalar``)
+would need the scale passed through.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import html
+import numbers
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+
+import torch
+
+from topk_lib.approximations import attention_probs, record_qkv
+from topk_lib.attention import topk_attention
+from topk_lib.metrics import relative_error
+from topk_lib.patching import describe_layers, use_topk
+
+__all__ = [
+    "AttentionExplorer",
+    "HeadView",
+    "ExplorerSession",
+    "Continuations",
+    "compare_continuations",
+    "first_divergence",
+    "continuations_html",
+    "continuations_text",
+    "measure_latency",
+    "sample_texts",
+    "CUSTOM_TEXT",
+]
+
+#: The label of the text choice that reads the notebook's Textarea instead of a sample.
+CUSTOM_TEXT = "your own text (box below)"
+
+
+def _positive_int(value, arg):
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value <= 0:
+        raise ValueError(f"{arg} must be a positive int, got {value!r}")
+    return int(value)
+
+
+def _index(value, arg, size, what):
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or not 0 <= value < size:
+        raise ValueError(f"{arg} must be an int in 0..{size - 1} ({size} {what}), got {value!r}")
+    return int(value)
+
+
+def _token_label(tokenizer, token_id):
+    return tokenizer.decode([int(token_id)]).replace("\n", "⏎")
+
+
+@dataclass
+class HeadView:
+    """What top-k keeps of one head at one k (all tensors on CPU, float32)."""
+
+    layer: int
+    head: int
+    k: int  # the k asked for
+    effective_k: int  # min(k, L): k >= L keeps every key
+    probs: torch.Tensor  # [L, L] exact attention probabilities
+    kept: torch.Tensor  # [L, L] bool, True = among the row's top k (only keys the query may attend)
+    row_mass: torch.Tensor  # [L] mass kept per query row
+    mass_kept: float  # mean of row_mass
+    relative_error: float  # ‖o_k − o‖ / ‖o‖ over all rows and features of this head
+    profile: torch.Tensor  # [layers] mass kept at k, mean over heads and rows, per layer
+    head_profile: torch.Tensor  # [layers, H] mass kept at k, mean over rows, per layer and head
+    causal: bool
+
+
+class AttentionExplorer:
+    """Scores of one (model, text), computed once; :meth:`view` only re-thresholds.
+
+    ``max_tokens``: the text is cut to this many tokens (after the tokenizer's special
+    tokens). ``cache_layers``: how many layers' probabilities ``[H, L, L]`` to keep.
+    """
+
+    def __init__(self, model, tokenizer, text, *, max_tokens: int = 512, cache_layers: int = 4):
+        max_tokens = _positive_int(max_tokens, "max_tokens")
+        self.cache_layers = _positive_int(cache_layers, "cache_layers")
+        if not isinstance(text, str) or not text.strip():
+            raise ValueError("text must be a non-empty string")
+        ids = tokenizer(text, truncation=True, max_length=max_tokens, return_tensors="pt").input_ids  # [1, L]
+        if ids.shape[1] < 2:
+            raise ValueError(f"text gives {ids.shape[1]} token(s); use a longer text (at least 2 tokens)")
+        infos = [info for info in describe_layers(model) if info.attention]
+        self.layers = [info.layer for info in infos]
+        # Decoders' attention modules say is_causal=True, BERT's say False (transformers' own rule).
+        self.causal = bool(getattr(model.get_submodule(infos[0].attention[0]), "is_causal", True))
+        self.input_ids = ids
+        self.tokens = [_token_label(tokenizer, t) for t in ids[0]]
+        qkv = record_qkv(model, ids, layers=self.layers)
+        # [H, L, d] per layer, float32: the only per-layer state kept besides the mass table.
+        self._q = {layer: q[0].float() for layer, (q, _, _) in qkv.items()}  # [Hq, L, d]
+        self._k = {layer: k[0].float() for layer, (_, k, _) in qkv.items()}  # [Hkv, L, d]
+        self._v = {layer: v[0].float() for layer, (_, _, v) in qkv.items()}  # [Hkv, L, dv]
+        self.n_heads = self._q[self.layers[0]].shape[0]
+        self.length = ids.shape[1]
+        self._probs: collections.OrderedDict = collections.OrderedDict()  # layer -> [H, L, L], LRU
+        curves = []
+        for layer in self.layers:
+            srt = self.probs(layer).sort(dim=-1, descending=True).values  # [H, L, L]
+            curves.append(srt.cumsum(dim=-1).clamp_(max=1.0).mean(dim=-2))  # [H, L]: mean top-j mass, j = 1..L
+        self._curves = torch.stack(curves)  # [layers, H, L]
+
+    @property
+    def n_layers(self) -> int:
+        return len(self.layers)
+
+    def probs(self, layer: int) -> torch.Tensor:
+        """Exact attention probabilities of every head of ``layer``: ``[H, L, L]``."""
+        layer = self._layer(layer)
+        if layer in self._probs:
+            self._probs.move_to_end(layer)
+            return self._probs[layer]
+        p = attention_probs(self._q[layer], self._k[layer], causal=self.causal)  # [H, L, L]
+        self._probs[layer] = p
+        while len(self._probs) > self.cache_layers:
+            self._probs.popitem(last=False)
+        return p
+
+    def profile(self, *, k: int) -> torch.Tensor:
+        """Mass kept at ``k`` per layer, mean over heads and query rows: ``[layers]``."""
+        k = _positive_int(k, "k")
+        return self._curves[:, :, min(k, self.length) - 1].mean(dim=1)  # [layers]
+
+    def head_profile(self, *, k: int) -> torch.Tensor:
+        """Mass kept at ``k`` per layer and head, mean over query rows: ``[layers, H]``."""
+        k = _positive_int(k, "k")
+        return self._curves[:, :, min(k, self.length) - 1]  # [layers, H]
+
+    def view(self, *, layer: int, head: int, k: int) -> HeadView:
+        """One head at one k: map, kept entries, mass kept, output error, per-layer profile."""
+        layer = self._layer(layer)
+        head = _index(head, "head", self.n_heads, "heads")
+        k = _positive_int(k, "k")
+        kk = min(k, self.length)
+        probs = self.probs(layer)[head]  # [L, L]
+        allowed = self._allowed()  # [L, L]
+        top = probs.topk(kk, dim=-1).indices  # [L, kk]
+        kept = torch.zeros_like(allowed).scatter_(-1, top, True) & allowed  # [L, L]; never a masked key
+        row_mass = (probs * kept).sum(dim=-1)  # [L]
+        group = self.n_heads // self._k[layer].shape[0]  # query heads per KV head (GQA)
+        q = self._q[layer][head][None, None]  # [1, 1, L, d]
+        key = self._k[layer][head // group][None, None]  # [1, 1, L, d]
+        value = self._v[layer][head // group][None, None]  # [1, 1, L, dv]
+        exact = probs @ value[0, 0]  # [L, dv]
+        approx = topk_attention(q, key, value, topk=kk, is_causal=self.causal)[0, 0]  # [L, dv]
+        error = relative_error(approx, exact, dim=(-2, -1)).item()
+        return HeadView(layer=layer, head=head, k=k, effective_k=kk, probs=probs, kept=kept, row_mass=row_mass,
+                        mass_kept=row_mass.mean().item(), relative_error=error, profile=self.profile(k=kk),
+                        head_profile=self.head_profile(k=kk), causal=self.causal)
+
+    def figure(self, *, layer: int, head: int, k: int, rows=None, title: str | None = None):
+        """The explorer figure (map with kept entries, per-layer profile) for one view."""
+        from topk_lib.plot_explorer import plot_explorer_view
+
+        return plot_explorer_view(self.view(layer=layer, head=head, k=k), tokens=self.tokens, rows=rows, title=title)
+
+    def _layer(self, layer):
+        if isinstance(layer, bool) or not isinstance(layer, numbers.Integral) or layer not in self._q:
+            raise ValueError(f"layer must be one of the attention layers {self.layers[0]}..{self.layers[-1]}, got {layer!r}")
+        return int(layer)
+
+    def _allowed(self):
+        n = self.length
+        if not self.causal:
+            return torch.ones(n, n, dtype=torch.bool)  # [L, L]
+        return torch.ones(n, n, dtype=torch.bool).tril_()  # [L, L]: key j <= query i
+
+
+# --------------------------------------------------------------------------- continuations
+
+
+def first_divergence(a, b) -> int | None:
+    """Index of the first position where token lists ``a`` and ``b`` differ; None if equal.
+
+    When one is a prefix of the other (one stopped early at EOS), that is the shorter length.
+    """
+    a, b = list(a), list(b)
+    for i, (x, y) in enumerate(zip(a, b)):
+        if x != y:
+            return i
+    return None if len(a) == len(b) else min(len(a), len(b))
+
+
+@dataclass
+class Continuations:
+    """Greedy continuations of one prompt, exact and top-k, as generated token ids."""
+
+    k: int
+    prompt_tokens: int
+    vanilla: list
+    topk: list
+    diverge: int | None  # index into the generated tokens; None = identical
+
+
+@torch.no_grad()
+def compare_continuations(model, tokenizer, prompt, *, k: int, max_new_tokens: int = 32, chat: bool = False
+                          ) -> Continuations:
+    """Greedy continuation of ``prompt`` with exact attention and with top-``k`` attention.
+
+    Top-k applies to every attention call inside ``generate`` (the prompt's prefill and each
+    decoding step, which attends the KV cache). ``chat=True`` wraps the prompt in the
+    tokenizer's chat template (instruct models), otherwise the raw text is continued.
+    """
+    k = _positive_int(k, "k")
+    max_new_tokens = _positive_int(max_new_tokens, "max_new_tokens")
+    if not isinstance(prompt, str) or not prompt.strip():
+        raise ValueError("prompt must be a non-empty string")
+    if not (hasattr(model, "generate") and model.can_generate()):
+        raise ValueError(f"model: {type(model).__name__} cannot generate; use a decoder (e.g. smollm2-135m)")
+    if chat:
+        ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                            return_tensors="pt", return_dict=True)["input_ids"]  # [1, P]
+    else:
+        ids = tokenizer(prompt, return_tensors="pt").input_ids  # [1, P]
+    ids = ids.to(next(model.parameters()).device)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    # Greedy, and the sampling defaults of the model's generation config switched off explicitly.
+    kwargs = dict(attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens, do_sample=False,
+                  temperature=None, top_p=None, top_k=None, pad_token_id=pad)
+    vanilla = model.generate(ids, **kwargs)[0, ids.shape[1]:].tolist()
+    with use_topk(model, attn_k=k):
+        approx = model.generate(ids, **kwargs)[0, ids.shape[1]:].tolist()
+    return Continuations(k=k, prompt_tokens=ids.shape[1], vanilla=vanilla, topk=approx,
+                         diverge=first_divergence(vanilla, approx))
+
+
+def continuations_html(result: Continuations, tokenizer, *, prompt: str | None = None) -> str:
+    """The two continuations side by side as HTML, tokens from the divergence on highlighted."""
+    def tokens(ids, color):
+        cut = len(ids) if result.diverge is None else result.diverge
+        same = html.escape(tokenizer.decode(ids[:cut]))
+        rest = html.escape(tokenizer.decode(ids[cut:]))
+        mark = f'<span style="background:{color};border-left:3px solid #c00">{rest}</span>' if rest else ""
+        return f'<span style="white-space:pre-wrap">{same}{mark}</span>'
+
+    where = ("identical" if result.diverge is None
+             else f"first differ at generated token {result.diverge} (0-based), highlighted")
+    head = f"<p><b>prompt</b> ({result.prompt_tokens} tokens): <i>{html.escape(prompt)}</i></p>" if prompt else ""
+    return (f"{head}<p>greedy continuations, {len(result.vanilla)} / {len(result.topk)} new tokens: {where}</p>"
+            '<table style="text-align:left"><tr><th>exact</th><td style="text-align:left">'
+            f"{tokens(result.vanilla, '#ffe9a8')}</td></tr>"
+            f'<tr><th>top-{result.k}</th><td style="text-align:left">{tokens(result.topk, "#ffc9c9")}</td></tr></table>')
+
+
+def continuations_text(result: Continuations, tokenizer) -> str:
+    """Plain-text version of :func:`continuations_html` (for logs and headless runs)."""
+    def line(ids):
+        cut = len(ids) if result.diverge is None else result.diverge
+        return tokenizer.decode(ids[:cut]) + ("⟦" + tokenizer.decode(ids[cut:]) + "⟧" if cut < len(ids) else "")
+
+    where = "identical" if result.diverge is None else f"diverge at generated token {result.diverge} (⟦ ⟧ after it)"
+    return f"{where}\nexact : {line(result.vanilla)!r}\ntop-{result.k}: {line(result.topk)!r}"
+
+
+# --------------------------------------------------------------------------- texts and session
+
+
+def sample_texts(*, chars: int = 4000) -> dict[str, str]:
+    """Built-in sample texts (first ``chars`` characters each): those whose data is present.
+
+    CPython's pydoc topics are always there; Moby Dick and the last State of the Union
+    address appear once ``python -m topk_lib.data moby-dick sotu`` has fetched them.
+    """
+    from topk_lib import data
+
+    texts = {"Python docs (pydoc: for, while, if)": data.pydoc_text(topics=["for", "while", "if"])}
+    if data.is_fetched("moby-dick"):
+        chapter = next(c for c in data.moby_dick_chapters() if c["chapter"] == "1")
+        texts["Moby Dick, chapter 1"] = chapter["title"] + "\n\n" + chapter["text"]
+    if data.is_fetched("sotu"):
+        last = data.sotu_speeches()[-1]
+        texts[f"State of the Union {last['year']} ({last['president']})"] = last["text"]
+    return {name: text[:chars] for name, text in texts.items()}
+
+
+class ExplorerSession:
+    """State behind the notebook's widgets: lazily loaded models and recent explorers.
+
+    ``models`` maps a display label to a :func:`~topk_lib.load_model` name; ``texts`` a label
+    to a text. ``keep`` explorers stay in memory (least recently used dropped first).
+    """
+
+    def __init__(self, *, models: dict, texts: dict, max_tokens: int = 512, keep: int = 2, loader=None,
+                 progress: bool = True):
+        if not models:
+            raise ValueError("models must map at least one label to a model name")
+        if not texts:
+            raise ValueError("texts must map at least one label to a text")
+        self.models = dict(models)
+        self.texts = dict(texts)
+        self.max_tokens = _positive_int(max_tokens, "max_tokens")
+        self.keep = _positive_int(keep, "keep")
+        self.progress = progress
+        if loader is None:
+            from topk_lib.models import load_model as loader
+        self._loader = loader
+        self._loaded = {}
+        self._explorers: collections.OrderedDict = collections.OrderedDict()
+        self.last_continuations: Continuations | None = None  # what show_continuations displayed last
+
+    def model(self, label):
+        """``(model, tokenizer)`` for a model label, loaded on first use."""
+        if label not in self.models:
+            raise ValueError(f"model must be one of {list(self.models)}, got {label!r}")
+        if label not in self._loaded:
+            self._loaded[label] = self._loader(self.models[label])
+        return self._loaded[label]
+
+    def text(self, choice, custom_text=""):
+        """The text for a dropdown choice (:data:`CUSTOM_TEXT` reads ``custom_text``)."""
+        if choice == CUSTOM_TEXT:
+            if not custom_text or not custom_text.strip():
+                raise ValueError("custom_text is empty: type a text in the box, or pick a sample")
+            return custom_text
+        if choice not in self.texts:
+            raise ValueError(f"text must be one of {list(self.texts) + [CUSTOM_TEXT]}, got {choice!r}")
+        return self.texts[choice]
+
+    def explorer(self, model, text, custom_text="") -> AttentionExplorer:
+        """The explorer of (model label, text choice), built once and kept while recent."""
+        body = self.text(text, custom_text)
+        key = (model, body)
+        if key in self._explorers:
+            self._explorers.move_to_end(key)
+            return self._explorers[key]
+        net, tokenizer = self.model(model)
+        start = time.perf_counter()
+        built = AttentionExplorer(net, tokenizer, body, max_tokens=self.max_tokens)
+        if self.progress:
+            print(f"scores of {model} on {built.length} tokens computed in {time.perf_counter() - start:.1f} s "
+                  f"({built.n_layers} layers × {built.n_heads} heads); sliders now only re-threshold")
+        self._explorers[key] = built
+        while len(self._explorers) > self.keep:
+            self._explorers.popitem(last=False)
+        return built
+
+    def show(self, *, model, text, custom_text="", layer, head, k, rows=None):
+        """Draw and display the explorer figure (the callable for ``interactive_output``).
+
+        ``rows``: inclusive ``(first, last)`` query positions to show (an ``IntRangeSlider``'s
+        value), default all. Out-of-range values (while the sliders' ranges follow a model or
+        text change) are clamped.
+        """
+        import matplotlib.pyplot as plt
+        from IPython.display import display
+
+        if text == CUSTOM_TEXT and not (custom_text or "").strip():
+            print("Type a text in the box (then click outside it), or pick a sample text.")
+            return
+        ex = self.explorer(model, text, custom_text)
+        layer, head = min(max(layer, ex.layers[0]), ex.layers[-1]), min(head, ex.n_heads - 1)
+        shown = None
+        if rows is not None:
+            first = min(rows[0], ex.length - 1)
+            shown = (first, max(first + 1, min(rows[1] + 1, ex.length)))
+        fig = self.figure(model=model, text=text, custom_text=custom_text, layer=layer, head=head, k=k, rows=shown)
+        display(fig)
+        plt.close(fig)  # displayed once; an open figure would be shown again at the cell's end
+
+    def figure(self, *, model, text, custom_text="", layer, head, k, rows=None):
+        """The explorer figure of a (model, text) choice, titled with both (for saving)."""
+        ex = self.explorer(model, text, custom_text)
+        name = "your own text" if text == CUSTOM_TEXT else text
+        return ex.figure(layer=layer, head=head, k=k, rows=rows, title=f"{model} on {name}")
+
+    def follow(self, *, model, text, custom_text, layer, head, k, rows=None):
+        """Make the layer/head/k sliders' ranges follow the chosen model and text.
+
+        Registers observers on the model/text widgets; call before ``interactive_output`` so
+        ranges change before the figure is redrawn.
+        """
+        self._controls = dict(model=model, text=text, custom_text=custom_text, layer=layer, head=head, k=k, rows=rows)
+        for widget in (model, text, custom_text):
+            widget.observe(self._sync_ranges, names="value")
+        self._sync_ranges()
+
+    def _sync_ranges(self, change=None):
+        c = self._controls
+        try:
+            ex = self.explorer(c["model"].value, c["text"].value, c["custom_text"].value)
+        except ValueError:
+            return  # an empty custom text: keep the ranges until there is a text
+        c["layer"].min, c["layer"].max = ex.layers[0], ex.layers[-1]
+        c["head"].max = ex.n_heads - 1
+        c["k"].max = ex.length
+        if c["rows"] is not None:
+            whole = c["rows"].value[1] >= c["rows"].max  # showed every row: keep showing every row
+            c["rows"].max = ex.length - 1
+            if whole:
+                c["rows"].value = (c["rows"].value[0], ex.length - 1)
+
+    def show_continuations(self, *, model, prompt, k, max_new_tokens, chat=False):
+        """Generate and display both continuations (the callable for ``interactive_output``)."""
+        from IPython.display import HTML, display
+
+        if not (prompt or "").strip():
+            print("Type a prompt in the box.")
+            return None
+        net, tokenizer = self.model(model)
+        result = compare_continuations(net, tokenizer, prompt, k=k, max_new_tokens=max_new_tokens, chat=chat)
+        display(HTML(continuations_html(result, tokenizer, prompt=prompt)))
+        self.last_continuations = result
+        return result
+
+
+# --------------------------------------------------------------------------- latency measurement
+
+
+def measure_latency(explorer: AttentionExplorer, *, repeats: int = 5, draw: bool = True, seed: int = 0) -> dict:
+    """Median seconds of slider updates: head/k change (cached layer), layer change, figure draw."""
+    import random
+
+    import matplotlib.pyplot as plt
+
+    from topk_lib.plot_explorer import plot_explorer_view
+
+    rng = random.Random(seed)
+    ks = [1, 4, 16, 64, explorer.length]
+    same_layer, new_layer, drawing = [], [], []
+    for _ in range(repeats):
+        layer = rng.choice(explorer.layers)
+        explorer._probs.pop(layer, None)  # force an LRU miss: the layer-slider case
+        start = time.perf_counter()
+        explorer.view(layer=layer, head=rng.randrange(explorer.n_heads), k=rng.choice(ks))
+        new_layer.append(time.perf_counter() - start)
+        start = time.perf_counter()
+        view = explorer.view(layer=layer, head=rng.randrange(explorer.n_heads), k=rng.choice(ks))
+        same_layer.append(time.perf_counter() - start)
+        if draw:
+            start = time.perf_counter()
+            fig = plot_explorer_view(view, tokens=explorer.tokens)
+            fig.canvas.draw()  # what display(fig) pays before encoding the PNG
+            plt.close(fig)
+            drawing.append(time.perf_counter() - start)
+    out = {"view_same_layer_s": statistics.median(same_layer), "view_new_layer_s": statistics.median(new_layer)}
+    if draw:
+        out["draw_s"] = statistics.median(drawing)
+    return out
+
+
+def main(argv=None) -> int:
+    """``python -m topk_lib.explorer``: build an explorer and print slider-update latencies."""
+    parser = argparse.ArgumentParser(prog="python -m topk_lib.explorer", description=main.__doc__.split(":")[1])
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--tokens", type=int, default=512)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=5)
+    args = parser.parse_args(argv)
+    from topk_lib import data
+    from topk_lib.models import load_model
+
+    torch.set_num_threads(args.threads)
+    model, tokenizer = load_model(args.model)
+    text = data.moby_dick_text() if data.is_fetched("moby-dick") else data.pydoc_text()
+    start = time.perf_counter()
+    explorer = AttentionExplorer(model, tokenizer, text[: args.tokens * 8], max_tokens=args.tokens)
+    built = time.perf_counter() - start
+    times = measure_latency(explorer, repeats=args.repeats)
+    print(f"{args.model}, {explorer.length} tokens, {explorer.n_layers} layers x {explorer.n_heads} heads, "
+          f"{torch.get_num_threads()} threads, torch {torch.__version__}")
+    print(f"build {built:.2f} s; " + "; ".join(f"{name} {value * 1000:.0f} ms" for name, value in times.items()))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
