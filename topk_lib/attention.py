@@ -46,7 +46,9 @@ from __future__ import annotations
 import math
 import numbers
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 
+import numpy as np
 import torch
 
 __all__ = ["topk_attention", "chunked_attention", "vanilla_attention"]
@@ -242,6 +244,36 @@ def _csr(crow, cols, values, size):
         return torch.sparse_csr_tensor(crow, cols, values, size=size, check_invariants=False)
 
 
+_POOL = None
+
+
+def _topk_rows(s, k):
+    """The k largest entries of each row of ``s [..., n]`` (unsorted): values and int64 indices.
+
+    On CPU, numpy's introselect (``argpartition``, run on row blocks in parallel threads:
+    it releases the GIL) is 1.4-3.5x faster than ``torch.topk`` for these shapes; see the
+    module docstring. Elsewhere ``torch.topk``.
+    """
+    if s.device.type != "cpu" or s.dtype not in (torch.float32, torch.float64) or k >= s.shape[-1]:
+        return s.topk(k, dim=-1, sorted=False)
+    global _POOL
+    rows = s.reshape(-1, s.shape[-1]).numpy()  # [R, n], a view
+    n = rows.shape[-1]
+    # argpartition returns all n int64 indices of a row: blocks of 256 rows bound that scratch
+    blocks = np.array_split(rows, max(1, rows.shape[0] // 256))
+    select = lambda b: np.argpartition(b, n - k, axis=-1)[:, n - k :]  # noqa: E731
+    threads = min(torch.get_num_threads(), len(blocks))
+    if threads <= 1:
+        idx = np.concatenate([select(b) for b in blocks])
+    else:
+        if _POOL is None or _POOL._max_workers < threads:
+            _POOL = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="topk")
+        idx = np.concatenate(list(_POOL.map(select, blocks)))
+    vals = np.take_along_axis(rows, idx, axis=-1)  # [R, k]
+    shape = (*s.shape[:-1], k)
+    return torch.from_numpy(vals).view(shape), torch.from_numpy(idx).view(shape)
+
+
 def _softmax_kept(vals):
     """Softmax over the kept scores and its row log-sum-exp; all -inf rows give zeros, not NaN."""
     work = vals.float() if vals.dtype in (torch.float16, torch.bfloat16) else vals
@@ -289,7 +321,7 @@ class _TopkAttention(torch.autograd.Function):
                 continue
             s = _chunk_scores(q5, key, mask5, r0, r1, kend, lq, lk, is_causal, scale)
             kc = min(kk, kend)
-            vals, idx = s.topk(kc, dim=-1, sorted=False)  # [..., Hkv, G, c, kc]
+            vals, idx = _topk_rows(s, kc)  # [..., Hkv, G, c, kc]
             del s
             p, lse[..., r0:r1, :] = _softmax_kept(vals)
             out5[..., r0:r1, :] = _Kept(idx, offsets, v_flat.shape[0]).times(p, v_flat)  # [..., c, dv]

@@ -93,7 +93,7 @@ def plot_layer_head_heatmaps(panels: dict, *, title: str, cbar_label: str, fmt="
 def plot_bars(df: pd.DataFrame, *, x: str, y: str, xlabel: str, ylabel: str, title: str, logy=False, hue=None):
     """Bars of ``y`` per ``x`` (e.g. KL per layer)."""
     fig, ax = plt.subplots(figsize=(max(5, 0.25 * df[x].nunique() + 2), 3.8))
-    sns.barplot(data=df, x=x, y=y, hue=hue, ax=ax, color=None if hue else sns.color_palette("mako")[3])
+    sns.barplot(data=df, x=x, y=y, hue=hue, ax=ax, color=None if hue else sns.color_palette("mako")[3], seed=0)
     if df[x].astype(str).str.len().max() > 6:
         ax.tick_params(axis="x", labelrotation=25)
     if hue is not None:
