@@ -67,8 +67,6 @@ def test_same_cached_data_gives_identical_bytes(tmp_path, monkeypatch):
     assert zlib.decompress(b"".join(body for kind, body in _png_chunks(png) if kind == "IDAT"))  # a valid image
 
 
-@pytest.mark.xfail(strict=True, reason="plot_bars: seaborn's bootstrap CI is unseeded when a bar has several rows "
-                   "(notebook 01's approximations figure); fix: sns.barplot(..., seed=0) in plotting.plot_bars")
 def test_bars_with_several_rows_per_bar_are_reproducible(tmp_path, monkeypatch):
     from topk_lib.plotting import plot_bars
 
