@@ -261,7 +261,8 @@ def _topk_rows(s, k):
     n = rows.shape[-1]
     # argpartition returns all n int64 indices of a row: blocks of 256 rows bound that scratch
     blocks = np.array_split(rows, max(1, rows.shape[0] // 256))
-    select = lambda b: np.argpartition(b, n - k, axis=-1)[:, n - k :]  # noqa: E731
+    # copy: the slice would keep each block's [256, n] index array alive
+    select = lambda b: np.argpartition(b, n - k, axis=-1)[:, n - k :].copy()  # noqa: E731
     threads = min(torch.get_num_threads(), len(blocks))
     if threads <= 1:
         idx = np.concatenate([select(b) for b in blocks])
