@@ -1,0 +1,85 @@
+# ---
+# jupyter:
+#   jupytext:
+#     formats: ipynb,py:percent
+#   kernelspec:
+#     display_name: topk-lab
+#     language: python
+#     name: topk-lab
+# ---
+
+# %% [markdown]
+# # 04 · Memory and time against input length, chunk size and feed-forward width
+#
+# The paper's efficiency claim (Figure 1): query-chunked top-k attention runs at input lengths
+# where vanilla attention runs out of memory, with memory linear in length. We measure one
+# causal attention layer (B=1, H=12, d=64), the chunk-size trade-off, one feed-forward layer
+# against its width, and a 12-layer model, each point in its own process with a memory budget
+# (`python -m topk_lib.bench`, whose module docstring explains the memory method). PyTorch's
+# SDPA is always included: it is exact, fused and linear in memory on CPU and GPU. Figures draw
+# from every `data/results/bench_<device>.csv`, so a GPU run made elsewhere appears beside the CPU one.
+
+# %% tags=["parameters"]
+QUICK = False  # tiny lengths (CI smoke run)
+RUN_SUITES = ["attention", "chunk", "ff", "model12"]  # suites measured before drawing ([] draws the CSVs only)
+DEVICE = "cpu"  # "cpu" or "cuda"
+BUDGET = "16GiB"  # memory budget per point
+MAX_L = 32768  # attention suite: longest input
+TIMEOUT_S = 900  # seconds per point before it counts as "timeout"
+
+# %%
+import pandas as pd
+
+from topk_lib import bench
+from topk_lib.plot_bench import longest_fitting, plot_memory_time, ratio_at
+from topk_lib.plotting import save_figure
+from topk_lib.results import results_dir
+
+if QUICK:
+    MAX_L = 256  # the quick attention suite stops here
+for suite in RUN_SUITES:
+    bench.run_suite(suite, quick=QUICK, device=DEVICE, budget=bench.parse_bytes(BUDGET), max_len=MAX_L,
+                    timeout_s=TIMEOUT_S)
+rows = pd.concat([pd.read_csv(path) for path in sorted(results_dir().glob("bench_*.csv"))], ignore_index=True)
+rows = rows[rows.quick == QUICK]
+rows.groupby(["device_name", "suite", "status"]).size().unstack(fill_value=0)
+
+# %% [markdown]
+# ## One attention layer against input length
+
+# %%
+for device, part in rows[rows.suite == "attention"].groupby("device"):
+    name = part.device_name.iloc[0]
+    fig = plot_memory_time(part, x="L", xlabel="input length L (tokens)",
+                           title=f"One causal attention layer, B=1 H=12 d=64, {part.dtype.iloc[0]}, {name} "
+                                 f"({part.threads.iloc[0]} threads), torch {part.torch_version.iloc[0]}; "
+                                 f"memory: {part.mem_method.iloc[0]}")
+    save_figure(fig, "04_attention_memory_time" if device == "cpu" else f"04_attention_memory_time_{device}")
+    reach = longest_fitting(part)
+    print(f"Caption ({name}): longest input that ran (fwd+bwd, budget {BUDGET}): "
+          + ", ".join(f"{label} {length}" for label, length in reach.items()))
+    for column, what in (("peak_bytes", "memory"), ("median_s", "time")):
+        ratio = ratio_at(part, numerator="topk k=128 C=1024", denominator="chunked C=1024", column=column, pass_="fwd+bwd")
+        if len(ratio):
+            print(f"  top-k (k=128) / chunked {what}, fwd+bwd: " + ", ".join(f"L={int(l)}: {r:.2f}x" for l, r in ratio.items()))
+        sdpa = ratio_at(part, numerator="topk k=128 C=1024", denominator="sdpa", column=column, pass_="fwd+bwd")
+        if len(sdpa):
+            print(f"  top-k (k=128) / SDPA {what}, fwd+bwd: " + ", ".join(f"L={int(l)}: {r:.2f}x" for l, r in sdpa.items()))
+
+# %% [markdown]
+# ## Chunk size, feed-forward width, and a 12-layer model
+
+# %%
+panels = {
+    "chunk": ("C", "chunk size C (queries per chunk)", "04_chunk_tradeoff", "Chunk size at fixed L, chunked vs top-k (k=128)"),
+    "ff": ("d_ff", "feed-forward width d_ff", "04_ff_width", "One feed-forward layer (d=768): dense, token-chunked, top-k"),
+    "model12": ("L", "input length L (tokens)", "04_model_12_layers",
+                "12-layer model (d=768, H=12, d_ff=3072), fwd+bwd: vanilla, chunked, top-k attention with FF top-k"),
+}
+for suite, (x, xlabel, figure, title) in panels.items():
+    for device, part in rows[rows.suite == suite].groupby("device"):
+        fig = plot_memory_time(part, x=x, xlabel=xlabel, title=f"{title} ({part.device_name.iloc[0]})")
+        save_figure(fig, figure if device == "cpu" else f"{figure}_{device}")
+        best = part[(part.status == "ok")].sort_values("peak_bytes").groupby("pass").head(1)
+        print(f"Caption ({suite}, {part.device_name.iloc[0]}): least memory per pass: "
+              + "; ".join(f"{r['pass']}: {r['method']} at {x}={int(r[x])}, {r['peak_bytes'] / 1e6:.0f} MB" for _, r in best.iterrows()))

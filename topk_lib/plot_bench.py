@@ -1,0 +1,78 @@
+"""Figures of the benchmarks (``python -m topk_lib.bench``): memory and time against a size.
+
+Each function takes the rows of ``data/results/bench_<device>.csv`` as a DataFrame and returns
+a Figure; points that did not fit or timed out are drawn as crosses at the top of the panel.
+"""
+
+from __future__ import annotations
+
+import matplotlib.pyplot as plt
+import pandas as pd
+import seaborn as sns
+
+
+def method_label(row) -> str:
+    """``topk k=64``, ``chunked C=1024``, ``sdpa``: what distinguishes the lines of a panel."""
+    label = str(row["method"])
+    if label.startswith("topk") and pd.notna(row.get("k")):
+        label += f" k={int(row['k'])}"
+    if row.get("suite") != "chunk" and label.startswith(("chunked", "topk")) and pd.notna(row.get("C")):
+        label += f" C={int(row['C'])}"
+    if pd.notna(row.get("ff_k")) and row["method"] != "dense":
+        label += f" ff_k={int(row['ff_k'])}"
+    return label
+
+
+def plot_memory_time(rows: pd.DataFrame, *, x: str, xlabel: str, title: str, passes=("fwd", "fwd+bwd")):
+    """Peak memory (top) and median time (bottom) against ``x``, one column per pass, log-log axes."""
+    df = rows.copy()
+    df["label"] = df.apply(method_label, axis=1)
+    df["peak_MB"] = df["peak_bytes"] / 1e6
+    passes = [p for p in passes if (df["pass"] == p).any()]
+    fig, axes = plt.subplots(2, len(passes), figsize=(5.6 * len(passes), 7.2), squeeze=False, sharex=True)
+    palette = dict(zip(sorted(df.label.unique()), sns.color_palette("tab10", df.label.nunique())))
+    for j, p in enumerate(passes):
+        for i, (col, ylabel) in enumerate((("peak_MB", "peak memory (MB over inputs)"), ("median_s", "median time (s)"))):
+            ax = axes[i][j]
+            part = df[df["pass"] == p]
+            ok = part[part.status == "ok"]
+            for label, g in ok.groupby("label"):
+                g = g.sort_values(x)
+                ax.plot(g[x], g[col], marker="o", label=label, color=palette[label])
+            failed = part[part.status != "ok"]
+            if len(failed) and len(ok):
+                top = ok[col].max() * 1.5
+                for label, g in failed.groupby("label"):
+                    ax.scatter(g[x], [top] * len(g), marker="x", s=60, color=palette[label])
+                ax.annotate("× did not fit / timed out", xy=(0.02, 0.97), xycoords="axes fraction", va="top", fontsize=8)
+            ax.set_xscale("log", base=2)
+            ax.set_yscale("log")
+            ax.set_ylabel(ylabel)
+            ax.set_title(f"{p}")
+            if i == 1:
+                ax.set_xlabel(xlabel)
+    handles, labels = axes[0][-1].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize="small")
+    fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+def longest_fitting(rows: pd.DataFrame, *, x: str = "L", pass_: str = "fwd+bwd") -> pd.Series:
+    """The largest ``x`` at which each method ran (status ok) for one pass."""
+    df = rows[(rows["pass"] == pass_) & (rows.status == "ok")].copy()
+    df["label"] = df.apply(method_label, axis=1)
+    return df.groupby("label")[x].max().astype(int).sort_values()
+
+
+def ratio_at(rows: pd.DataFrame, *, numerator: str, denominator: str, column: str, pass_: str, x: str = "L") -> pd.Series:
+    """``column`` of one method over another at each ``x`` both ran at (labels as :func:`method_label`)."""
+    df = rows[(rows["pass"] == pass_) & (rows.status == "ok")].copy()
+    df["label"] = df.apply(method_label, axis=1)
+    table = df.pivot_table(index=x, columns="label", values=column)
+    if numerator not in table or denominator not in table:
+        return pd.Series(dtype=float)
+    return (table[numerator] / table[denominator]).dropna()
+
+
+__all__ = ["method_label", "plot_memory_time", "longest_fitting", "ratio_at"]
