@@ -111,7 +111,7 @@ def test_suite_reruns_merge_into_one_set_of_rows(tmp_path, capsys):
     assert {r["status"] for r in rows} == {"ok"}, [r["note"] for r in rows if r["status"] != "ok"]
     assert bench.main(["product", "--quick", "--budget", "1GiB", "--out", str(out)]) == 0  # the CLI, again
     saved = bench.read_rows(out)
-    assert len(saved) == len(rows) == 2 * 6
+    assert len(saved) == len(rows) == 2 * 7  # 2 lengths x 7 methods
     printed = capsys.readouterr().out
     assert "gather_bmm" in printed and "Lk=1024" in printed
 
