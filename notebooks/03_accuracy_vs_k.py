@@ -85,7 +85,7 @@ import torch
 
 from topk_lib import accuracy, data, zeroshot
 from topk_lib.experiments import load_budget, save_budget
-from topk_lib.listops import results_dir
+from topk_lib.results import results_dir
 from topk_lib.models import load_model
 from topk_lib.plot_accuracy import plot_accuracy_vs_k, plot_budget_frontier, plot_paper_reference
 from topk_lib.plotting import save_figure

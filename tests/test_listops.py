@@ -152,11 +152,6 @@ def test_incomplete_cache_is_regenerated(tmp_path):
     assert listops.listops_splits(root=tmp_path, **kw)["test"].equals(first["test"])
 
 
-def test_results_dir_is_read_at_call_time(tmp_path, monkeypatch):
-    monkeypatch.setenv("TOPK_LAB_RESULTS", str(tmp_path))
-    assert listops.results_dir() == tmp_path
-
-
 def test_label_distribution_sums_to_one(tmp_path):
     splits = listops.listops_splits(n_train=40, n_val=10, n_test=10, min_length=5, max_length=30, root=tmp_path,
                                     progress=False)

@@ -34,7 +34,7 @@ import pandas as pd
 import torch
 
 from topk_lib import zeroshot
-from topk_lib.listops import results_dir
+from topk_lib.results import results_dir
 from topk_lib.patching import use_topk
 
 __all__ = [

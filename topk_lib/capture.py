@@ -99,7 +99,7 @@ from torch import nn
 
 from topk_lib.attention import _causal_end, _chunk_scores, _grouped_mask
 from topk_lib.metrics import entropy
-from topk_lib.patching import describe_layers
+from topk_lib.patching import _configs, describe_layers
 
 __all__ = [
     "capture_attention_stats",
@@ -232,16 +232,6 @@ def _check_inputs(model, input_ids, attention_mask):
             raise ValueError("attention_mask must hold 0 (padding) and 1 (token) only")
     device = next(model.parameters()).device
     return input_ids.to(device), None if attention_mask is None else attention_mask.to(device)
-
-
-def _model_configs(model):
-    """Every distinct config object the model's modules read (stacks may hold copies)."""
-    seen = {}
-    for module in model.modules():
-        config = getattr(module, "config", None)
-        if config is not None and hasattr(config, "_attn_implementation_internal"):
-            seen[id(config)] = config
-    return list(seen.values())
 
 
 def _run_model(model, input_ids, attention_mask, model_kwargs, *, last_logit_only):
@@ -662,7 +652,7 @@ def record_attention_stats(
         )
     recorder = AttentionRecorder(model, ks=ks, fracs=fracs, edges=edges, chunk_size=chunk_size, n_layers=len(modules))
     _register()
-    configs = _model_configs(model)
+    configs = _configs(model)
     saved_configs = [(c, c.__dict__.get("_attn_implementation_internal", _MISSING)) for c in configs]
     saved_active = [(m, _ACTIVE.get(m, _MISSING)) for _, m in modules]
     bar = None

@@ -39,14 +39,13 @@ from pathlib import Path
 
 import torch
 
-from topk_lib import paths
+from topk_lib.results import results_dir
 
 __all__ = [
     "OPERATORS",
     "VOCAB",
     "PAD_ID",
     "CLS_ID",
-    "results_dir",
     "generate",
     "evaluate",
     "listops_splits",
@@ -63,11 +62,6 @@ PAD_ID, CLS_ID = 0, 1
 _TOKEN_ID = {tok: i for i, tok in enumerate(VOCAB)}
 _SPLITS = ("train", "val", "test")
 _MANIFEST = "manifest.json"
-
-
-def results_dir() -> Path:
-    """Where result caches go, read at call time (quick mode sets ``TOPK_LAB_RESULTS``)."""
-    return Path(os.environ.get("TOPK_LAB_RESULTS", paths.RESULTS))
 
 
 # --------------------------------------------------------------------------- generator

@@ -43,10 +43,9 @@ import torch.nn.functional as F
 
 from topk_lib import listops
 from topk_lib.attention import topk_attention
-from topk_lib.listops import results_dir
+from topk_lib.results import results_dir
 
 __all__ = [
-    "results_dir",
     "TopkEncoder",
     "cached_run",
     "train_listops",
