@@ -25,7 +25,7 @@ import weakref
 import torch
 
 from topk_lib.attention import chunked_attention, topk_attention
-from topk_lib.patching import _configs, describe_layers
+from topk_lib.patching import _configs, describe_layers, register_attention
 
 METHODS = ("topk", "window", "random", "sink_window", "performer")
 
@@ -51,15 +51,11 @@ def record_qkv(model, input_ids, *, layers) -> dict:
     Runs the model once with exact attention; returns ``{layer: (q [B, Hq, L, d],
     k [B, Hkv, L, d], v [B, Hkv, L, dv])}``. The model is restored on exit.
     """
-    from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
-
     infos = {info.layer: info for info in describe_layers(model) if info.attention}
     missing = [layer for layer in layers if layer not in infos]
     if missing:
         raise ValueError(f"layers: {missing} have no attention module; the model has layers {sorted(infos)}")
-    AttentionInterface.register(QKV_IMPLEMENTATION, _qkv_forward)
-    AttentionMaskInterface.register(QKV_IMPLEMENTATION, sdpa_mask)  # without it the causal mask disappears
+    register_attention(QKV_IMPLEMENTATION, _qkv_forward)
     sinks = {layer: [] for layer in layers}
     configs = _configs(model)
     saved = [config._attn_implementation_internal for config in configs]

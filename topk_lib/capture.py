@@ -99,7 +99,7 @@ from torch import nn
 
 from topk_lib.attention import _causal_end, _chunk_scores, _grouped_mask
 from topk_lib.metrics import entropy
-from topk_lib.patching import _configs, describe_layers
+from topk_lib.patching import _configs, describe_layers, register_attention
 
 __all__ = [
     "capture_attention_stats",
@@ -321,17 +321,6 @@ def _k_for_frac(cum, fracs):
 
 
 # --------------------------------------------------------------------------- attention
-
-
-def _register():
-    """Register the capturing attention function and its mask function once (idempotent)."""
-    from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
-
-    if AttentionInterface._global_mapping.get(CAPTURE_IMPLEMENTATION) is not _capture_forward:
-        AttentionInterface.register(CAPTURE_IMPLEMENTATION, _capture_forward)
-    if AttentionMaskInterface._global_mapping.get(CAPTURE_IMPLEMENTATION) is not sdpa_mask:
-        AttentionMaskInterface.register(CAPTURE_IMPLEMENTATION, sdpa_mask)
 
 
 def _capture_forward(
@@ -651,7 +640,7 @@ def record_attention_stats(
             "attention registry (ALL_ATTENTION_FUNCTIONS), so nothing can be captured"
         )
     recorder = AttentionRecorder(model, ks=ks, fracs=fracs, edges=edges, chunk_size=chunk_size, n_layers=len(modules))
-    _register()
+    register_attention(CAPTURE_IMPLEMENTATION, _capture_forward)
     configs = _configs(model)
     saved_configs = [(c, c.__dict__.get("_attn_implementation_internal", _MISSING)) for c in configs]
     saved_active = [(m, _ACTIVE.get(m, _MISSING)) for _, m in modules]

@@ -50,7 +50,7 @@ from torch import nn
 from topk_lib.attention import topk_attention
 from topk_lib.feedforward import ACTIVATIONS, topk_feedforward
 
-__all__ = ["use_topk", "describe_layers", "LayerInfo", "ATTN_IMPLEMENTATION"]
+__all__ = ["use_topk", "describe_layers", "register_attention", "LayerInfo", "ATTN_IMPLEMENTATION"]
 
 #: The name under which the top-k attention function is registered in transformers.
 ATTN_IMPLEMENTATION = "topk_lab"
@@ -170,15 +170,16 @@ def _per_head_groups(query, key, value, mask, spec, causal, scale):
     return out
 
 
-def _register():
-    """Register the attention and mask functions once (idempotent)."""
+def register_attention(name, forward):
+    """Register ``forward`` under ``name`` in transformers' attention registry, with SDPA's mask
+    function beside it (without a mask function the causal mask silently disappears). Idempotent."""
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-    if AttentionInterface._global_mapping.get(ATTN_IMPLEMENTATION) is not _attention_forward:
-        AttentionInterface.register(ATTN_IMPLEMENTATION, _attention_forward)
-    if AttentionMaskInterface._global_mapping.get(ATTN_IMPLEMENTATION) is not sdpa_mask:
-        AttentionMaskInterface.register(ATTN_IMPLEMENTATION, sdpa_mask)
+    if AttentionInterface._global_mapping.get(name) is not forward:
+        AttentionInterface.register(name, forward)
+    if AttentionMaskInterface._global_mapping.get(name) is not sdpa_mask:
+        AttentionMaskInterface.register(name, sdpa_mask)
 
 
 # --------------------------------------------------------------------------- discovery
@@ -539,7 +540,7 @@ def use_topk(model, attn_k=None, ff_k=None, chunk_size=1024):
     undo = _Undo()
     try:
         if new_specs:
-            _register()
+            register_attention(ATTN_IMPLEMENTATION, _attention_forward)
             for config in _configs(model):
                 undo.setattr(config, "_attn_implementation_internal", ATTN_IMPLEMENTATION)
             for module, spec in new_specs:
