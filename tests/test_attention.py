@@ -300,3 +300,38 @@ def test_bad_input_names_the_argument(case):
     args = dict(query=kw.pop("query", q), key=kw.pop("key", k), value=kw.pop("value", v))
     with pytest.raises(exc, match=words):
         topk_attention(**args, **kw)
+
+
+# ----------------------------------------------------------------------------- CUDA (make test-all on a GPU machine)
+
+
+def to_cuda(tensors):
+    return [t.detach().cuda().requires_grad_(t.requires_grad) for t in tensors]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("topk", [None, 3])
+@pytest.mark.parametrize("mask", MASKS)
+def test_cuda_matches_dense_reference(topk, mask):
+    """On CUDA (torch.topk selection, gather products): outputs and gradients equal the CPU reference."""
+    q, k, v = make_qkv(grad=True)
+    kw = mask_case(mask, q, k)
+    ref = naive_topk(q, k, v, topk or 10**9, **kw)
+    ref_grads = torch.autograd.grad(ref.square().sum(), (q, k, v))
+    gq, gk, gv = to_cuda((q, k, v))
+    gkw = {name: val.cuda() if torch.is_tensor(val) else val for name, val in kw.items()}
+    out = topk_attention(gq, gk, gv, topk=topk, chunk_size=4, **gkw)
+    grads = torch.autograd.grad(out.square().sum(), (gq, gk, gv))
+    torch.testing.assert_close(out.cpu(), ref)
+    for a, b in zip(grads, ref_grads):
+        torch.testing.assert_close(a.cpu(), b)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("topk", [None, 3])
+def test_cuda_gradcheck(topk):
+    q, k, v = to_cuda(make_qkv(batch=(1,), hq=4, hkv=2, lq=5, lk=7, d=4, dv=3, grad=True))
+    assert torch.autograd.gradcheck(
+        lambda a, b, c: topk_attention(a, b, c, topk=topk, chunk_size=2, is_causal=True), (q, k, v))

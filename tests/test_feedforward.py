@@ -123,3 +123,22 @@ def test_bad_input_names_the_argument(kw, exc, words):
     w.update({k: kw.pop(k) for k in list(kw) if k.startswith(("w_", "b_"))})
     with pytest.raises(exc, match=words):
         topk_feedforward(x, **w, **kw)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(f"{v}" for v in c.values()))
+def test_cuda_matches_cpu(case):
+    """Outputs and gradients on CUDA equal those on the CPU (float64)."""
+    select, activation = case["select"], case["activation"]
+    x, kw = make_ff(gated=case.get("gated", False), bias=case.get("bias", False), grad=True)
+    cpu = topk_feedforward(x, **kw, topk=5, activation=activation, select=select, chunk_size=4)
+    leaves = [x, *kw.values()]
+    cpu_grads = torch.autograd.grad(cpu.square().sum(), leaves)
+    gx = x.detach().cuda().requires_grad_()
+    gkw = {name: t.detach().cuda().requires_grad_() for name, t in kw.items()}
+    out = topk_feedforward(gx, **gkw, topk=5, activation=activation, select=select, chunk_size=4)
+    grads = torch.autograd.grad(out.square().sum(), [gx, *gkw.values()])
+    torch.testing.assert_close(out.cpu(), cpu)
+    for a, b in zip(grads, cpu_grads):
+        torch.testing.assert_close(a.cpu(), b)
