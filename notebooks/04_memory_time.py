@@ -21,7 +21,8 @@
 
 # %% tags=["parameters"]
 QUICK = False  # tiny lengths (CI smoke run)
-RUN_SUITES = ["attention", "chunk", "ff", "model12"]  # suites measured before drawing ([] draws the CSVs only)
+RUN_SUITES = ["attention", "chunk", "ff", "model12"]  # suites to measure when DEVICE's CSV has no rows for them
+REMEASURE = False  # True: measure RUN_SUITES again even where rows exist (full CPU suites take about an hour)
 DEVICE = "cpu"  # "cpu" or "cuda"
 BUDGET = "16GiB"  # memory budget per point
 MAX_L = 32768  # attention suite: longest input
@@ -37,7 +38,8 @@ from topk_lib.results import results_dir
 
 if QUICK:
     MAX_L = 256  # the quick attention suite stops here
-for suite in RUN_SUITES:
+measured = set() if QUICK or REMEASURE else bench.measured_suites(DEVICE)
+for suite in [s for s in RUN_SUITES if s not in measured]:
     bench.run_suite(suite, quick=QUICK, device=DEVICE, budget=bench.parse_bytes(BUDGET), max_len=MAX_L,
                     timeout_s=TIMEOUT_S)
 rows = pd.concat([pd.read_csv(path) for path in sorted(results_dir().glob("bench_*.csv"))], ignore_index=True)

@@ -191,3 +191,21 @@ def test_bad_arguments_are_named():
         bench.run_point(_spec(**{"pass": "bwd"}))
     with pytest.raises(ValueError, match="memory size"):
         bench.parse_bytes("lots")
+    with pytest.raises(ValueError, match="min_len"):
+        bench.run_suite("attention", quick=True, min_len=512, max_len=256)
+
+
+def test_attention_suite_starts_at_min_len(monkeypatch, tmp_path):
+    def fake_point(spec, **kw):
+        return {**bench._row_template(spec), "status": "ok", "median_s": 0.1}
+
+    monkeypatch.setattr(bench, "run_point", fake_point)
+    rows = bench.run_suite("attention", quick=True, min_len=256, max_len=512, out=tmp_path / "b.csv", progress=False)
+    assert sorted({r["L"] for r in rows}) == [256, 512]
+
+
+def test_measured_suites_reads_the_device_csv(monkeypatch, tmp_path):
+    monkeypatch.setenv("TOPK_LAB_RESULTS", str(tmp_path))
+    assert bench.measured_suites("cpu") == set()
+    bench.merge_rows(tmp_path / "bench_cpu.csv", [{**bench._row_template(_spec()), "status": "ok"}])
+    assert bench.measured_suites("cpu") == {_spec()["suite"]}

@@ -9,7 +9,7 @@ Command line::
     python -m topk_lib.bench model12      # issue 8.4: 12-layer model vs L, forward+backward
     python -m topk_lib.bench product      # sparse weights x V and torch.topk micro-benchmark
     options: --quick --budget 16GiB --timeout 900 --warmup 1 --repeats 3 --device cpu|cuda
-             --dtype float32 --threads N --max-L N --out PATH --no-save --isolation forkserver|subprocess
+             --dtype float32 --threads N --min-L N --max-L N --out PATH --no-save --isolation forkserver|subprocess
 
 How one point is measured
 -------------------------
@@ -827,6 +827,12 @@ def read_rows(path) -> list[dict]:
         return list(csv.DictReader(fh))
 
 
+def measured_suites(device: str, *, quick: bool = False) -> set[str]:
+    """Suites with rows in this device's CSV (a notebook skips them unless asked to re-measure)."""
+    path = results_path(device, quick=quick)
+    return {row["suite"] for row in read_rows(path)} if path.exists() else set()
+
+
 # --------------------------------------------------------------------------- suites
 
 
@@ -924,13 +930,14 @@ _FIXED_SPECS = {
 }
 
 
-def _attention_suite(common, quick, cuda, max_len, measure):
-    """L doubles from 1024 until top-k is the only method that fits (or fails itself, or L > max_len).
+def _attention_suite(common, quick, cuda, max_len, measure, min_len=None):
+    """L doubles from 1024 (or ``min_len``) until top-k is the only method that fits (or fails itself,
+    or L > max_len).
 
     A method that did not fit (or timed out) at some L and pass is not run at larger L: its rows
     there say so in ``note`` without spending the timeout again.
     """
-    n = 128 if quick else 1024
+    n = min_len or (128 if quick else 1024)
     max_len = max_len or (512 if quick else 65536)
     failed = {}  # (method, k, pass) -> (status, L)
     rows = []
@@ -964,7 +971,8 @@ def _attention_suite(common, quick, cuda, max_len, measure):
 
 def run_suite(suite: str, *, quick=False, device="cpu", dtype="float32", budget=DEFAULT_BUDGET,
               timeout_s=DEFAULT_TIMEOUT_S, warmup=1, repeats=None, threads=None, out=None, save=True,
-              max_len=None, reserve_bytes=DEFAULT_RESERVE, isolation="forkserver", progress=True) -> list[dict]:
+              max_len=None, min_len=None, reserve_bytes=DEFAULT_RESERVE, isolation="forkserver",
+              progress=True) -> list[dict]:
     """Run every point of ``suite``, merging each row into ``out`` as it lands; returns the rows."""
     from tqdm.auto import tqdm
 
@@ -974,6 +982,11 @@ def run_suite(suite: str, *, quick=False, device="cpu", dtype="float32", budget=
         raise ValueError("device cuda asked for but torch.cuda.is_available() is False; use --device cpu")
     if repeats is None:  # quick mode is a smoke run: one timed call
         repeats = 1 if quick else 5 if suite == "product" else 3
+    for name, value in (("min_len", min_len), ("max_len", max_len)):
+        if value is not None and value < 1:
+            raise ValueError(f"{name} must be a positive length, got {value}")
+    if min_len and max_len and min_len > max_len:
+        raise ValueError(f"min_len ({min_len}) must be <= max_len ({max_len})")
     if warmup < 0 or repeats < 1:
         raise ValueError(f"need warmup >= 0 and repeats >= 1, got warmup={warmup}, repeats={repeats}")
     cuda = device.startswith("cuda")
@@ -997,7 +1010,7 @@ def run_suite(suite: str, *, quick=False, device="cpu", dtype="float32", budget=
 
     try:
         if suite == "attention":
-            _attention_suite(common, quick, cuda, max_len, measure)
+            _attention_suite(common, quick, cuda, max_len, measure, min_len)
         else:
             for spec in _FIXED_SPECS[suite](common, quick, cuda):
                 measure(spec)
@@ -1138,6 +1151,8 @@ def _parser():
                    help="timed calls per point (default 3; product 5; --quick 1)")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads in each point")
     p.add_argument("--max-L", dest="max_len", type=int, default=None, help="attention suite: largest L")
+    p.add_argument("--min-L", dest="min_len", type=int, default=None,
+                   help="attention suite: first L (default 1024), e.g. to measure long inputs with fewer repeats")
     p.add_argument("--out", default=None, help="CSV to merge into (default data/results/bench_<device>.csv; "
                    "--quick: data/results/quick/)")
     p.add_argument("--isolation", choices=("forkserver", "subprocess"), default="forkserver",
@@ -1158,7 +1173,7 @@ def main(argv=None) -> int:
     rows = run_suite(args.suite, quick=args.quick, device=args.device, dtype=args.dtype,
                      budget=parse_bytes(args.budget), timeout_s=args.timeout, warmup=args.warmup,
                      repeats=args.repeats, threads=args.threads, out=out, save=not args.no_save,
-                     max_len=args.max_len, reserve_bytes=parse_bytes(args.reserve),
+                     max_len=args.max_len, min_len=args.min_len, reserve_bytes=parse_bytes(args.reserve),
                      isolation=args.isolation)
     print(f"\n{args.suite}{' (--quick: tiny sizes)' if args.quick else ''}: {SUITES[args.suite]}")
     print(format_table(rows, args.suite))
