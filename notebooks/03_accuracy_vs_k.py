@@ -62,7 +62,7 @@ QA_ATTN_KS = [8, 2]  # prompt + answer is under a hundred tokens
 QA_FF_KS = [384, 96]  # feed-forward k of 1536
 # (4) passkey: ~5 / 12 / 27 s per 1k / 2k / 4k prompt vanilla, up to ~6 / 14 / 40 s with top-k: about 8 minutes.
 PASSKEY_LENGTHS = [1024, 2048, 4096]  # prompt lengths in tokens
-PASSKEY_DEPTHS = [0.1, 0.5, 0.9]  # where the key sits (0 = start of the filler, 1 = end)
+PASSKEY_DEPTHS = [0.1, 0.5, 0.9]  # where the key sits: 0 is the start of the filler, 1 its end
 PASSKEY_PER_CELL = 1  # keys per (length, depth)
 PASSKEY_ATTN_KS = [16, 2]  # attention k (feed-forward top-k is not swept here)
 # (5) per-head budget vs uniform k on the 1024-token windows of (1): ~8 s per window and setting, ~2 minutes.

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from topk_lib import runner
+from topk_lib import paths, runner
 
 
 @pytest.fixture
@@ -82,3 +82,15 @@ def test_full_mode_skips_the_quick_results(tmp_path, monkeypatch):
 def test_compare_outputs_without_read_tracking():
     out = runner.compare_outputs({}, {"a.png": (1, "h")}, {"r.csv": (5, 4)}, {"r.csv": (5, 9)}, reads_tracked=False)
     assert out.figures == {"a": "new"} and out.written == [] and out.read is None
+
+
+@pytest.mark.parametrize("source", sorted(paths.NOTEBOOKS.glob("*.py")), ids=lambda p: p.stem)
+def test_parameter_cells_parse(source, caplog):
+    """papermill reads `NAME = value  # comment` lines; an '=' inside the comment makes it give up on the line."""
+    import jupytext
+    from papermill.translators import PythonTranslator
+
+    cell = next(c for c in jupytext.read(source).cells if "parameters" in c.metadata.get("tags", []))
+    names = [p.name for p in PythonTranslator.inspect({"source": cell.source})]
+    assert "Unable to parse" not in caplog.text
+    assert "QUICK" in names
