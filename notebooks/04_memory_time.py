@@ -73,15 +73,29 @@ for device, part in rows[rows.suite == "attention"].groupby("device"):
 
 # %%
 panels = {
-    "chunk": ("C", "chunk size C (queries per chunk)", "04_chunk_tradeoff", "Chunk size at fixed L, chunked vs top-k (k=128)"),
-    "ff": ("d_ff", "feed-forward width d_ff", "04_ff_width", "One feed-forward layer (d=768): dense, token-chunked, top-k"),
+    "chunk": ("C", "chunk size C (queries per chunk)", "04_chunk_tradeoff", "Chunk size at fixed L, chunked vs top-k (k=128)",
+              [("topk k=128", "chunked")]),
+    "ff": ("d_ff", "feed-forward width d_ff", "04_ff_width", "One feed-forward layer (d=768): dense, token-chunked, top-k",
+           [("topk k=512 C=1024", "dense"), ("chunked C=1024", "dense")]),
     "model12": ("L", "input length L (tokens)", "04_model_12_layers",
-                "12-layer model (d=768, H=12, d_ff=3072), fwd+bwd: vanilla, chunked, top-k attention with FF top-k"),
+                "12-layer model (d=768, H=12, d_ff=3072), fwd+bwd: vanilla, chunked, top-k attention with FF top-k",
+                [("topk k=64 C=1024 ff_k=512", "chunked C=1024"), ("topk k=64 C=1024 ff_k=512", "sdpa")]),
 }
-for suite, (x, xlabel, figure, title) in panels.items():
+for suite, (x, xlabel, figure, title, pairs) in panels.items():
     for device, part in rows[rows.suite == suite].groupby("device"):
         fig = plot_memory_time(part, x=x, xlabel=xlabel, title=f"{title} ({part.device_name.iloc[0]})")
         save_figure(fig, figure if device == "cpu" else f"{figure}_{device}")
-        best = part[(part.status == "ok")].sort_values("peak_bytes").groupby("pass").head(1)
-        print(f"Caption ({suite}, {part.device_name.iloc[0]}): least memory per pass: "
-              + "; ".join(f"{r['pass']}: {r['method']} at {x}={int(r[x])}, {r['peak_bytes'] / 1e6:.0f} MB" for _, r in best.iterrows()))
+        print(f"Caption ({suite}, {part.device_name.iloc[0]}), fwd+bwd:")
+        for numerator, denominator in pairs:
+            for column, what in (("peak_bytes", "memory"), ("median_s", "time")):
+                ratio = ratio_at(part, numerator=numerator, denominator=denominator, column=column, pass_="fwd+bwd", x=x)
+                if len(ratio):  # quick mode uses other k and C: no such lines
+                    print(f"  {numerator} / {denominator} {what}: "
+                          + ", ".join(f"{x}={int(v)}: {r:.2f}x" for v, r in ratio.items()))
+
+# %% [markdown]
+# **Reading the figures.** Each figure has memory panels (top) and time panels (bottom), one
+# column per pass; both axes are logarithmic, so a line of slope one is linear growth and slope
+# two quadratic. A cross at the top of a panel marks a point that did not fit in the budget or
+# timed out. The printouts under each figure give the ratios this run measured (top-k over
+# chunked attention, over SDPA, over the dense feed-forward layer), per length or size.
