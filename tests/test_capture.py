@@ -11,15 +11,8 @@ import math
 import numpy as np
 import pytest
 import torch
-from transformers import (
-    BertConfig,
-    BertModel,
-    LlamaConfig,
-    LlamaForCausalLM,
-    T5Config,
-    T5EncoderModel,
-    T5ForConditionalGeneration,
-)
+import tiny_models
+from transformers import T5EncoderModel, T5ForConditionalGeneration
 
 from topk_lib import metrics
 from topk_lib.capture import (
@@ -37,65 +30,22 @@ from topk_lib.capture import (
 
 KS = (1, 2, 3, 5, 8, 64)  # 64 > L: exact
 FRACS = (0.5, 0.9, 0.99)
-D_FF = 96
 ATOL, RTOL = 2e-5, 1e-4
 
 
 # --------------------------------------------------------------------------- tiny models
 
 
-def _sharpen(model, gain):
-    """Random init gives near-uniform attention; larger q/k weights give peaked rows that tell metrics apart."""
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if any(s in name for s in ("q_proj", "k_proj", "query.weight", "key.weight")):
-                p.mul_(gain)
-    return model
-
-
 def tiny_llama(attn="eager", dtype=torch.float32):
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
-        hidden_size=48,
-        intermediate_size=D_FF,
-        num_hidden_layers=2,
-        num_attention_heads=6,
-        num_key_value_heads=2,  # GQA: 3 query heads per KV head
-        head_dim=8,
-        vocab_size=101,
-        max_position_embeddings=128,
-        pad_token_id=0,
-        bos_token_id=1,
-        eos_token_id=2,
-        attn_implementation=attn,
-    )
-    return _sharpen(LlamaForCausalLM(cfg).eval(), 15.0).to(dtype)
+    return tiny_models.sharpen(tiny_models.tiny_llama(attn), 15.0).to(dtype)
 
 
 def tiny_bert(attn="eager"):
-    torch.manual_seed(0)
-    cfg = BertConfig(
-        hidden_size=48,
-        intermediate_size=D_FF,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        vocab_size=101,
-        max_position_embeddings=64,
-        attn_implementation=attn,
-    )
-    return _sharpen(BertModel(cfg).eval(), 15.0)
+    return tiny_models.sharpen(tiny_models.tiny_bert(attn), 15.0)
 
 
 def tiny_t5(cls=T5EncoderModel):
-    torch.manual_seed(0)
-    cfg = T5Config(d_model=48, d_ff=D_FF, d_kv=12, num_layers=2, num_heads=4, vocab_size=101,
-                   feed_forward_proj="relu", decoder_start_token_id=0, pad_token_id=0, eos_token_id=1,
-                   attn_implementation="eager")
-    model = cls(cfg).eval()
-    with torch.no_grad():  # the default init gives tiny random T5s near-uniform attention
-        for p in model.parameters():
-            p.normal_(0.0, 0.3)
-    return model
+    return tiny_models.tiny_t5(cls, attn="eager")
 
 
 def _ids(b, length, seed=1):

@@ -5,83 +5,19 @@ Every test compares model outputs, never top-k indices (ties differ across devic
 
 import pytest
 import torch
-from transformers import (
-    BertConfig,
-    BertModel,
-    LlamaConfig,
-    LlamaForCausalLM,
-    T5Config,
-    T5ForConditionalGeneration,
-)
+from tiny_models import D_FF, tiny_bert, tiny_llama, tiny_t5
 
 from topk_lib import use_topk
 from topk_lib.patching import _SPECS, ATTN_IMPLEMENTATION, describe_layers
 
 L = 12  # tokens per test sequence
-D_FF = 96
 TOL = 1e-5
 
 
 # --------------------------------------------------------------------------- tiny models
 
 
-def tiny_llama():
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
-        hidden_size=48,
-        intermediate_size=D_FF,
-        num_hidden_layers=2,
-        num_attention_heads=6,
-        num_key_value_heads=2,  # GQA: 3 query heads per KV head
-        head_dim=8,
-        vocab_size=101,
-        max_position_embeddings=128,
-        pad_token_id=0,
-        bos_token_id=1,
-        eos_token_id=2,
-        attn_implementation="sdpa",
-    )
-    return LlamaForCausalLM(cfg).eval()
-
-
-def tiny_bert():
-    torch.manual_seed(0)
-    cfg = BertConfig(
-        hidden_size=48,
-        intermediate_size=D_FF,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        vocab_size=101,
-        max_position_embeddings=64,
-        attn_implementation="sdpa",
-    )
-    return BertModel(cfg).eval()
-
-
-def tiny_t5(ff="relu"):
-    torch.manual_seed(0)
-    cfg = T5Config(
-        d_model=48,
-        d_ff=D_FF,
-        d_kv=12,
-        num_layers=2,
-        num_decoder_layers=2,
-        num_heads=4,
-        vocab_size=101,
-        feed_forward_proj=ff,
-        decoder_start_token_id=0,
-        pad_token_id=0,
-        eos_token_id=1,
-        attn_implementation="sdpa",
-    )
-    model = T5ForConditionalGeneration(cfg).eval()
-    with torch.no_grad():  # the default init gives tiny random models near-constant outputs
-        for p in model.parameters():
-            p.normal_(0.0, 0.3)
-    return model
-
-
-ARCHS = {"llama": tiny_llama, "bert": tiny_bert, "t5": tiny_t5, "t5-gated": lambda: tiny_t5("gated-gelu")}
+ARCHS = {"llama": tiny_llama, "bert": tiny_bert, "t5": tiny_t5, "t5-gated": lambda: tiny_t5(ff="gated-gelu")}
 
 
 @pytest.fixture(scope="module", params=sorted(ARCHS))

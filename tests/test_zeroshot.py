@@ -5,36 +5,26 @@ import math
 import numpy as np
 import pytest
 import torch
-from transformers import AutoTokenizer, BertConfig, BertModel, LlamaConfig, LlamaForCausalLM
+from tiny_models import TEXT, bert_tokenizer, small_bert, small_llama
 
 from topk_lib import models, zeroshot
 from topk_lib.lm_eval import perplexity, token_windows
 from topk_lib.patching import use_topk
 
-TEXT = " ".join(f"the {w} sat on the {v} mat number {i}." for i, (w, v) in
-                enumerate(zip(["cat", "dog", "whale", "ship"] * 40, ["red", "old", "wet", "big", "new"] * 32)))
-
 
 @pytest.fixture(scope="module")
 def tok():
-    return AutoTokenizer.from_pretrained(models._package_file("minilm-l6"))  # a real offline tokenizer (BERT)
+    return bert_tokenizer()
 
 
 @pytest.fixture(scope="module")
 def llama(tok):
-    torch.manual_seed(0)
-    cfg = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2, vocab_size=tok.vocab_size, max_position_embeddings=512,
-                      pad_token_id=0, eos_token_id=102, bos_token_id=101)
-    return LlamaForCausalLM(cfg).eval()
+    return small_llama(tok)
 
 
 @pytest.fixture(scope="module")
 def bert(tok):
-    torch.manual_seed(0)
-    cfg = BertConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                     vocab_size=tok.vocab_size, max_position_embeddings=256)
-    return BertModel(cfg).eval()
+    return small_bert(tok)
 
 
 def _manual_last_logprobs(model, ids):
