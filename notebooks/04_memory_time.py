@@ -18,6 +18,11 @@
 # (`python -m topk_lib.bench`, whose module docstring explains the memory method). PyTorch's
 # SDPA is always included: it is exact, fused and linear in memory on CPU and GPU. Figures draw
 # from every `data/results/bench_<device>.csv`, so a GPU run made elsewhere appears beside the CPU one.
+#
+# The committed CPU rows came from `python -m topk_lib.bench attention --max-L 8192`, then
+# `attention --min-L 16384 --max-L 32768 --repeats 1 --timeout 600`, `chunk`, `ff --repeats 1` and
+# `model12 --repeats 1`, run alone on the 2-core CPU (70 min); the H200 rows from
+# `attention --device cuda --timeout 60`. Every row records its repeats, threads, dtype and versions.
 
 # %% tags=["parameters"]
 QUICK = False  # tiny lengths (CI smoke run)
