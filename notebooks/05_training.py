@@ -175,32 +175,15 @@ fig = train.plot_finetune_vs_k(ft_results, title=f"MiniLM fine-tuned on SpamAssa
 save_figure(fig, "05_finetune_accuracy_vs_k")
 
 # %%
-stats = ft_results.groupby(["mode", "attn_k", "ff_k"]).acc.agg(["mean", "std"])
-vanilla = stats.loc[("trained", "full", "full")]
+vanilla = train.mean_std_table(ft_results[(ft_results["mode"] == "trained") & (ft_results.attn_k == "full")
+                                         & (ft_results.ff_k == "full")], by="mode", value="acc").iloc[0]
 print(f"Vanilla fine-tuning: test accuracy {vanilla['mean']:.1%} ± {vanilla['std']:.1%} on {FT_N_TEST} test emails.")
-
-
-def compare(label, swap_key, trained_key):
-    """One line per k: the swap and training with top-k against vanilla, with the spread over seeds."""
-    swap = stats.loc[swap_key]
-    line = f"{label}: swap {swap['mean']:.1%} ± {swap['std']:.1%} ({swap['mean'] - vanilla['mean']:+.1%} vs vanilla)"
-    if trained_key in stats.index:
-        trained = stats.loc[trained_key]
-        gap = trained["mean"] - swap["mean"]
-        noise = max(trained["std"], swap["std"])
-        if pd.isna(noise):
-            verdict = "one seed, no spread to compare with"
-        else:
-            verdict = ("within the seed spread" if abs(gap) <= noise
-                       else "training with top-k helps" if gap > 0 else "training with top-k hurts")
-        line += f", trained with top-k {trained['mean']:.1%} ± {trained['std']:.1%} ({gap:+.1%} vs swap: {verdict})"
+comparison = train.swap_vs_trained(ft_results, attn_ks=FT_ATTN_KS, ff_ks=FT_SWAP_FF_KS)
+for setting, r in comparison.iterrows():
+    line = f"{setting}: swap {r.swap:.1%} ± {r.swap_std:.1%} ({r.swap - r.vanilla:+.1%} vs vanilla)"
+    if pd.notna(r.trained):
+        line += f", trained with top-k {r.trained:.1%} ± {r.trained_std:.1%} ({r.trained - r.swap:+.1%} vs swap: {r.verdict})"
     print(line)
-
-
-for k in FT_ATTN_KS:
-    compare(f"attention k={k}", ("swap", str(k), "full"), ("trained", str(k), "full"))
-for k in FT_SWAP_FF_KS:
-    compare(f"feed-forward k={k}", ("swap", "full", str(k)), ("trained", "full", str(k)))
 
 # %% [markdown]
 # **Reading the fine-tuning figure.** Left: attention top-k, right: feed-forward top-k

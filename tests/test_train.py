@@ -283,3 +283,24 @@ def test_plots_return_figures():
                        "ff_k": ["full", "full", "full", "64"], "seed": [0] * 4, "acc": [0.9, 0.8, 0.7, 0.85],
                        "f1": [0.9, 0.8, 0.7, 0.85]})
     assert len(train.plot_finetune_vs_k(ft, title="t").axes) == 2
+
+
+def test_swap_vs_trained_compares_against_the_seed_spread():
+    rows = []
+    for seed, (vanilla, swap8, trained8, swap16, trained16) in enumerate([(0.90, 0.80, 0.85, 0.88, 0.70),
+                                                                          (0.92, 0.82, 0.87, 0.86, 0.72)]):
+        rows += [dict(mode="trained", attn_k="full", ff_k="full", seed=seed, acc=vanilla),
+                 dict(mode="swap", attn_k="8", ff_k="full", seed=seed, acc=swap8),
+                 dict(mode="trained", attn_k="8", ff_k="full", seed=seed, acc=trained8),
+                 dict(mode="swap", attn_k="16", ff_k="full", seed=seed, acc=swap16),
+                 dict(mode="trained", attn_k="16", ff_k="full", seed=seed, acc=trained16),
+                 dict(mode="swap", attn_k="full", ff_k="64", seed=seed, acc=0.5)]
+    table = train.swap_vs_trained(pd.DataFrame(rows), attn_ks=[8, 16], ff_ks=[64])
+    assert table.loc["attention k=8", "verdict"] == "training with top-k helps"  # +0.05, std 0.014
+    assert table.loc["attention k=16", "verdict"] == "training with top-k hurts"
+    assert table.loc["feed-forward k=64", "verdict"] == "not fine-tuned with top-k"
+    assert abs(table.loc["attention k=8", "vanilla"] - 0.91) < 1e-12
+    one_seed = train.swap_vs_trained(pd.DataFrame(rows[:6]), attn_ks=[8])
+    assert one_seed.loc["attention k=8", "verdict"] == "one seed, no spread to compare with"
+    rows[2]["acc"] = 0.81  # seed 0 trained k=8: mean gap 0.03 is within the 0.042 std
+    assert train.swap_vs_trained(pd.DataFrame(rows), attn_ks=[8]).loc["attention k=8", "verdict"] == "within the seed spread"

@@ -56,6 +56,7 @@ __all__ = [
     "finetune_spam",
     "finetune_sweep",
     "mean_std_table",
+    "swap_vs_trained",
     "k_order",
     "plot_learning_curves",
     "plot_accuracy_vs_k",
@@ -559,6 +560,39 @@ def mean_std_table(df, *, by, value):
     g["std"] = g["std"].fillna(0.0)
     g["mean ± std"] = [f"{m:.3f} ± {s:.3f}" for m, s in zip(g["mean"], g["std"])]
     return g
+
+
+
+def swap_vs_trained(results, *, attn_ks=(), ff_ks=()):
+    """Per top-k setting: the swap (vanilla fine-tuned, top-k at test) and fine-tuning with top-k, vs vanilla.
+
+    ``results`` is :func:`finetune_sweep`'s frame. Columns: ``vanilla``, ``swap``, ``swap_std``,
+    ``trained``, ``trained_std`` (test accuracy, mean and std over seeds; NaN where not run) and
+    ``verdict``: whether trained minus swap is larger than the larger of the two seed stds.
+    """
+    import pandas as pd
+
+    stats = results.groupby(["mode", "attn_k", "ff_k"]).acc.agg(["mean", "std"])
+    vanilla = stats.loc[("trained", "full", "full"), "mean"]
+    rows = []
+    for kind, ks in (("attention", attn_ks), ("feed-forward", ff_ks)):
+        for k in ks:
+            key = (str(k), "full") if kind == "attention" else ("full", str(k))
+            swap = stats.loc[("swap", *key)]
+            row = {"setting": f"{kind} k={k}", "vanilla": vanilla, "swap": swap["mean"], "swap_std": swap["std"],
+                   "trained": float("nan"), "trained_std": float("nan"), "verdict": "not fine-tuned with top-k"}
+            if ("trained", *key) in stats.index:
+                trained = stats.loc[("trained", *key)]
+                gap, noise = trained["mean"] - swap["mean"], max(trained["std"], swap["std"])
+                if pd.isna(noise):
+                    verdict = "one seed, no spread to compare with"
+                elif abs(gap) <= noise:
+                    verdict = "within the seed spread"
+                else:
+                    verdict = "training with top-k helps" if gap > 0 else "training with top-k hurts"
+                row.update(trained=trained["mean"], trained_std=trained["std"], verdict=verdict)
+            rows.append(row)
+    return pd.DataFrame(rows).set_index("setting")
 
 
 def plot_learning_curves(curves, *, title: str, references=()):
