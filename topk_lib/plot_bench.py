@@ -6,9 +6,15 @@ a Figure; points that did not fit or timed out are drawn as crosses at the top o
 
 from __future__ import annotations
 
+import textwrap
+
 import matplotlib.pyplot as plt
 import pandas as pd
-import seaborn as sns
+
+# One colour per method in every figure; top-k variants (k, C, ff_k) take the TOPK colours in order.
+METHOD_COLORS = {"vanilla": "tab:brown", "dense": "tab:brown", "sdpa": "tab:green", "performer": "tab:orange",
+                 "chunked": "tab:blue"}
+TOPK_COLORS = ("tab:red", "tab:purple", "tab:pink", "tab:olive")
 
 
 def method_label(row) -> str:
@@ -30,7 +36,7 @@ def plot_memory_time(rows: pd.DataFrame, *, x: str, xlabel: str, title: str, pas
     df["peak_MB"] = df["peak_bytes"] / 1e6
     passes = [p for p in passes if (df["pass"] == p).any()]
     fig, axes = plt.subplots(2, len(passes), figsize=(5.6 * len(passes), 7.2), squeeze=False, sharex=True)
-    palette = dict(zip(sorted(df.label.unique()), sns.color_palette("tab10", df.label.nunique())))
+    palette = _palette(df)
     for j, p in enumerate(passes):
         for i, (col, ylabel) in enumerate((("peak_MB", "peak memory (MB over inputs)"), ("median_s", "median time (s)"))):
             ax = axes[i][j]
@@ -53,9 +59,16 @@ def plot_memory_time(rows: pd.DataFrame, *, x: str, xlabel: str, title: str, pas
                 ax.set_xlabel(xlabel)
     handles, labels = axes[0][-1].get_legend_handles_labels()
     fig.legend(handles, labels, loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize="small")
-    fig.suptitle(title)
+    fig.suptitle(textwrap.fill(title, width=int(11 * 5.6 * len(passes))))  # a long title would widen a one-column figure
     fig.tight_layout()
     return fig
+
+
+def _palette(df) -> dict:
+    """Label -> colour: fixed per method, so a method looks the same in every figure."""
+    labels = sorted(df.label.unique())
+    topk = iter(TOPK_COLORS)
+    return {label: METHOD_COLORS.get(label.split()[0]) or next(topk, "tab:gray") for label in labels}
 
 
 def longest_fitting(rows: pd.DataFrame, *, x: str = "L", pass_: str = "fwd+bwd") -> pd.Series:
