@@ -92,14 +92,15 @@ class _TopkFeedForward(torch.autograd.Function):
         for t0 in range(0, n, chunk_size):
             t1 = min(t0 + chunk_size, n)
             a, gate, h = _hidden(x2[t0:t1], w_in, w_gate, b_in, act)
-            score = h.abs() if select == "magnitude" else h
-            idx = score.topk(k, dim=-1, sorted=False).indices  # [c, k]
-            sparse = torch.zeros_like(h).scatter_(-1, idx, h.gather(-1, idx))  # [c, d_ff]
-            y[t0:t1] = F.linear(sparse, w_out, b_out)
+            idx = (h.abs() if select == "magnitude" else h).topk(k, dim=-1, sorted=False).indices  # [c, k]
             idx_all[t0:t1] = idx
             a_all[t0:t1] = a.gather(-1, idx)
             if gate is not None:
                 g_all[t0:t1] = gate.gather(-1, idx)
+            del a, gate  # only h's [c, d_ff] buffer stays: the kept values are written back into it
+            kept = h.gather(-1, idx)  # [c, k]
+            h = h.zero_().scatter_(-1, idx, kept)  # sparse hidden layer  [c, d_ff]
+            y[t0:t1] = F.linear(h, w_out, b_out)
         ctx.save_for_backward(x, w_in, w_out, w_gate, idx_all, a_all, g_all)
         ctx.activation, ctx.chunk_size, ctx.has_b_in = activation, chunk_size, b_in is not None
         return y.view(*x.shape[:-1], w_out.shape[0])
@@ -128,17 +129,13 @@ class _TopkFeedForward(torch.autograd.Function):
                 h = act(g) * a if g is not None else act(a)
             gyc = gy[t0:t1]
             dh = F.linear(gyc, w_out.t()).gather(-1, idx)  # [c, k]
+            dense = torch.zeros(t1 - t0, d_ff, dtype=x.dtype, device=x.device)  # one [c, d_ff] buffer, reused
             if dw_out is not None:
-                h_dense = torch.zeros(t1 - t0, d_ff, dtype=x.dtype, device=x.device).scatter_(-1, idx, h.detach())
-                dw_out += gyc.t() @ h_dense  # [d_out, d_ff]
+                dw_out += gyc.t() @ dense.scatter_(-1, idx, h.detach())  # [d_out, d_ff]
             inputs = (a, g) if g is not None else (a,)
             grads = torch.autograd.grad(h, inputs, dh)
-            da = torch.zeros(t1 - t0, d_ff, dtype=x.dtype, device=x.device).scatter_(-1, idx, grads[0])  # [c, d_ff]
-            dg = (
-                torch.zeros(t1 - t0, d_ff, dtype=x.dtype, device=x.device).scatter_(-1, idx, grads[1])
-                if g is not None
-                else None
-            )
+            da = dense.zero_().scatter_(-1, idx, grads[0])  # [c, d_ff]
+            dg = torch.zeros_like(da).scatter_(-1, idx, grads[1]) if g is not None else None
             xc = x2[t0:t1]
             if dx is not None:
                 dx[t0:t1] = da @ w_in + (dg @ w_gate if dg is not None else 0)
