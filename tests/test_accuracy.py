@@ -7,26 +7,11 @@ import matplotlib
 import numpy as np
 import pandas as pd
 import pytest
-from tiny_models import TEXT, bert_tokenizer, small_bert, small_llama
+from tiny_models import TEXT
 
 from topk_lib import accuracy, plot_accuracy
 from topk_lib.accuracy import Setting, bootstrap_ci, settings_grid
 from topk_lib.lm_eval import perplexity
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return bert_tokenizer()
-
-
-@pytest.fixture(scope="module")
-def llama(tok):
-    return small_llama(tok)
-
-
-@pytest.fixture(scope="module")
-def bert(tok):
-    return small_bert(tok)
 
 
 # --------------------------------------------------------------------------- bootstrap

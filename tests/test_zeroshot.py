@@ -5,26 +5,11 @@ import math
 import numpy as np
 import pytest
 import torch
-from tiny_models import TEXT, bert_tokenizer, small_bert, small_llama
+from tiny_models import TEXT
 
 from topk_lib import models, zeroshot
 from topk_lib.lm_eval import perplexity, token_windows
 from topk_lib.patching import use_topk
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return bert_tokenizer()
-
-
-@pytest.fixture(scope="module")
-def llama(tok):
-    return small_llama(tok)
-
-
-@pytest.fixture(scope="module")
-def bert(tok):
-    return small_bert(tok)
 
 
 def _manual_last_logprobs(model, ids):
