@@ -41,8 +41,7 @@ import torch
 
 from topk_lib import load_model
 from topk_lib.approximations import head_errors, record_qkv
-from topk_lib.data import moby_dick_text, pydoc_text, sotu_speeches
-from topk_lib.experiments import cached_attention_stats, layer_sensitivity
+from topk_lib.experiments import analysis_inputs, cached_attention_stats, layer_sensitivity
 from topk_lib.lm_eval import token_windows
 from topk_lib.plotting import plot_bars, plot_layer_head_heatmaps, plot_panels_vs_k, save_figure
 from topk_lib.results import cached_frame
@@ -51,13 +50,10 @@ torch.set_num_threads(THREADS)
 if QUICK:
     LENGTH, ENCODER_LENGTH, CONTEXT_LENGTHS = 128, 64, [64, 128]
     KS, APPROX_LAYERS = [1, 4, 16, 64], [1, 15]
-TEXT, ENCODER_TEXT = ("pydoc", "pydoc") if QUICK else ("moby_dick", "sotu_last")
-decoder_text = pydoc_text() if QUICK else moby_dick_text()
-encoder_text = pydoc_text() if QUICK else sotu_speeches()[-1]["text"]
 decoder, decoder_tokenizer = load_model(DECODER)
 encoder, encoder_tokenizer = load_model(ENCODER)
-ids = token_windows(decoder_tokenizer, decoder_text, window=LENGTH, n_windows=1)  # [1, L]
-encoder_ids = encoder_tokenizer(encoder_text, truncation=True, max_length=ENCODER_LENGTH, return_tensors="pt").input_ids
+TEXT, decoder_text, ids, ENCODER_TEXT, encoder_ids = analysis_inputs(
+    decoder_tokenizer, encoder_tokenizer, length=LENGTH, encoder_length=ENCODER_LENGTH, quick=QUICK)
 config = {"decoder": DECODER, "text": TEXT, "ks": KS}
 
 # %% [markdown]

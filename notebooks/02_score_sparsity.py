@@ -42,8 +42,7 @@ import torch
 from topk_lib import load_model
 from topk_lib.approximations import attention_probs, record_qkv
 from topk_lib.capture import NeuronUsage, bucket_bounds, record_mlp_stats
-from topk_lib.data import moby_dick_text, pydoc_text, sotu_speeches
-from topk_lib.experiments import cached_attention_stats, per_head_budget, save_budget
+from topk_lib.experiments import analysis_inputs, cached_attention_stats, per_head_budget, save_budget
 from topk_lib.lm_eval import token_windows
 from topk_lib.plotting import plot_bars, plot_head_drilldown, plot_k_vs_position, plot_layer_head_heatmaps, save_figure
 from topk_lib.results import cached_frame, results_dir
@@ -51,13 +50,10 @@ from topk_lib.results import cached_frame, results_dir
 torch.set_num_threads(THREADS)
 if QUICK:
     LENGTH, ENCODER_LENGTH, KS, FF_KS, FF_WINDOWS, DRILL_TOKENS = 128, 64, [1, 4, 16, 64], [48, 384], 2, 24
-TEXT, ENCODER_TEXT = ("pydoc", "pydoc") if QUICK else ("moby_dick", "sotu_last")
-decoder_text = pydoc_text() if QUICK else moby_dick_text()
-encoder_text = pydoc_text() if QUICK else sotu_speeches()[-1]["text"]
 decoder, decoder_tokenizer = load_model(DECODER)
 encoder, encoder_tokenizer = load_model(ENCODER)
-ids = token_windows(decoder_tokenizer, decoder_text, window=LENGTH, n_windows=1)  # [1, L]
-encoder_ids = encoder_tokenizer(encoder_text, truncation=True, max_length=ENCODER_LENGTH, return_tensors="pt").input_ids
+TEXT, decoder_text, ids, ENCODER_TEXT, encoder_ids = analysis_inputs(
+    decoder_tokenizer, encoder_tokenizer, length=LENGTH, encoder_length=ENCODER_LENGTH, quick=QUICK)
 decoder_stats = cached_attention_stats(decoder, ids, model_name=DECODER, text_name=TEXT, ks=KS)
 encoder_stats = cached_attention_stats(encoder, encoder_ids, model_name=ENCODER, text_name=ENCODER_TEXT,
                                        ks=[k for k in KS if k <= encoder_ids.shape[1]])

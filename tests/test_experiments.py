@@ -52,3 +52,12 @@ def test_budget_round_trip_and_use(tmp_path, tiny_llama):
         with use_topk(tiny_llama, attn_k=load_budget(path)):
             changed = tiny_llama(ids).logits
     assert not torch.allclose(base, changed)
+
+
+def test_analysis_inputs_quick_uses_the_offline_text(tok):
+    from topk_lib.experiments import analysis_inputs
+
+    text_name, text, ids, encoder_name, encoder_ids = analysis_inputs(tok, tok, length=32, encoder_length=20, quick=True)
+    assert (text_name, encoder_name) == ("pydoc", "pydoc") and len(text) > 1000
+    assert ids.shape == (1, 32) and encoder_ids.shape == (1, 20)
+    assert ids[0].tolist() == tok(text, add_special_tokens=False)["input_ids"][:32]

@@ -25,6 +25,27 @@ from topk_lib.patching import describe_layers, use_topk
 from topk_lib.results import cached_frame
 
 
+def analysis_inputs(decoder_tokenizer, encoder_tokenizer, *, length: int, encoder_length: int, quick: bool = False):
+    """The inputs notebooks 01 and 02 analyse (same tokens, so they share cached statistics).
+
+    Decoder: the first ``length`` tokens of Moby Dick; encoder: the last State of the Union speech
+    truncated to ``encoder_length`` tokens; ``quick`` uses the offline pydoc text for both.
+    Returns ``(text_name, decoder_text, ids [1, length], encoder_text_name, encoder_ids [1, <= encoder_length])``.
+    """
+    from topk_lib.data import moby_dick_text, pydoc_text, sotu_speeches
+    from topk_lib.lm_eval import token_windows
+
+    if quick:
+        text_name, decoder_text, encoder_text_name, encoder_text = "pydoc", pydoc_text(), "pydoc", pydoc_text()
+    else:
+        text_name, decoder_text = "moby_dick", moby_dick_text()
+        encoder_text_name, encoder_text = "sotu_last", sotu_speeches()[-1]["text"]
+    ids = token_windows(decoder_tokenizer, decoder_text, window=length, n_windows=1)  # [1, L]
+    encoder_ids = encoder_tokenizer(encoder_text, truncation=True, max_length=encoder_length,
+                                    return_tensors="pt").input_ids
+    return text_name, decoder_text, ids, encoder_text_name, encoder_ids
+
+
 def cached_attention_stats(model, input_ids, *, model_name: str, text_name: str, ks, **capture_kw) -> pd.DataFrame:
     """:func:`topk_lib.capture.capture_attention_stats`, cached by model, input tokens and ks.
 
