@@ -53,6 +53,21 @@ def _line(ax, pts, color, label, *, ls="-", marker="o"):
     ax.fill_between(pts.x, pts.lo, pts.hi, color=color, alpha=0.18, lw=0)
 
 
+def _y_axis(ax, *, logy, percent):
+    if logy:
+        ax.set_yscale("log")
+    if percent:
+        ax.yaxis.set_major_formatter(plt.matplotlib.ticker.PercentFormatter(1.0))
+
+
+def _finish(fig, handles, names, title):
+    """One legend right of the panels, the title, a tight layout."""
+    fig.legend(handles, names, loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize="small", frameon=False)
+    fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
 def plot_accuracy_vs_k(summary, *, metric, ylabel, title, kinds=("attention", "ff", "both"), hue="task",
                        labels=None, logy=False, percent=False):
     """One panel per ``kind`` present, one line (band: 95 % CI) per ``hue`` value, vanilla dashed.
@@ -89,10 +104,7 @@ def plot_accuracy_vs_k(summary, *, metric, ylabel, title, kinds=("attention", "f
             _k_ticks(ax, df[df.kind == kind].x)
             ax.set_xlabel("feed-forward k (of d_ff)" if kind == "ff" else "attention k (keys per query)")
         ax.set_title(_PANEL_TITLES.get(kind, kind))
-        if logy:
-            ax.set_yscale("log")
-        if percent:
-            ax.yaxis.set_major_formatter(plt.matplotlib.ticker.PercentFormatter(1.0))
+        _y_axis(ax, logy=logy, percent=percent)
     axes[0, 0].set_ylabel(ylabel)
     handles, names = axes[0, 0].get_legend_handles_labels()
     for ax in axes[0, 1:]:
@@ -102,10 +114,7 @@ def plot_accuracy_vs_k(summary, *, metric, ylabel, title, kinds=("attention", "f
                 names.append(n)
     handles.append(plt.Line2D([], [], color="grey", ls="--"))
     names.append("vanilla (band: 95 % CI)")
-    fig.legend(handles, names, loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize="small", frameon=False)
-    fig.suptitle(title)
-    fig.tight_layout()
-    return fig
+    return _finish(fig, handles, names, title)
 
 
 def plot_budget_frontier(summary, *, metric, ylabel, title, labels=None, logy=False, percent=False):
@@ -129,18 +138,12 @@ def plot_budget_frontier(summary, *, metric, ylabel, title, labels=None, logy=Fa
         _k_ticks(ax, uniform.x.tolist() + budget.x.tolist())
         ax.set_xlabel("average attention k")
         ax.set_title(labels.get(task, task))
-        if logy:
-            ax.set_yscale("log")
-        if percent:
-            ax.yaxis.set_major_formatter(plt.matplotlib.ticker.PercentFormatter(1.0))
+        _y_axis(ax, logy=logy, percent=percent)
     axes[0, 0].set_ylabel(ylabel)
     handles, names = axes[0, 0].get_legend_handles_labels()
     handles.append(plt.Line2D([], [], color="grey", ls="--"))
     names.append("vanilla")
-    fig.legend(handles, names, loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize="small", frameon=False)
-    fig.suptitle(title)
-    fig.tight_layout()
-    return fig
+    return _finish(fig, handles, names, title)
 
 
 def plot_paper_reference(ours, paper, *, title, labels=None):
