@@ -35,7 +35,7 @@ test-all: $(STAMP) data-test
 	$(BIN)/python -m pytest -m "not gpu" --runslow
 
 figures: $(STAMP)
-	$(BIN)/python -m topk_lib.runner $(if $(QUICK),--quick)
+	$(BIN)/python -m topk_lib.infra.runner $(if $(QUICK),--quick)
 
 lab: $(STAMP)
 	$(BIN)/jupyter lab notebooks/

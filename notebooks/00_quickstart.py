@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from topk_lib import topk_attention
-from topk_lib.plotting import plot_error_vs_k, save_figure
+from topk_lib.plots.style import plot_error_vs_k, save_figure
 
 if QUICK:
     LENGTH, HEADS = 256, 2

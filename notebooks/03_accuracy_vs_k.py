@@ -83,12 +83,14 @@ import numpy as np
 import pandas as pd
 import torch
 
-from topk_lib import accuracy, data, zeroshot
-from topk_lib.experiments import load_budget, save_budget
-from topk_lib.results import results_dir
-from topk_lib.models import load_model
-from topk_lib.plot_accuracy import plot_accuracy_vs_k, plot_budget_frontier, plot_paper_reference
-from topk_lib.plotting import save_figure
+from topk_lib import data
+from topk_lib.experiments import accuracy
+from topk_lib.tasks import zeroshot
+from topk_lib.experiments.inputs import load_budget, save_budget
+from topk_lib.infra.cache import results_dir
+from topk_lib.hf.loading import load_model
+from topk_lib.plots.accuracy import plot_accuracy_vs_k, plot_budget_frontier, plot_paper_reference
+from topk_lib.plots.style import save_figure
 
 if QUICK:
     LM_CORPORA = ["pydoc"]

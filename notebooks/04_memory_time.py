@@ -37,9 +37,9 @@ TIMEOUT_S = 900  # seconds per point before it counts as "timeout"
 import pandas as pd
 
 from topk_lib import bench
-from topk_lib.plot_bench import longest_fitting, plot_memory_time, ratio_at
-from topk_lib.plotting import save_figure
-from topk_lib.results import results_dir
+from topk_lib.plots.bench import longest_fitting, plot_memory_time, ratio_at
+from topk_lib.plots.style import save_figure
+from topk_lib.infra.cache import results_dir
 
 if QUICK:
     MAX_L = 256  # the quick attention suite stops here

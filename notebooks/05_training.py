@@ -58,8 +58,10 @@ import time
 import pandas as pd
 import torch
 
-from topk_lib import data, listops, train
-from topk_lib.plotting import save_figure
+from topk_lib import data
+from topk_lib.data import listops
+from topk_lib.experiments.training import train
+from topk_lib.plots.style import save_figure
 
 if QUICK:
     SEEDS = [0]

@@ -44,8 +44,8 @@ import ipywidgets as widgets
 import torch
 from IPython.display import display
 
-from topk_lib.explorer import CUSTOM_TEXT, ExplorerSession, continuations_text, sample_texts
-from topk_lib.plotting import save_figure
+from topk_lib.app.explorer import CUSTOM_TEXT, ExplorerSession, continuations_text, sample_texts
+from topk_lib.plots.style import save_figure
 
 torch.set_num_threads(THREADS)
 if QUICK:

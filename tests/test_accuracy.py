@@ -1,4 +1,4 @@
-"""Accuracy-versus-k sweeps: settings, bootstrap intervals, caching, summaries and plots (topk_lib.accuracy)."""
+"""Accuracy-versus-k sweeps: settings, bootstrap intervals, caching, summaries and plots (topk_lib.experiments.accuracy)."""
 
 import json
 import math
@@ -9,9 +9,10 @@ import pandas as pd
 import pytest
 from tiny_models import TEXT
 
-from topk_lib import accuracy, plot_accuracy
-from topk_lib.accuracy import Setting, bootstrap_ci, settings_grid
-from topk_lib.lm_eval import perplexity
+from topk_lib.experiments import accuracy
+from topk_lib.plots import accuracy as plot_accuracy
+from topk_lib.experiments.accuracy import Setting, bootstrap_ci, settings_grid
+from topk_lib.tasks.lm import perplexity
 
 
 # --------------------------------------------------------------------------- bootstrap
@@ -224,7 +225,7 @@ def test_scale_budget_keeps_proportions():
 
 
 def test_measure_head_budget(llama, tok):
-    pytest.importorskip("topk_lib.capture")
+    pytest.importorskip("topk_lib.analysis.capture")
     budget = accuracy.measure_head_budget(llama, tok, TEXT, n_tokens=64, progress=False)
     assert sorted(budget) == [(l, h) for l in range(2) for h in range(4)]
     assert all(1 <= k <= 64 for k in budget.values())

@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from topk_lib.approximations import METHODS, approximate, head_errors, selection_mask
-from topk_lib.attention import chunked_attention
+from topk_lib.analysis.approximations import METHODS, approximate, head_errors, selection_mask
+from topk_lib.kernels.attention import chunked_attention
 
 
 def qkv(lq=12, lk=12, h=2, d=8, seed=0):
@@ -71,7 +71,7 @@ def test_bad_method():
 def test_record_qkv_reproduces_the_layer_output():
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from topk_lib.approximations import record_qkv
+    from topk_lib.analysis.approximations import record_qkv
 
     torch.manual_seed(0)
     cfg = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,

@@ -1,11 +1,11 @@
-"""Equivalence, gradient, memory and input-checking tests for topk_lib.attention."""
+"""Equivalence, gradient, memory and input-checking tests for topk_lib.kernels.attention."""
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from topk_lib import attention
-from topk_lib.attention import chunked_attention, topk_attention, vanilla_attention
+from topk_lib.kernels import attention
+from topk_lib.kernels.attention import chunked_attention, topk_attention, vanilla_attention
 
 
 @pytest.fixture(params=["csr", "gather"])

@@ -6,7 +6,7 @@ import time
 import pytest
 import torch
 
-from topk_lib import bench
+from topk_lib.bench import harness as bench
 
 MB = 1e6
 

@@ -2,7 +2,7 @@
 
 The reference runs the same model with ``attn_implementation="eager"`` and
 ``output_attentions=True``, takes the full attention matrices and the value vectors (a hook
-on the value projection), applies :mod:`topk_lib.metrics` row by row and aggregates with
+on the value projection), applies :mod:`topk_lib.analysis.metrics` row by row and aggregates with
 numpy. The capture must give the same frame.
 """
 
@@ -14,8 +14,8 @@ import torch
 import tiny_models
 from transformers import T5EncoderModel, T5ForConditionalGeneration
 
-from topk_lib import metrics
-from topk_lib.capture import (
+from topk_lib.analysis import metrics
+from topk_lib.analysis.capture import (
     _ACTIVE,
     CAPTURE_IMPLEMENTATION,
     COLUMNS,
@@ -440,8 +440,8 @@ def test_mlp_stats_inside_topk_feedforward_raise():
 
 @pytest.mark.slow
 def test_smollm2_ranges():
-    from topk_lib.data import pydoc_text
-    from topk_lib.models import load_model
+    from topk_lib.data.sources import pydoc_text
+    from topk_lib.hf.loading import load_model
 
     model, tok = load_model("smollm2-135m")
     text = pydoc_text(topics=["assert", "assignment", "atom-identifiers"])

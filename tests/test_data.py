@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from topk_lib import data as D
+from topk_lib.data import sources as D
 
 # --------------------------------------------------------------------------- fakes
 

@@ -6,7 +6,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from topk_lib import use_topk
-from topk_lib.experiments import layer_sensitivity, load_budget, per_head_budget, save_budget
+from topk_lib.experiments.inputs import layer_sensitivity, load_budget, per_head_budget, save_budget
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +55,7 @@ def test_budget_round_trip_and_use(tmp_path, tiny_llama):
 
 
 def test_analysis_inputs_quick_uses_the_offline_text(tok):
-    from topk_lib.experiments import analysis_inputs
+    from topk_lib.experiments.inputs import analysis_inputs
 
     text_name, text, ids, encoder_name, encoder_ids = analysis_inputs(tok, tok, length=32, encoder_length=20, quick=True)
     assert (text_name, encoder_name) == ("pydoc", "pydoc") and len(text) > 1000

@@ -1,4 +1,4 @@
-"""The k explorer (topk_lib.explorer, plot_explorer): views against eager attention and metrics.py,
+"""The k explorer (topk_lib.app.explorer, plot_explorer): views against eager attention and metrics.py,
 slider latency, continuations under decode-time top-k, the widget session."""
 
 import time
@@ -8,9 +8,9 @@ import pytest
 import torch
 from transformers import AutoTokenizer, BertConfig, BertModel, LlamaConfig, LlamaForCausalLM
 
-from topk_lib import explorer as ex_mod
-from topk_lib import models
-from topk_lib.explorer import (
+from topk_lib.app import explorer as ex_mod
+from topk_lib.hf import loading as models
+from topk_lib.app.explorer import (
     CUSTOM_TEXT,
     AttentionExplorer,
     Continuations,
@@ -21,9 +21,9 @@ from topk_lib.explorer import (
     first_divergence,
     measure_latency,
 )
-from topk_lib.metrics import mass_kept, relative_error, topk_probs
-from topk_lib.patching import use_topk
-from topk_lib.plot_explorer import plot_explorer_view
+from topk_lib.analysis.metrics import mass_kept, relative_error, topk_probs
+from topk_lib.hf.patching import use_topk
+from topk_lib.plots.explorer import plot_explorer_view
 
 TEXT = " ".join(f"the {w} sat on the {v} mat number {i}." for i, (w, v) in
                 enumerate(zip(["cat", "dog", "whale", "ship"] * 40, ["red", "old", "wet", "big", "new"] * 32)))
@@ -196,8 +196,8 @@ def test_slider_update_is_fast_at_512_tokens(tok):
 
 @pytest.mark.slow
 def test_slider_update_on_smollm2_is_under_a_second():
-    from topk_lib.data import pydoc_text
-    from topk_lib.models import load_model
+    from topk_lib.data.sources import pydoc_text
+    from topk_lib.hf.loading import load_model
 
     model, tokenizer = load_model("smollm2-135m")
     ex = AttentionExplorer(model, tokenizer, pydoc_text()[:6000], max_tokens=512)

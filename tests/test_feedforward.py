@@ -1,10 +1,10 @@
-"""Equivalence, gradient, memory and input-checking tests for topk_lib.feedforward."""
+"""Equivalence, gradient, memory and input-checking tests for topk_lib.kernels.feedforward."""
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from topk_lib.feedforward import ACTIVATIONS, topk_feedforward
+from topk_lib.kernels.feedforward import ACTIVATIONS, topk_feedforward
 
 
 def make_ff(tokens=(3, 7), d=6, d_ff=16, d_out=5, gated=False, bias=False, dtype=torch.float64, grad=False, seed=0):

@@ -6,7 +6,7 @@ import statistics
 import pytest
 import torch
 
-from topk_lib import listops
+from topk_lib.data import listops
 
 
 def python_value(expr: str) -> int:

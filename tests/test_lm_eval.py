@@ -7,8 +7,8 @@ import torch
 import torch.nn.functional as F
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from topk_lib import models
-from topk_lib.lm_eval import perplexity, perplexity_sweep, token_windows
+from topk_lib.hf import loading as models
+from topk_lib.tasks.lm import perplexity, perplexity_sweep, token_windows
 
 TEXT = " ".join(f"the {w} sat on the {v} mat number {i}." for i, (w, v) in
                 enumerate(zip(["cat", "dog", "whale", "ship"] * 40, ["red", "old", "wet", "big", "new"] * 32)))
@@ -76,7 +76,7 @@ def test_bad_arguments(lm, kw, arg):
 
 
 def test_closing_note_settings():
-    from topk_lib.lm_eval import closing_note_settings
+    from topk_lib.tasks.lm import closing_note_settings
 
     s = closing_note_settings()
     assert s[0] == (None, None) and len(s) == 17 and len(set(s)) == 17

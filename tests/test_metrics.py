@@ -1,4 +1,4 @@
-"""Tests for topk_lib.metrics against hand-computed values on small literal tensors."""
+"""Tests for topk_lib.analysis.metrics against hand-computed values on small literal tensors."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from topk_lib import metrics as M
+from topk_lib.analysis import metrics as M
 
 P = torch.tensor([0.5, 0.3, 0.2], dtype=torch.float64)
 # -sum p ln p for P, term by term: 0.5 ln 2 + 0.3 ln(10/3) + 0.2 ln 5

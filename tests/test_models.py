@@ -8,8 +8,10 @@ import pytest
 import torch
 from transformers import BertConfig, BertModel, LlamaConfig, LlamaForCausalLM, T5Config, T5ForConditionalGeneration
 
-from topk_lib import load_model, models, paths, use_topk
-from topk_lib.models import embed
+from topk_lib import load_model, use_topk
+from topk_lib.hf import loading as models
+from topk_lib.infra import paths
+from topk_lib.hf.loading import embed
 
 
 def _minilm_folder():

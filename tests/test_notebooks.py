@@ -2,7 +2,7 @@
 
 import pytest
 
-from topk_lib import runner
+from topk_lib.infra import runner
 
 SOURCES = runner.notebook_sources()
 

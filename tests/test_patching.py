@@ -8,7 +8,7 @@ import torch
 from tiny_models import D_FF, tiny_bert, tiny_llama, tiny_t5
 
 from topk_lib import use_topk
-from topk_lib.patching import _SPECS, ATTN_IMPLEMENTATION, describe_layers
+from topk_lib.hf.patching import _SPECS, ATTN_IMPLEMENTATION, describe_layers
 
 L = 12  # tokens per test sequence
 TOL = 1e-5

@@ -9,15 +9,15 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from topk_lib import paths
-from topk_lib.plotting import plot_error_vs_k, save_figure
-from topk_lib.results import cached_frame
+from topk_lib.infra import paths
+from topk_lib.plots.style import plot_error_vs_k, save_figure
+from topk_lib.infra.cache import cached_frame
 
 CONFIG = {"what": "reproducibility test", "seed": 0}
 DRAW = """
 import sys
-from topk_lib.plotting import plot_error_vs_k, save_figure
-from topk_lib.results import cached_frame
+from topk_lib.plots.style import plot_error_vs_k, save_figure
+from topk_lib.infra.cache import cached_frame
 frame = cached_frame("repro", config={config!r}, compute=lambda: sys.exit("the cache should have been read"))
 save_figure(plot_error_vs_k(frame, hue="sharpness", title="Top-k error ‖o_k − o‖/‖o‖ (cached)"), "repro")
 """
@@ -68,7 +68,7 @@ def test_same_cached_data_gives_identical_bytes(tmp_path, monkeypatch):
 
 
 def test_bars_with_several_rows_per_bar_are_reproducible(tmp_path, monkeypatch):
-    from topk_lib.plotting import plot_bars
+    from topk_lib.plots.style import plot_bars
 
     df = pd.DataFrame({"method": ["topk", "window"] * 20, "budget": [16] * 20 + [64] * 20,
                        "relative_error": np.random.default_rng(0).random(40)})

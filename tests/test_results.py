@@ -1,7 +1,7 @@
 import pandas as pd
 import pytest
 
-from topk_lib.results import cached_frame, results_dir
+from topk_lib.infra.cache import cached_frame, results_dir
 
 
 def test_cached_frame_computes_once_per_config(tmp_path, monkeypatch):

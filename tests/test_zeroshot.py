@@ -1,4 +1,4 @@
-"""Zero-shot task building and scoring on tiny random models (topk_lib.zeroshot)."""
+"""Zero-shot task building and scoring on tiny random models (topk_lib.tasks.zeroshot)."""
 
 import math
 
@@ -7,9 +7,10 @@ import pytest
 import torch
 from tiny_models import TEXT
 
-from topk_lib import models, zeroshot
-from topk_lib.lm_eval import perplexity, token_windows
-from topk_lib.patching import use_topk
+from topk_lib.hf import loading as models
+from topk_lib.tasks import zeroshot
+from topk_lib.tasks.lm import perplexity, token_windows
+from topk_lib.hf.patching import use_topk
 
 
 def _manual_last_logprobs(model, ids):

@@ -69,7 +69,7 @@ TEXT = " ".join(f"the {w} sat on the {v} mat number {i}." for i, (w, v) in
 def bert_tokenizer():
     from transformers import AutoTokenizer
 
-    from topk_lib import models
+    from topk_lib.hf import loading as models
 
     return AutoTokenizer.from_pretrained(models._package_file("minilm-l6"))  # a real offline tokenizer
 

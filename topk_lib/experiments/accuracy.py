@@ -2,7 +2,7 @@
 
 Gupta et al. (2021, section 4) show that top-k attention and top-k feed-forward layers keep
 the accuracy of pretrained models nearly unchanged down to small k, without corrective
-training. This module runs that measurement for the tasks of :mod:`topk_lib.zeroshot`:
+training. This module runs that measurement for the tasks of :mod:`topk_lib.tasks.zeroshot`:
 
 * a :class:`Setting` says what is switched: nothing (``vanilla``), attention (one k for
   every layer, or a per-head ``budget``), feed-forward layers (``ff``), or ``both``;
@@ -33,9 +33,9 @@ import numpy as np
 import pandas as pd
 import torch
 
-from topk_lib import zeroshot
-from topk_lib.results import results_dir
-from topk_lib.patching import use_topk
+from topk_lib.tasks import zeroshot
+from topk_lib.infra.cache import results_dir
+from topk_lib.hf.patching import use_topk
 
 __all__ = [
     "KINDS",
@@ -138,7 +138,7 @@ class Setting:
         return float(self.attn_k)
 
     def topk(self):
-        """Keyword arguments for :func:`topk_lib.patching.use_topk`."""
+        """Keyword arguments for :func:`topk_lib.hf.patching.use_topk`."""
         attn = dict(self.attn_k) if self.kind == "budget" else self.attn_k
         return {"attn_k": attn, "ff_k": self.ff_k}
 
@@ -244,7 +244,7 @@ def run_sweep(task, settings, *, config, compute, progress=True, root=None):
     """
     from tqdm.auto import tqdm
 
-    from topk_lib.train import cached_run  # the project's atomic JSON cache
+    from topk_lib.experiments.training.train import cached_run  # the project's atomic JSON cache
 
     settings = list(settings)
     if not settings or not all(isinstance(s, Setting) for s in settings):
@@ -306,11 +306,11 @@ def lm_sweep(model, tokenizer, text, *, model_name, corpus, settings, window=102
              chunk_size=1024, progress=True, root=None):
     """Perplexity and next-token accuracy on ``n_windows`` windows of ``window`` tokens of ``text``.
 
-    Windows come from :func:`topk_lib.lm_eval.token_windows` (evenly spread, disjoint). The
+    Windows come from :func:`topk_lib.tasks.lm.token_windows` (evenly spread, disjoint). The
     task is ``lm_{corpus}_{window}``; intervals resample blocks of ``block`` tokens.
     Metrics: ``perplexity``, ``accuracy`` (top-1 next token).
     """
-    from topk_lib.lm_eval import token_windows
+    from topk_lib.tasks.lm import token_windows
 
     corpus = _check_name(corpus, "corpus")
     windows = token_windows(tokenizer, text, window=window, n_windows=n_windows)  # [n, W]
@@ -431,13 +431,13 @@ def passkey_sweep(model, tokenizer, *, model_name, settings, lengths, depths, n_
 
 def retrieval_sweep(model, tokenizer, pairs, *, model_name, settings, task="sotu_retrieval", max_length=256,
                     batch_size=32, chunk_size=1024, progress=True, root=None):
-    """Paragraph retrieval with sentence embeddings (:func:`topk_lib.models.embed`).
+    """Paragraph retrieval with sentence embeddings (:func:`topk_lib.hf.loading.embed`).
 
     Every query is ranked against all documents. Metrics: ``acc@1``, ``mrr`` and
     ``cosine`` (per pair, the mean of the query's and the document's cosine similarity to
     their vanilla embeddings; 1 for vanilla).
     """
-    from topk_lib.models import embed
+    from topk_lib.hf.loading import embed
 
     task = _check_name(task, "task")
     pairs = [(str(q), str(d)) for q, d in pairs]
@@ -477,16 +477,16 @@ def measure_head_budget(model, tokenizer, text, *, n_tokens=1024, frac=0.99, sta
     """``{(layer, head): k}``: the k each head needs to keep ``frac`` of its attention mass.
 
     One window of ``n_tokens`` tokens from the start of ``text`` runs through
-    :func:`topk_lib.capture.capture_attention_stats`; per head, the ``statistic``
+    :func:`topk_lib.analysis.capture.capture_attention_stats`; per head, the ``statistic``
     (``"median"`` or ``"mean"``) over its query rows of the smallest k with mass >= ``frac``,
     rounded up. Use a text the budget is not evaluated on.
     """
-    from topk_lib.lm_eval import token_windows
+    from topk_lib.tasks.lm import token_windows
 
     try:
-        from topk_lib.capture import capture_attention_stats
+        from topk_lib.analysis.capture import capture_attention_stats
     except ImportError as err:  # capture.py arrives with notebooks 01/02
-        raise ImportError(f"measure_head_budget needs topk_lib.capture (per-head statistics): {err}") from err
+        raise ImportError(f"measure_head_budget needs topk_lib.analysis.capture (per-head statistics): {err}") from err
     if statistic not in ("median", "mean"):
         raise ValueError(f"statistic must be 'median' or 'mean', got {statistic!r}")
     ids = token_windows(tokenizer, text, window=n_tokens, n_windows=1)  # [1, n_tokens]
@@ -500,7 +500,7 @@ def measure_head_budget(model, tokenizer, text, *, n_tokens=1024, frac=0.99, sta
 
 def scale_budget(budget, *, average_k, max_k=None):
     """The budget's per-head proportions rescaled to mean ``average_k`` (experiments.per_head_budget)."""
-    from topk_lib.experiments import per_head_budget
+    from topk_lib.experiments.inputs import per_head_budget
 
     if not isinstance(budget, dict) or not budget:
         raise ValueError("budget must be a non-empty {(layer, head): k} dict")

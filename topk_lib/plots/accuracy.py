@@ -1,9 +1,9 @@
 """Figures of accuracy versus k (notebook 03): plot functions take data and return a Figure.
 
-Inputs are the tidy frames of :mod:`topk_lib.accuracy` (one row per setting and metric, with
+Inputs are the tidy frames of :mod:`topk_lib.experiments.accuracy` (one row per setting and metric, with
 ``value``, ``lo``, ``hi`` from a 95 % bootstrap). k is on a log2 axis; the vanilla model is a
 dashed horizontal line (its interval a light band) in the colour of its task. Saving goes
-through :func:`topk_lib.plotting.save_figure`.
+through :func:`topk_lib.plots.style.save_figure`.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 import seaborn as sns
 
-from topk_lib import plotting  # noqa: F401  (applies the suite's plot style)
+from topk_lib.plots import style as plotting  # noqa: F401  (applies the suite's plot style)
 
 __all__ = ["plot_accuracy_vs_k", "plot_budget_frontier", "plot_paper_reference"]
 
@@ -149,8 +149,8 @@ def plot_budget_frontier(summary, *, metric, ylabel, title, labels=None, logy=Fa
 def plot_paper_reference(ours, paper, *, title, labels=None):
     """Accuracy relative to full against k / d_ff: our feed-forward curves beside the paper's T5 ones.
 
-    ``ours``: rows ``task, k_frac, relative`` (:func:`topk_lib.accuracy.relative_to_vanilla`);
-    ``paper``: rows ``model, k_frac, relative`` (:func:`topk_lib.accuracy.paper_reference`).
+    ``ours``: rows ``task, k_frac, relative`` (:func:`topk_lib.experiments.accuracy.relative_to_vanilla`);
+    ``paper``: rows ``model, k_frac, relative`` (:func:`topk_lib.experiments.accuracy.paper_reference`).
     """
     if ours.empty and paper.empty:
         raise ValueError("nothing to plot: ours and paper are both empty")

@@ -96,9 +96,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from topk_lib import paths
-from topk_lib.attention import chunked_attention, topk_attention, vanilla_attention
-from topk_lib.feedforward import topk_feedforward
+from topk_lib.infra import paths
+from topk_lib.kernels.attention import chunked_attention, topk_attention, vanilla_attention
+from topk_lib.kernels.feedforward import topk_feedforward
 
 __all__ = [
     "SUITES",
@@ -106,6 +106,7 @@ __all__ = [
     "KEY_COLUMNS",
     "run_point",
     "run_suite",
+    "measured_suites",
     "merge_rows",
     "results_path",
     "device_slug",
@@ -176,7 +177,7 @@ def results_path(device: str, *, quick: bool = False) -> Path:
 
     ``TOPK_LAB_RESULTS`` (set by the notebook runner, read at call time) overrides the folder.
     """
-    from topk_lib.results import results_dir
+    from topk_lib.infra.cache import results_dir
 
     root = results_dir()
     if quick and "TOPK_LAB_RESULTS" not in os.environ:
@@ -500,7 +501,7 @@ def sparse_weights_times_v(p, idx, v, *, method="gather_bmm"):
         dense = torch.zeros(h, c, lk, dtype=p.dtype, device=p.device).scatter_(-1, idx, p)  # [H, C, Lk]
         return torch.matmul(dense, v)  # [H, C, d]
     if method == "csr":
-        from topk_lib.attention import _Kept
+        from topk_lib.kernels.attention import _Kept
 
         offsets = torch.arange(h, device=p.device).view(h, 1, 1) * lk  # first row of each head in [H*Lk, d]
         return _Kept(idx, offsets, h * lk).times(p, v.reshape(-1, d))  # [H, C, d]
@@ -624,7 +625,7 @@ def _forkserver():
 
         ctx = multiprocessing.get_context("forkserver")
         # The server only imports (no op runs there), so no thread pool or CUDA context is forked.
-        ctx.set_forkserver_preload(["topk_lib.bench"])
+        ctx.set_forkserver_preload(["topk_lib.bench.harness"])
         _FORKSERVER = ctx
     return _FORKSERVER
 
@@ -641,7 +642,7 @@ class _Child:
             import importlib
 
             # By its module name even when this file runs as __main__ (python -m topk_lib.bench).
-            target = importlib.import_module("topk_lib.bench")._forked_point
+            target = importlib.import_module("topk_lib.bench.harness")._forked_point
             self.proc = _forkserver().Process(target=target, args=(spec, result_file, log_file), daemon=True)
             self.popen = None
             # Children need nothing from the caller's script: hide __main__ so multiprocessing does not

@@ -22,13 +22,13 @@ O(Lq x stats) per-row numbers, never the Lq x Lk matrix of a layer, let alone al
 Per query row (one query of one head), with ``p`` its attention distribution, ``S_k`` its k
 largest entries and ``M_k = sum(p[S_k])``:
 
-* ``mass_kept`` (per k): ``M_k``, as :func:`topk_lib.metrics.mass_kept`;
-* ``kl`` (per k): ``KL(p_k || p) = -log M_k`` in nats, as :func:`topk_lib.metrics.kl_to_topk`;
-* ``entropy``: nats, :func:`topk_lib.metrics.entropy`;
+* ``mass_kept`` (per k): ``M_k``, as :func:`topk_lib.analysis.metrics.mass_kept`;
+* ``kl`` (per k): ``KL(p_k || p) = -log M_k`` in nats, as :func:`topk_lib.analysis.metrics.kl_to_topk`;
+* ``entropy``: nats, :func:`topk_lib.analysis.metrics.entropy`;
 * ``k90``/``k99`` (one per ``fracs`` entry, named ``k{100 f:g}``): the smallest k with
-  ``M_k >= f``, as :func:`topk_lib.metrics.k_for_mass`;
+  ``M_k >= f``, as :func:`topk_lib.analysis.metrics.k_for_mass`;
 * ``sink_mass``: the mass on the first key of the sequence (the first non-padding key when
-  an ``attention_mask`` is given), as :func:`topk_lib.metrics.sink_mass`;
+  an ``attention_mask`` is given), as :func:`topk_lib.analysis.metrics.sink_mass`;
 * the head's output ``o = p V`` and the top-k output ``o_k = p[S_k] V[S_k] / M_k`` (what
   top-k attention computes), from the same chunk of scores.
 
@@ -66,7 +66,7 @@ Feed-forward
 A forward pre-hook on the MLP's output projection sees the hidden activation ``h`` (Llama:
 ``act(gate) * up``, the input of ``down_proj``; BERT: the output of ``intermediate``, the
 input of ``output.dense``; T5: the input of ``wo``). Per token: the k needed for each
-``frac`` of ``sum |h|`` (:func:`topk_lib.metrics.k_for_abs_mass`) and the |activation| mass
+``frac`` of ``sum |h|`` (:func:`topk_lib.analysis.metrics.k_for_abs_mass`) and the |activation| mass
 kept by the top k; per neuron and k: on how many tokens it is among the k largest ``|h|``
 (zero activations never count as selected). :class:`NeuronUsage` sums these counts over a
 corpus of inputs; ``neuron_usage`` is the fraction of neurons selected at least once.
@@ -97,9 +97,9 @@ import pandas as pd
 import torch
 from torch import nn
 
-from topk_lib.attention import _causal_end, _chunk_scores, _grouped_mask
-from topk_lib.metrics import entropy
-from topk_lib.patching import _configs, describe_layers, register_attention
+from topk_lib.kernels.attention import _causal_end, _chunk_scores, _grouped_mask
+from topk_lib.analysis.metrics import entropy
+from topk_lib.hf.patching import _configs, describe_layers, register_attention
 
 __all__ = [
     "capture_attention_stats",

@@ -1,7 +1,7 @@
 """Offline model loaders: the pretrained models the suite patches with top-k.
 
 ``load_model(name)`` returns ``(model, tokenizer)`` in eval mode with
-``attn_implementation="sdpa"``, so :func:`topk_lib.patching.use_topk` can swap its own
+``attn_implementation="sdpa"``, so :func:`topk_lib.hf.patching.use_topk` can swap its own
 registry function in and out (see DESIGN.md, "Where models and data come from").
 
 * ``"smollm2-135m"``: SmolLM2-135M-Instruct (Llama, 30 layers, 9 query / 3 KV heads,
@@ -35,7 +35,7 @@ from pathlib import Path
 
 import torch
 
-from topk_lib import paths
+from topk_lib.infra import paths
 
 __all__ = ["load_model", "embed", "KNOWN_MODELS", "model_cache_dir"]
 
@@ -241,7 +241,7 @@ def embed(model, tokenizer, texts, *, max_length=256, batch_size=32):
     """Sentence embeddings ``[N, hidden]``: mean of the last hidden states over real tokens, L2-normalised.
 
     This is sentence-transformers' recipe for all-MiniLM-L6-v2 (``max_seq_length`` 256).
-    Runs under ``torch.no_grad``; works inside :func:`topk_lib.patching.use_topk`.
+    Runs under ``torch.no_grad``; works inside :func:`topk_lib.hf.patching.use_topk`.
     """
     if isinstance(texts, str):
         texts = [texts]

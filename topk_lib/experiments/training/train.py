@@ -7,13 +7,13 @@ experiments, both resumable (every finished run is cached as a small JSON file u
 
 * **ListOps from scratch** (:func:`train_listops`, :func:`listops_sweep`): a small
   pre-LN encoder (:class:`TopkEncoder`, learned positions, mean- or CLS-pooled linear
-  classifier) whose every attention layer is :func:`topk_lib.attention.topk_attention`,
+  classifier) whose every attention layer is :func:`topk_lib.kernels.attention.topk_attention`,
   so the memory-efficient backward of that kernel is what trains it. ``k=None`` is exact
   attention through the same kernel. Validation accuracy every ``eval_every`` steps
   gives learning curves; the final model's test accuracy is reported.
 * **MiniLM fine-tuning on SpamAssassin** (:func:`finetune_spam`, :func:`finetune_sweep`):
   all-MiniLM-L6-v2 plus a linear head on mean-pooled token states, trained inside
-  :func:`topk_lib.patching.use_topk` (attention top-k and/or feed-forward top-k), then
+  :func:`topk_lib.hf.patching.use_topk` (attention top-k and/or feed-forward top-k), then
   evaluated under the same setting. The vanilla runs also evaluate the *swap without
   training*: the vanilla fine-tuned model tested under each top-k setting.
 
@@ -41,9 +41,9 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 
-from topk_lib import listops
-from topk_lib.attention import topk_attention
-from topk_lib.results import results_dir
+from topk_lib.data import listops
+from topk_lib.kernels.attention import topk_attention
+from topk_lib.infra.cache import results_dir
 
 __all__ = [
     "TopkEncoder",
@@ -402,7 +402,7 @@ def _binary_metrics(pred, y):
 
 
 def _spam_eval(model, enc, y, *, attn_k, ff_k, chunk_size, batch_size=64):
-    from topk_lib.patching import use_topk
+    from topk_lib.hf.patching import use_topk
 
     model.eval()
     preds = []
@@ -435,10 +435,10 @@ def finetune_spam(*, split_df, attn_k=None, ff_k=None, seed: int = 0, steps: int
     accuracy and F1 (spam = positive) on ``n_test`` test emails (all when None) are measured
     under the training setting. ``swap_attn_ks`` / ``swap_ff_ks``: extra test evaluations of
     the same model under attention / feed-forward top-k (the swap without training).
-    ``model`` is anything :func:`topk_lib.models.load_model` takes (tests use a tiny BERT).
+    ``model`` is anything :func:`topk_lib.hf.loading.load_model` takes (tests use a tiny BERT).
     """
-    from topk_lib.models import load_model
-    from topk_lib.patching import use_topk
+    from topk_lib.hf.loading import load_model
+    from topk_lib.hf.patching import use_topk
 
     _check_k(attn_k, "attn_k")
     _check_k(ff_k, "ff_k")

@@ -1,7 +1,7 @@
 """Language-model quality under top-k: perplexity and next-token accuracy (Gupta et al. 2021, section 4).
 
 The paper's drop-in claim is tested by scoring held-out text with a pretrained decoder
-while :func:`topk_lib.patching.use_topk` switches its attention and/or feed-forward
+while :func:`topk_lib.hf.patching.use_topk` switches its attention and/or feed-forward
 layers to top-k, with no corrective training. Text is tokenised once; ``n_windows``
 windows of ``window`` tokens, spread evenly over the text and never overlapping, are
 scored independently (no context carried across windows), so every setting sees the
@@ -23,7 +23,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from topk_lib.patching import use_topk
+from topk_lib.hf.patching import use_topk
 
 __all__ = ["perplexity", "perplexity_sweep", "token_windows"]
 
@@ -100,7 +100,7 @@ def perplexity(
 ):
     """Perplexity and next-token accuracy of a causal LM on ``text`` under ``use_topk(attn_k, ff_k)``.
 
-    ``attn_k``/``ff_k`` take what :func:`topk_lib.patching.use_topk` takes (None = vanilla).
+    ``attn_k``/``ff_k`` take what :func:`topk_lib.hf.patching.use_topk` takes (None = vanilla).
     ``bos``: prefix each window with BOS (default: when the tokenizer adds BOS itself).
     Returns a dict with ``perplexity, nll, accuracy, tokens, windows, seconds``.
     """
@@ -158,15 +158,15 @@ def closing_note_settings():
 
 
 def main(argv=None):
-    """``python -m topk_lib.lm_eval [--quick]``: SmolLM2 on Moby Dick, written to data/results."""
+    """``python -m topk_lib.tasks.lm [--quick]``: SmolLM2 on Moby Dick, written to data/results."""
     import argparse
     import platform
 
     import transformers
 
-    from topk_lib import paths
-    from topk_lib.data import moby_dick_text
-    from topk_lib.models import load_model
+    from topk_lib.infra import paths
+    from topk_lib.data.sources import moby_dick_text
+    from topk_lib.hf.loading import load_model
 
     ap = argparse.ArgumentParser(description=main.__doc__)
     ap.add_argument("--model", default="smollm2-135m")

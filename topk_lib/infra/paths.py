@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 NOTEBOOKS = ROOT / "notebooks"
 FIGURES = Path(os.environ.get("TOPK_LAB_FIGURES", ROOT / "figures"))
 DATA = ROOT / "data"

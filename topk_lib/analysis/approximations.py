@@ -24,8 +24,8 @@ import weakref
 
 import torch
 
-from topk_lib.attention import chunked_attention, topk_attention
-from topk_lib.patching import _configs, describe_layers, register_attention
+from topk_lib.kernels.attention import chunked_attention, topk_attention
+from topk_lib.hf.patching import _configs, describe_layers, register_attention
 
 METHODS = ("topk", "window", "random", "sink_window", "performer")
 

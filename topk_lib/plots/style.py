@@ -16,7 +16,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 import seaborn as sns  # noqa: E402
 
-from topk_lib import paths  # noqa: E402
+from topk_lib.infra import paths  # noqa: E402
 
 STYLE = {"figure.dpi": 110, "savefig.dpi": 150, "axes.grid": True, "grid.alpha": 0.3, "svg.hashsalt": "topk-lab"}
 sns.set_theme(context="notebook", style="whitegrid", rc=STYLE)

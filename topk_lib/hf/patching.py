@@ -15,7 +15,7 @@ kernel's polarity). Without the mask function transformers builds no mask for an
 unknown implementation and the causal mask silently disappears. While the context is
 active every config of the model reads ``_attn_implementation == "topk_lab"``; the
 function looks up the per-head k of the calling module and runs
-:func:`topk_lib.attention.topk_attention`. Modules with no k run PyTorch SDPA exactly as
+:func:`topk_lib.kernels.attention.topk_attention`. Modules with no k run PyTorch SDPA exactly as
 ``attn_implementation="sdpa"`` would. Key/value arrive un-repeated for grouped-query
 attention (the kernel maps query head ``h`` to KV head ``h // (Hq // Hkv)``); T5's
 relative position bias arrives as ``position_bias`` and becomes a float mask.
@@ -24,7 +24,7 @@ Feed-forward layers are switched by replacing the ``forward`` of the MLP module 
 instance (Llama-style ``gate_proj/up_proj/down_proj``, T5 ``DenseReluDense`` plain and
 gated), or for BERT-style layers the ``intermediate`` forward plus an identity
 ``output.dense`` (BertOutput keeps its dropout, residual and LayerNorm), so the whole
-``W_in -> f -> W_out`` product runs in :func:`topk_lib.feedforward.topk_feedforward`.
+``W_in -> f -> W_out`` product runs in :func:`topk_lib.kernels.feedforward.topk_feedforward`.
 
 Layers are numbered by their position in the model's stacks of blocks (the outermost
 ``nn.ModuleList`` above each attention/MLP module): ``0 .. n-1`` for decoders and
@@ -47,8 +47,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from topk_lib.attention import topk_attention
-from topk_lib.feedforward import ACTIVATIONS, topk_feedforward
+from topk_lib.kernels.attention import topk_attention
+from topk_lib.kernels.feedforward import ACTIVATIONS, topk_feedforward
 
 __all__ = ["use_topk", "describe_layers", "register_attention", "LayerInfo", "ATTN_IMPLEMENTATION"]
 

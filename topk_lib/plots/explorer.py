@@ -2,8 +2,8 @@
 the per-layer mass-kept profile at the same k (Gupta et al. 2021, section 4's analysis, one
 head at a time).
 
-Takes a :class:`topk_lib.explorer.HeadView` and returns a Figure; saving stays in
-:func:`topk_lib.plotting.save_figure`. Kept for speed: one ``imshow`` per layer of the map
+Takes a :class:`topk_lib.app.explorer.HeadView` and returns a Figure; saving stays in
+:func:`topk_lib.plots.style.save_figure`. Kept for speed: one ``imshow`` per layer of the map
 (no per-cell markers), so redrawing 512 × 512 entries takes a fraction of a second.
 """
 
@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 from matplotlib import colors
 
-from topk_lib.plotting import plt  # the suite's style is set on import
+from topk_lib.plots.style import plt  # the suite's style is set on import
 
 LABELS_UP_TO = 64  # token tick labels only when at most this many rows / keys are shown
 

@@ -56,7 +56,7 @@ import zipfile
 from pathlib import Path
 from typing import Callable, Iterator
 
-from topk_lib import paths
+from topk_lib.infra import paths
 
 __all__ = [
     "FetchError",

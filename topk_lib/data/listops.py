@@ -39,7 +39,7 @@ from pathlib import Path
 
 import torch
 
-from topk_lib.results import results_dir
+from topk_lib.infra.cache import results_dir
 
 __all__ = [
     "OPERATORS",

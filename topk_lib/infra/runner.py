@@ -1,4 +1,4 @@
-"""Run the notebooks headless: ``python -m topk_lib.runner [--quick] [NAME ...]``.
+"""Run the notebooks headless: ``python -m topk_lib.infra.runner [--quick] [NAME ...]``.
 
 Reads the jupytext percent sources in ``notebooks/``, executes each with papermill
 (injecting ``QUICK`` into the cell tagged ``parameters``), shows progress, and
@@ -28,7 +28,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from topk_lib import paths
+from topk_lib.infra import paths
 
 BUILD = paths.ROOT / "build" / "notebooks"
 
@@ -250,7 +250,7 @@ def format_table(results: list[NotebookResult]) -> str:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m topk_lib.runner", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m topk_lib.infra.runner", description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="small models and lengths (CI smoke run)")
     parser.add_argument("names", nargs="*", help="notebooks to run (stem or number prefix); default all")
     args = parser.parse_args(argv)

@@ -6,12 +6,12 @@ queries, keys and values, and then answers "what does top-k keep at layer l, hea
 k?" by re-thresholding only, without running the model again:
 
 * :class:`AttentionExplorer` holds one (model, text). At construction it records Q/K/V of
-  all layers in one forward (:func:`~topk_lib.approximations.record_qkv`) and reduces each
+  all layers in one forward (:func:`~topk_lib.analysis.approximations.record_qkv`) and reduces each
   layer's probabilities to a table of the mean top-j mass for every j = 1..L
   (``[layers, heads, L]``, a few hundred kB), so the per-layer mass-kept profile at any k
   is an index lookup. :meth:`AttentionExplorer.view` returns one head's attention map, the
   entries top-k keeps, the mass they hold and the head's output relative error
-  ``‖o_k − o‖/‖o‖`` (``o_k`` from :func:`~topk_lib.attention.topk_attention`, the same
+  ``‖o_k − o‖/‖o‖`` (``o_k`` from :func:`~topk_lib.kernels.attention.topk_attention`, the same
   kernel ``use_topk`` runs). A layer's probabilities ``[H, L, L]`` are recomputed from
   Q/K on demand (one small matmul) and the last few layers are kept in an LRU cache.
 * :class:`ExplorerSession` is what the notebook's widgets call: it loads models lazily,
@@ -26,7 +26,7 @@ Q/K/V of all layers take 30 × (9 + 3 + 3) × 512 × 64 × 4 B ≈ 59 MB, the ma
 one layer's probabilities 9.4 MB (the LRU holds 4: 38 MB), instead of 283 MB for the
 probabilities of all layers.
 
-Measured: ``python -m topk_lib.explorer --tokens 512 --repeats 7`` (SmolLM2 on the start of
+Measured: ``python -m topk_lib.app.explorer --tokens 512 --repeats 7`` (SmolLM2 on the start of
 Moby Dick, float32, torch 2.13 CPU, a 2-core machine shared with other jobs; medians over
 random (layer, head, k)):
 
@@ -62,10 +62,10 @@ from dataclasses import dataclass
 
 import torch
 
-from topk_lib.approximations import attention_probs, record_qkv
-from topk_lib.attention import topk_attention
-from topk_lib.metrics import relative_error
-from topk_lib.patching import describe_layers, use_topk
+from topk_lib.analysis.approximations import attention_probs, record_qkv
+from topk_lib.kernels.attention import topk_attention
+from topk_lib.analysis.metrics import relative_error
+from topk_lib.hf.patching import describe_layers, use_topk
 
 __all__ = [
     "AttentionExplorer",
@@ -204,7 +204,7 @@ class AttentionExplorer:
 
     def figure(self, *, layer: int, head: int, k: int, rows=None, title: str | None = None):
         """The explorer figure (map with kept entries, per-layer profile) for one view."""
-        from topk_lib.plot_explorer import plot_explorer_view
+        from topk_lib.plots.explorer import plot_explorer_view
 
         return plot_explorer_view(self.view(layer=layer, head=head, k=k), tokens=self.tokens, rows=rows, title=title)
 
@@ -315,7 +315,7 @@ def sample_texts(*, chars: int = 4000) -> dict[str, str]:
     CPython's pydoc topics are always there; Moby Dick and the last State of the Union
     address appear once ``python -m topk_lib.data moby-dick sotu`` has fetched them.
     """
-    from topk_lib import data
+    from topk_lib.data import sources as data
 
     texts = {"Python docs (pydoc: for, while, if)": data.pydoc_text(topics=["for", "while", "if"])}
     if data.is_fetched("moby-dick"):
@@ -346,7 +346,7 @@ class ExplorerSession:
         self.keep = _positive_int(keep, "keep")
         self.progress = progress
         if loader is None:
-            from topk_lib.models import load_model as loader
+            from topk_lib.hf.loading import load_model as loader
         self._loader = loader
         self._loaded = {}
         self._explorers: collections.OrderedDict = collections.OrderedDict()
@@ -466,7 +466,7 @@ def measure_latency(explorer: AttentionExplorer, *, repeats: int = 5, draw: bool
 
     import matplotlib.pyplot as plt
 
-    from topk_lib.plot_explorer import plot_explorer_view
+    from topk_lib.plots.explorer import plot_explorer_view
 
     rng = random.Random(seed)
     ks = [1, 4, 16, 64, explorer.length]
@@ -493,15 +493,15 @@ def measure_latency(explorer: AttentionExplorer, *, repeats: int = 5, draw: bool
 
 
 def main(argv=None) -> int:
-    """``python -m topk_lib.explorer``: build an explorer and print slider-update latencies."""
-    parser = argparse.ArgumentParser(prog="python -m topk_lib.explorer", description=main.__doc__.split(":")[1])
+    """``python -m topk_lib.app.explorer``: build an explorer and print slider-update latencies."""
+    parser = argparse.ArgumentParser(prog="python -m topk_lib.app.explorer", description=main.__doc__.split(":")[1])
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--tokens", type=int, default=512)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args(argv)
-    from topk_lib import data
-    from topk_lib.models import load_model
+    from topk_lib.data import sources as data
+    from topk_lib.hf.loading import load_model
 
     torch.set_num_threads(args.threads)
     model, tokenizer = load_model(args.model)

@@ -4,14 +4,14 @@ Gupta et al. (2021, section 4) claim top-k attention (and top-k feed-forward lay
 replace the vanilla layers of a pretrained model *without corrective training*. This module
 holds the task side of that test: how each task builds its inputs and how a model's
 outputs are scored. Nothing here switches top-k on; callers wrap these functions in
-:func:`topk_lib.patching.use_topk` (``topk_lib.accuracy`` does, with caching). Every scorer
+:func:`topk_lib.hf.patching.use_topk` (``topk_lib.experiments.accuracy`` does, with caching). Every scorer
 returns one number per example, so confidence intervals can be bootstrapped over examples.
 
 Tasks
 -----
 * **Language modelling** (:func:`token_scores`): per-token negative log-likelihood and
-  top-1 correctness on the windows of :func:`topk_lib.lm_eval.token_windows`; their means
-  are exactly what :func:`topk_lib.lm_eval.perplexity` reports.
+  top-1 correctness on the windows of :func:`topk_lib.tasks.lm.token_windows`; their means
+  are exactly what :func:`topk_lib.tasks.lm.perplexity` reports.
 * **Classification by label words** (:func:`label_logprobs`, :func:`classify`): the
   log-probability of each label word after a prompt, calibrated against content-free
   prompts ("N/A", "", "[MASK]") as in Zhao et al. (2021), "Calibrate before use":
@@ -186,7 +186,7 @@ def _right_padded(seqs, pad_id, device):
 def token_scores(model, windows, *, chunk=512, progress=False):
     """Per-token NLL (nats) and top-1 correctness, each ``[n_windows, W - 1]`` numpy arrays.
 
-    ``windows [n_windows, W]`` are token ids (:func:`topk_lib.lm_eval.token_windows`); token
+    ``windows [n_windows, W]`` are token ids (:func:`topk_lib.tasks.lm.token_windows`); token
     ``t + 1`` of a window is predicted from tokens ``0 .. t``. Logits are formed ``chunk``
     positions at a time. Means over all entries equal ``lm_eval.perplexity``'s ``nll`` and
     ``accuracy`` on the same windows.

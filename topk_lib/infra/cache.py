@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from topk_lib import paths
+from topk_lib.infra import paths
 
 
 def results_dir() -> Path:

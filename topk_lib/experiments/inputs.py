@@ -21,8 +21,8 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from topk_lib.patching import describe_layers, use_topk
-from topk_lib.results import cached_frame
+from topk_lib.hf.patching import describe_layers, use_topk
+from topk_lib.infra.cache import cached_frame
 
 
 def analysis_inputs(decoder_tokenizer, encoder_tokenizer, *, length: int, encoder_length: int, quick: bool = False):
@@ -32,8 +32,8 @@ def analysis_inputs(decoder_tokenizer, encoder_tokenizer, *, length: int, encode
     truncated to ``encoder_length`` tokens; ``quick`` uses the offline pydoc text for both.
     Returns ``(text_name, decoder_text, ids [1, length], encoder_text_name, encoder_ids [1, <= encoder_length])``.
     """
-    from topk_lib.data import moby_dick_text, pydoc_text, sotu_speeches
-    from topk_lib.lm_eval import token_windows
+    from topk_lib.data.sources import moby_dick_text, pydoc_text, sotu_speeches
+    from topk_lib.tasks.lm import token_windows
 
     if quick:
         text_name, decoder_text, encoder_text_name, encoder_text = "pydoc", pydoc_text(), "pydoc", pydoc_text()
@@ -47,11 +47,11 @@ def analysis_inputs(decoder_tokenizer, encoder_tokenizer, *, length: int, encode
 
 
 def cached_attention_stats(model, input_ids, *, model_name: str, text_name: str, ks, **capture_kw) -> pd.DataFrame:
-    """:func:`topk_lib.capture.capture_attention_stats`, cached by model, input tokens and ks.
+    """:func:`topk_lib.analysis.capture.capture_attention_stats`, cached by model, input tokens and ks.
 
     Notebooks 01 and 02 read the same statistics: the second one finds them in the cache.
     """
-    from topk_lib.capture import capture_attention_stats
+    from topk_lib.analysis.capture import capture_attention_stats
 
     tokens = hashlib.sha256(input_ids.numpy().tobytes()).hexdigest()[:12]
     config = {"model": model_name, "text": text_name, "length": int(input_ids.shape[-1]), "tokens": tokens,

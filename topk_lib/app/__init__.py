@@ -1,0 +1,3 @@
+"""The interactive explorer behind notebook 06."""
+
+__all__ = ["explorer"]

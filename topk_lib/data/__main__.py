@@ -1,0 +1,7 @@
+"""``python -m topk_lib.data``: fetch the pinned sources."""
+
+import sys
+
+from topk_lib.data.sources import main
+
+sys.exit(main())
