@@ -45,7 +45,8 @@ from topk_lib.analysis.capture import NeuronUsage, bucket_bounds, record_mlp_sta
 from topk_lib.experiments.inputs import analysis_inputs, cached_attention_stats, per_head_budget, save_budget
 from topk_lib.tasks.lm import token_windows
 from topk_lib.plots.style import plot_bars, plot_head_drilldown, plot_k_vs_position, plot_layer_head_heatmaps, save_figure
-from topk_lib.infra.cache import cached_frame, results_dir
+from topk_lib.infra import paths
+from topk_lib.infra.cache import cached_frame
 
 torch.set_num_threads(THREADS)
 if QUICK:
@@ -149,7 +150,7 @@ print(f"Caption: on this {DRILL_TOKENS}-token input, the top {DRILL_K} keys of l
 # %%
 k99_table = per_head.reset_index()[["layer", "head", "k99_median"]]
 budget = per_head_budget(k99_table, value="k99_median")
-budget_dir = results_dir()
+budget_dir = paths.results()
 paths_written = [save_budget(budget, budget_dir / f"{DECODER}_head_budget.json", overwrite=True, model=DECODER,
                              text=TEXT, tokens=LENGTH, statistic="k99 median row")]
 for average in BUDGET_AVERAGE_KS:

@@ -87,7 +87,7 @@ from topk_lib import data
 from topk_lib.experiments import accuracy
 from topk_lib.tasks import zeroshot
 from topk_lib.experiments.inputs import load_budget, save_budget
-from topk_lib.infra.cache import results_dir
+from topk_lib.infra import paths
 from topk_lib.hf.loading import load_model
 from topk_lib.plots.accuracy import plot_accuracy_vs_k, plot_budget_frontier, plot_paper_reference
 from topk_lib.plots.style import save_figure
@@ -106,7 +106,7 @@ model, tokenizer = load_model("smollm2-135m")
 D_FF = model.config.intermediate_size
 print(f"SmolLM2: {model.config.num_hidden_layers} layers, {model.config.num_attention_heads} query heads, "
       f"d_ff {D_FF}; torch {torch.__version__}, {torch.get_num_threads()} thread(s); "
-      f"results cached under {results_dir() / 'accuracy'}")
+      f"results cached under {paths.results() / 'accuracy'}")
 
 # %% [markdown]
 # ## 1 · Language modelling
@@ -295,8 +295,8 @@ print(f"{int(passkey[passkey.task == 'passkey'].n.iloc[0])} prompts at depths {P
 # printout names it); the other corpus is then the held-out comparison.
 
 # %%
-budget_path = results_dir() / BUDGET_FILE
-own_budget_path = results_dir() / "accuracy" / f"smollm2-135m_head_budget_k99_pydoc{BUDGET_TOKENS}.json"
+budget_path = paths.results() / BUDGET_FILE
+own_budget_path = paths.results() / "accuracy" / f"smollm2-135m_head_budget_k99_pydoc{BUDGET_TOKENS}.json"
 if budget_path.exists():
     budget_info = json.loads(budget_path.read_text())
     budget, budget_source = load_budget(budget_path), (

@@ -39,7 +39,7 @@ import pandas as pd
 from topk_lib import bench
 from topk_lib.plots.bench import longest_fitting, plot_memory_time, ratio_at
 from topk_lib.plots.style import save_figure
-from topk_lib.infra.cache import results_dir
+from topk_lib.infra import paths
 
 if QUICK:
     MAX_L = 256  # the quick attention suite stops here
@@ -47,7 +47,7 @@ measured = set() if QUICK or REMEASURE else bench.measured_suites(DEVICE)
 for suite in [s for s in RUN_SUITES if s not in measured]:
     bench.run_suite(suite, quick=QUICK, device=DEVICE, budget=bench.parse_bytes(BUDGET), max_len=MAX_L,
                     timeout_s=TIMEOUT_S)
-rows = pd.concat([pd.read_csv(path) for path in sorted(results_dir().glob("bench_*.csv"))], ignore_index=True)
+rows = pd.concat([pd.read_csv(path) for path in sorted(paths.results().glob("bench_*.csv"))], ignore_index=True)
 rows = rows[rows.quick == QUICK]
 rows.groupby(["device_name", "suite", "status"]).size().unstack(fill_value=0)
 

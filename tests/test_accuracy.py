@@ -86,7 +86,7 @@ def test_settings_validation():
 
 
 def test_run_sweep_caches_and_skips(tmp_path, monkeypatch):
-    monkeypatch.setenv("TOPK_LAB_RESULTS", str(tmp_path))  # results_dir() is read at call time
+    monkeypatch.setenv("TOPK_LAB_RESULTS", str(tmp_path))  # paths.results() is read at call time
     calls = []
 
     def compute(setting):

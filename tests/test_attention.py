@@ -6,6 +6,7 @@ import torch.nn.functional as F
 
 from topk_lib.kernels import attention
 from topk_lib.kernels.attention import chunked_attention, topk_attention, vanilla_attention
+from reference import causal_mask, dense_topk_attention
 
 
 @pytest.fixture(params=["csr", "gather"])
@@ -25,25 +26,6 @@ def make_qkv(batch=(2,), hq=4, hkv=2, lq=13, lk=17, d=8, dv=6, dtype=torch.float
 
 def sdpa(q, k, v, **kw):
     return F.scaled_dot_product_attention(q, k, v, enable_gqa=q.shape[-3] != k.shape[-3], **kw)
-
-
-def causal_mask(lq, lk):
-    """SDPA's bool mask for queries sitting at the last lq of lk positions."""
-    return torch.ones(lq, lk, dtype=torch.bool).tril(lk - lq)
-
-
-def naive_topk(q, k, v, topk, attn_mask=None, is_causal=False):
-    """Dense reference: full scores, mask, top-k, softmax over kept, weighted sum."""
-    rep = q.shape[-3] // k.shape[-3]
-    k, v = k.repeat_interleave(rep, -3), v.repeat_interleave(rep, -3)
-    s = q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5
-    if attn_mask is not None:
-        s = s.masked_fill(~attn_mask, float("-inf")) if attn_mask.dtype == torch.bool else s + attn_mask
-    if is_causal:
-        s = s.masked_fill(~causal_mask(q.shape[-2], k.shape[-2]), float("-inf"))
-    vals, idx = s.topk(min(topk, s.shape[-1]), dim=-1)
-    kept = torch.full_like(s, float("-inf")).scatter(-1, idx, vals)
-    return torch.softmax(kept, -1).nan_to_num(0.0) @ v
 
 
 MASKS = ["none", "causal", "bool", "float", "bool_heads", "float_batch"]
@@ -112,7 +94,7 @@ def test_batch_dims_any_number():
 def test_topk_matches_dense_reference(product, mask, topk):
     q, k, v = make_qkv()
     kw = mask_case(mask, q, k)
-    torch.testing.assert_close(topk_attention(q, k, v, topk=topk, chunk_size=4, **kw), naive_topk(q, k, v, topk, **kw))
+    torch.testing.assert_close(topk_attention(q, k, v, topk=topk, chunk_size=4, **kw), dense_topk_attention(q, k, v, topk, **kw))
 
 
 @pytest.mark.parametrize("topk", [None, 1, 5])
@@ -196,7 +178,7 @@ def test_gradients_match_dense_reference(product, topk):
     m = mask_case("bool", q, k)["attn_mask"]
     out = topk_attention(q, k, v, topk=topk, chunk_size=4, attn_mask=m)
     grads = torch.autograd.grad(out.square().sum(), (q, k, v))
-    ref = naive_topk(q, k, v, topk or 10**9, attn_mask=m)
+    ref = dense_topk_attention(q, k, v, topk or 10**9, attn_mask=m)
     ref_grads = torch.autograd.grad(ref.square().sum(), (q, k, v))
     for a, b in zip(grads, ref_grads):
         torch.testing.assert_close(a, b)
@@ -317,7 +299,7 @@ def test_cuda_matches_dense_reference(topk, mask):
     """On CUDA (torch.topk selection, gather products): outputs and gradients equal the CPU reference."""
     q, k, v = make_qkv(grad=True)
     kw = mask_case(mask, q, k)
-    ref = naive_topk(q, k, v, topk or 10**9, **kw)
+    ref = dense_topk_attention(q, k, v, topk or 10**9, **kw)
     ref_grads = torch.autograd.grad(ref.square().sum(), (q, k, v))
     gq, gk, gv = to_cuda((q, k, v))
     gkw = {name: val.cuda() if torch.is_tensor(val) else val for name, val in kw.items()}

@@ -27,6 +27,7 @@ from topk_lib.analysis.capture import (
     record_attention_stats,
     record_mlp_stats,
 )
+from reference import dense_attention_stats
 
 KS = (1, 2, 3, 5, 8, 64)  # 64 > L: exact
 FRACS = (0.5, 0.9, 0.99)
@@ -56,110 +57,8 @@ def _ids(b, length, seed=1):
 # --------------------------------------------------------------------------- brute-force reference
 
 
-def _values_by_layer(model):
-    """Hooks that store each layer's value vectors ``[B, Hkv, L, d]``."""
-    store, handles = {}, []
-    for i, lin in enumerate(_value_projections(model)):
-        def hook(mod, args, out, i=i, d=_head_dim(model.config)):
-            b, length, _ = out.shape
-            store[i] = out.detach().view(b, length, -1, d).transpose(1, 2)  # [B, Hkv, L, d]
-
-        handles.append(lin.register_forward_hook(hook))
-    return store, handles
-
-
-def _head_dim(cfg):
-    return getattr(cfg, "head_dim", None) or getattr(cfg, "d_kv", None) or cfg.hidden_size // cfg.num_attention_heads
-
-
-def _value_projections(model):
-    if hasattr(model, "model"):  # Llama
-        return [layer.self_attn.v_proj for layer in model.model.layers]
-    if hasattr(model.encoder, "block"):  # T5 encoder
-        return [block.layer[0].SelfAttention.v for block in model.encoder.block]
-    return [layer.attention.self.value for layer in model.encoder.layer]  # BERT
-
-
 def _layers(model):
     return model.model.layers if hasattr(model, "model") else model.encoder.layer
-
-
-def _edges_of(position_buckets, length):
-    if position_buckets is None:
-        return None
-    if position_buckets == "log2":
-        return [0] + [2**i for i in range(int(math.log2(max(length, 1))) + 2)]
-    return list(position_buckets)
-
-
-def _label(edges, j):
-    lo = edges[j]
-    if j + 1 == len(edges):
-        return f"{lo}+"
-    hi = edges[j + 1] - 1
-    return f"{lo}" if lo == hi else f"{lo}-{hi}"
-
-
-def reference_attention(model, ids, mask=None, *, ks=KS, fracs=FRACS, position_buckets="log2"):
-    """``{(layer, head, bucket, k or None, metric): value}`` from full eager attention and metrics.py."""
-    store, handles = _values_by_layer(model)
-    try:
-        with torch.no_grad():
-            out = model(input_ids=ids, attention_mask=mask, output_attentions=True)
-    finally:
-        for h in handles:
-            h.remove()
-    b, length = ids.shape
-    mask = torch.ones_like(ids) if mask is None else mask
-    valid = mask.bool().numpy()  # [B, L]
-    pos = (mask.cumsum(-1) - 1).clamp(min=0).numpy()  # [B, L]
-    first = mask.argmax(-1)  # first non-padding key
-    edges = _edges_of(position_buckets, length)
-    ref = {}
-    for layer, p in enumerate(out.attentions):  # [B, Hq, L, L]
-        p = p.detach()
-        hq = p.shape[1]
-        v = store[layer].repeat_interleave(hq // store[layer].shape[1], dim=1).to(p.dtype)  # [B, Hq, L, d]
-        o = p @ v  # [B, Hq, L, d]
-        per_row = {}
-        for i, k in enumerate(ks):
-            o_k = metrics.topk_probs(p, k) @ v  # [B, Hq, L, d]
-            per_row[("mass_kept", k)] = metrics.mass_kept(p, k)
-            per_row[("kl", k)] = metrics.kl_to_topk(p, k)
-            per_row[("rel_error_row_mean", k)] = metrics.relative_error(o_k, o)
-            per_row[("err2", k)] = (o_k - o).square().sum(-1)
-        per_row[("onorm2", None)] = o.square().sum(-1)
-        per_row[("entropy", None)] = metrics.entropy(p)
-        per_row[("sink_mass", None)] = torch.stack(
-            [metrics.sink_mass(p[j, ..., int(first[j]) :]) for j in range(b)]
-        )  # [B, Hq, L]
-        kf = metrics.k_for_mass(p, list(fracs)).double()  # [B, Hq, L, n_f]
-        for i, f in enumerate(fracs):
-            per_row[(f"k{100 * f:g}", None)] = kf[..., i]
-        per_row = {key: val.double().numpy() for key, val in per_row.items()}  # [B, Hq, L] each
-
-        groups = [("all", valid)]
-        if edges is not None:
-            ids_b = np.searchsorted(np.asarray(edges), pos, side="right") - 1
-            groups += [(_label(edges, j), valid & (ids_b == j)) for j in range(len(edges))]
-        for label, sel in groups:
-            if not sel.any():
-                continue
-            for h in range(hq):
-                rows = lambda key: per_row[key][:, h][sel]  # noqa: E731
-                for k in ks:
-                    for metric in ("mass_kept", "kl", "rel_error_row_mean"):
-                        ref[(layer, h, label, k, metric)] = rows((metric, k)).mean()
-                    ratio = rows(("err2", k)).sum() / rows(("onorm2", None)).sum()  # ratio of norms over rows
-                    ref[(layer, h, label, k, "rel_error")] = math.sqrt(ratio)
-                for metric in ("entropy", "sink_mass"):
-                    ref[(layer, h, label, None, metric)] = rows((metric, None)).mean()
-                for f in fracs:
-                    name = f"k{100 * f:g}"
-                    ref[(layer, h, label, None, f"{name}_mean")] = rows((name, None)).mean()
-                    ref[(layer, h, label, None, f"{name}_median")] = np.median(rows((name, None)))
-                ref[(layer, h, label, None, "n_rows")] = float(sel.sum())
-    return ref
 
 
 def as_dict(df):
@@ -185,7 +84,7 @@ def assert_matches(got, ref, atol=ATOL, rtol=RTOL):
 def test_llama_gqa_causal_matches_reference(chunk_size, dtype):
     model = tiny_llama(dtype=dtype)
     ids = _ids(2, 21)
-    ref = reference_attention(model, ids)
+    ref = dense_attention_stats(model, ids)
     # the rows are peaked enough for the metrics to tell heads apart (not near-uniform)
     top1 = [v for (_, _, b, k, m), v in ref.items() if m == "mass_kept" and k == 1 and b == "all"]
     assert 0.5 < max(top1) < 0.95
@@ -201,7 +100,7 @@ def test_llama_left_padding_and_custom_buckets_match_reference():
     mask = torch.ones_like(ids)
     mask[1, :6] = 0  # left padding: positions and the sink key start after it
     buckets = [0, 4, 9]
-    ref = reference_attention(model, ids, mask, position_buckets=buckets)
+    ref = dense_attention_stats(model, ids, mask, position_buckets=buckets)
     df = capture_attention_stats(model, ids, attention_mask=mask, position_buckets=buckets, ks=KS, fracs=FRACS,
                                  chunk_size=5, progress=False)
     assert_matches(as_dict(df), ref)
@@ -214,7 +113,7 @@ def test_bert_padding_rows_excluded():
     ids = _ids(2, 12, seed=5)
     mask = torch.ones_like(ids)
     mask[1, 7:] = 0  # second sequence has 7 tokens, right padding
-    ref = reference_attention(model, ids, mask)
+    ref = dense_attention_stats(model, ids, mask)
     df = capture_attention_stats(model, ids, attention_mask=mask, ks=KS, fracs=FRACS, chunk_size=4, progress=False)
     assert_matches(as_dict(df), ref)
     n_rows = df.query("metric == 'n_rows' and bucket == 'all'")["value"]
@@ -233,7 +132,7 @@ def test_t5_encoder_relative_position_bias_and_padding_match_reference():
     ids = _ids(2, 10, seed=9)
     mask = torch.ones_like(ids)
     mask[1, 7:] = 0
-    ref = reference_attention(model, ids, mask)
+    ref = dense_attention_stats(model, ids, mask)
     df = capture_attention_stats(model, ids, attention_mask=mask, ks=KS, fracs=FRACS, chunk_size=3, progress=False)
     assert_matches(as_dict(df), ref)
 

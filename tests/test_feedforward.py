@@ -5,6 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from topk_lib.kernels.feedforward import ACTIVATIONS, topk_feedforward
+from reference import dense_topk_feedforward
 
 
 def make_ff(tokens=(3, 7), d=6, d_ff=16, d_out=5, gated=False, bias=False, dtype=torch.float64, grad=False, seed=0):
@@ -22,17 +23,6 @@ def make_ff(tokens=(3, 7), d=6, d_ff=16, d_out=5, gated=False, bias=False, dtype
     return x, kw
 
 
-def reference(x, w_in, w_out, topk, activation="relu", w_gate=None, select="value", b_in=None, b_out=None):
-    """Dense layer, then zero all but the top-k hidden units per token."""
-    act = ACTIVATIONS[activation]
-    h = act(F.linear(x, w_in, b_in))
-    if w_gate is not None:
-        h = act(F.linear(x, w_gate)) * F.linear(x, w_in, b_in)
-    score = h.abs() if select == "magnitude" else h
-    idx = score.topk(min(topk, h.shape[-1]), dim=-1).indices
-    return F.linear(torch.zeros_like(h).scatter(-1, idx, h.gather(-1, idx)), w_out, b_out)
-
-
 CASES = [
     dict(activation="relu", select="value"),
     dict(activation="gelu", select="magnitude", bias=True),
@@ -47,7 +37,7 @@ CASES = [
 def test_full_k_equals_dense_layer(case):
     case = dict(case)
     x, w = make_ff(gated=case.pop("gated", False), bias=case.pop("bias", False))
-    dense = reference(x, **w, topk=10**6, **case)
+    dense = dense_topk_feedforward(x, **w, topk=10**6, **case)
     for k in (None, 16, 100):
         torch.testing.assert_close(topk_feedforward(x, **w, topk=k, **case), dense)
     # and a small k does change the output (a kernel ignoring topk would pass the above)
@@ -61,7 +51,7 @@ def test_matches_dense_topk_reference(case, topk):
     x, w = make_ff(gated=case.pop("gated", False), bias=case.pop("bias", False))
     for chunk in (1, 4, 1000):
         out = topk_feedforward(x, **w, topk=topk, chunk_size=chunk, **case)
-        torch.testing.assert_close(out, reference(x, **w, topk=topk, **case))
+        torch.testing.assert_close(out, dense_topk_feedforward(x, **w, topk=topk, **case))
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(f"{v}" for v in c.values()))

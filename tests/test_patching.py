@@ -9,6 +9,7 @@ from tiny_models import D_FF, tiny_bert, tiny_llama, tiny_t5
 
 from topk_lib import use_topk
 from topk_lib.hf.patching import _SPECS, ATTN_IMPLEMENTATION, describe_layers
+from reference import dense_topk_ff_mask
 
 L = 12  # tokens per test sequence
 TOL = 1e-5
@@ -87,13 +88,6 @@ def test_chunk_size_does_not_change_outputs(arch):
     assert torch.allclose(a, b, atol=TOL, rtol=0)
 
 
-def _manual_topk_ff(x, w_in, w_out, k, act, *, w_gate=None, by_magnitude, b_in=None, b_out=None):
-    h = act(x @ w_gate.T) * (x @ w_in.T) if w_gate is not None else act(x @ w_in.T + (0 if b_in is None else b_in))
-    score = h.abs() if by_magnitude else h
-    keep = torch.zeros_like(h).scatter_(-1, score.topk(k, dim=-1).indices, 1.0)
-    return (h * keep) @ w_out.T + (0 if b_out is None else b_out)
-
-
 @pytest.mark.parametrize("name", sorted(ARCHS))
 def test_ff_selection_rule(name):
     """Gated and GELU layers keep the largest |h|, ReLU layers the largest h: checked against a dense reference."""
@@ -105,25 +99,25 @@ def test_ff_selection_rule(name):
     if name == "llama":
         mlp = model.model.layers[0].mlp
         entry, exit_ = mlp, mlp
-        ref = lambda x: _manual_topk_ff(  # noqa: E731
+        ref = lambda x: dense_topk_ff_mask(  # noqa: E731
             x, mlp.up_proj.weight, mlp.down_proj.weight, k, F.silu, w_gate=mlp.gate_proj.weight, by_magnitude=True
         )
     elif name == "bert":
         layer = model.encoder.layer[0]
         entry, exit_ = layer.intermediate, layer.output.dense
-        ref = lambda x: _manual_topk_ff(  # noqa: E731
+        ref = lambda x: dense_topk_ff_mask(  # noqa: E731
             x, layer.intermediate.dense.weight, exit_.weight, k, F.gelu, by_magnitude=True,
             b_in=layer.intermediate.dense.bias, b_out=exit_.bias,
         )
     elif name == "t5":
         mlp = model.encoder.block[0].layer[1].DenseReluDense
         entry, exit_ = mlp, mlp
-        ref = lambda x: _manual_topk_ff(x, mlp.wi.weight, mlp.wo.weight, k, F.relu, by_magnitude=False)  # noqa: E731
+        ref = lambda x: dense_topk_ff_mask(x, mlp.wi.weight, mlp.wo.weight, k, F.relu, by_magnitude=False)  # noqa: E731
     else:
         mlp = model.encoder.block[0].layer[1].DenseReluDense
         entry, exit_ = mlp, mlp
         gelu_tanh = lambda t: F.gelu(t, approximate="tanh")  # noqa: E731
-        ref = lambda x: _manual_topk_ff(  # noqa: E731
+        ref = lambda x: dense_topk_ff_mask(  # noqa: E731
             x, mlp.wi_1.weight, mlp.wo.weight, k, gelu_tanh, w_gate=mlp.wi_0.weight, by_magnitude=True
         )
     seen = {}

@@ -1,12 +1,13 @@
 import pandas as pd
 import pytest
 
-from topk_lib.infra.cache import cached_frame, results_dir
+from topk_lib.infra import paths
+from topk_lib.infra.cache import cached_frame
 
 
 def test_cached_frame_computes_once_per_config(tmp_path, monkeypatch):
     monkeypatch.setenv("TOPK_LAB_RESULTS", str(tmp_path))
-    assert results_dir() == tmp_path
+    assert paths.results() == tmp_path
     calls = []
 
     def compute():

@@ -71,7 +71,6 @@ def test_failed_notebook_still_reports(folders):
 
 
 def test_full_mode_skips_the_quick_results(tmp_path, monkeypatch):
-    monkeypatch.setattr(runner.paths, "RESULTS", tmp_path)
     monkeypatch.setenv("TOPK_LAB_RESULTS", str(tmp_path))
     (tmp_path / "quick").mkdir()
     (tmp_path / "quick" / "x.csv").write_text("1")

@@ -66,7 +66,7 @@ whose autograd keeps an [L, m, d] context per head (O(L*m*d) memory, 128 sequent
 rows measure that implementation, not linear attention at its best. On CPU the ``ff`` suite uses
 8192 tokens instead of 512x512 and ``model12`` stops at L=8192 (each row records its sizes).
 
-Results are merged into ``data/results/bench_<device>.csv`` (``paths.RESULTS``; ``<device>`` is
+Results are merged into ``data/results/bench_<device>.csv`` (``paths.results()``; ``<device>`` is
 ``cpu`` or a slug of the CUDA device name): a rerun replaces rows with the same key (suite,
 device, dtype, threads, method, pass and sizes), the file is rewritten atomically after every
 point under a lock, so an interrupted suite keeps what it measured.
@@ -177,9 +177,8 @@ def results_path(device: str, *, quick: bool = False) -> Path:
 
     ``TOPK_LAB_RESULTS`` (set by the notebook runner, read at call time) overrides the folder.
     """
-    from topk_lib.infra.cache import results_dir
 
-    root = results_dir()
+    root = paths.results()
     if quick and "TOPK_LAB_RESULTS" not in os.environ:
         root = root / "quick"  # where the runner's quick mode puts results
     return root / f"bench_{device_slug(device)}.csv"

@@ -25,7 +25,7 @@ The task: evaluate a nested expression in bracketed prefix notation::
 
 LRA uses 500-2000 tokens and 96k/2k/2k examples; :func:`listops_splits` takes the
 length range and sizes as arguments (the notebook picks what a 2-core CPU can train).
-Splits are cached as TSV files under ``results_dir() / "listops"``; a manifest written
+Splits are cached as TSV files under ``paths.results() / "listops"``; a manifest written
 last marks a complete cache, so an interrupted run regenerates instead of reading half.
 """
 
@@ -39,7 +39,7 @@ from pathlib import Path
 
 import torch
 
-from topk_lib.infra.cache import results_dir
+from topk_lib.infra import paths
 
 __all__ = [
     "OPERATORS",
@@ -205,7 +205,7 @@ def evaluate(expr: str) -> int:
 
 
 def _split_dir(root, *, n_train, n_val, n_test, min_length, max_length, max_depth, max_args, seed) -> Path:
-    root = Path(root) if root is not None else results_dir() / "listops"
+    root = Path(root) if root is not None else paths.results() / "listops"
     name = f"L{min_length}-{max_length}_depth{max_depth}_args{max_args}_n{n_train}-{n_val}-{n_test}_seed{seed}"
     return root / name
 
@@ -228,7 +228,7 @@ def listops_splits(*, n_train: int, n_val: int, n_test: int, min_length: int, ma
 
     The three splits come from one seeded stream of distinct trees (train first, then
     val, then test), like LRA. The cache folder under ``root`` (default
-    ``results_dir() / "listops"``) is named after every argument, so changing one makes
+    ``paths.results() / "listops"``) is named after every argument, so changing one makes
     a new cache; an existing complete cache is read, never rewritten.
     """
     import pandas as pd

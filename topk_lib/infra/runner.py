@@ -74,8 +74,8 @@ def quick_environment(quick: bool) -> dict[str, str]:
     """Environment for the kernels: offline hub, headless plots, quick-mode output folders."""
     env = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "MPLBACKEND": "Agg"}
     if quick:
-        env["TOPK_LAB_FIGURES"] = os.environ.get("TOPK_LAB_FIGURES", str(paths.FIGURES / "quick"))
-        env["TOPK_LAB_RESULTS"] = os.environ.get("TOPK_LAB_RESULTS", str(paths.RESULTS / "quick"))
+        env["TOPK_LAB_FIGURES"] = os.environ.get("TOPK_LAB_FIGURES", str(paths.figures() / "quick"))
+        env["TOPK_LAB_RESULTS"] = os.environ.get("TOPK_LAB_RESULTS", str(paths.results() / "quick"))
     return env
 
 
@@ -210,9 +210,9 @@ def format_outputs(results: list[NotebookResult], *, figures: Path, results_fold
 
 def output_folders(quick: bool) -> tuple[Path, Path, list[Path]]:
     """Figures folder, results folder and what to skip under it (the quick folder, in full mode)."""
-    figures = Path(os.environ.get("TOPK_LAB_FIGURES", paths.FIGURES))
-    results = Path(os.environ.get("TOPK_LAB_RESULTS", paths.RESULTS))
-    quick_results = paths.RESULTS / "quick"
+    figures = paths.figures()
+    results = paths.results()
+    quick_results = paths.results() / "quick"
     exclude = [] if quick or quick_results.resolve() == results.resolve() else [quick_results]
     return figures, results, exclude
 

@@ -22,14 +22,9 @@ STYLE = {"figure.dpi": 110, "savefig.dpi": 150, "axes.grid": True, "grid.alpha":
 sns.set_theme(context="notebook", style="whitegrid", rc=STYLE)
 
 
-def figures_dir() -> Path:
-    """Where figures go (``TOPK_LAB_FIGURES`` overrides, e.g. quick mode)."""
-    return Path(os.environ.get("TOPK_LAB_FIGURES", paths.FIGURES))
-
-
 def save_figure(fig, name: str) -> list[Path]:
     """Write ``name.png`` and ``name.pdf`` atomically; returns the two paths."""
-    folder = figures_dir()
+    folder = paths.figures()
     folder.mkdir(parents=True, exist_ok=True)
     written = []
     for ext, metadata in (("png", {"Software": None}), ("pdf", {"CreationDate": None, "Producer": None, "Creator": None})):

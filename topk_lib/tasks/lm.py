@@ -194,7 +194,7 @@ def main(argv=None):
     if not args.quick:
         from pathlib import Path
 
-        out = Path(args.out) if args.out else paths.RESULTS / f"{args.model}_moby_dick_perplexity.csv"
+        out = Path(args.out) if args.out else paths.results() / f"{args.model}_moby_dick_perplexity.csv"
         out.parent.mkdir(parents=True, exist_ok=True)
         df.to_csv(out, index=False)
         print("wrote", out)

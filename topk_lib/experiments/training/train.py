@@ -3,7 +3,7 @@
 The paper's claim: a model trained (or fine-tuned) with top-k attention reaches the
 accuracy of a vanilla one, so the memory saving of section 3 costs no accuracy. Two
 experiments, both resumable (every finished run is cached as a small JSON file under
-``results_dir() / "training"`` and skipped when present):
+``paths.results() / "training"`` and skipped when present):
 
 * **ListOps from scratch** (:func:`train_listops`, :func:`listops_sweep`): a small
   pre-LN encoder (:class:`TopkEncoder`, learned positions, mean- or CLS-pooled linear
@@ -43,7 +43,7 @@ import torch.nn.functional as F
 
 from topk_lib.data import listops
 from topk_lib.kernels.attention import topk_attention
-from topk_lib.infra.cache import results_dir
+from topk_lib.infra import paths
 
 __all__ = [
     "TopkEncoder",
@@ -197,11 +197,11 @@ def cached_run(*, task: str, name: str, config: dict, compute, root=None) -> dic
     """Return the cached record of one run, or ``compute()`` it and cache it.
 
     The file is ``root / task / f"{name}_{hash}.json"`` (``root`` defaults to
-    ``results_dir() / "training"``); the hash covers ``config``, so a changed setting never
+    ``paths.results() / "training"``); the hash covers ``config``, so a changed setting never
     reuses an old result. ``compute()`` returns a JSON-serialisable dict; ``task``, ``name``
     and ``config`` are added to it.
     """
-    root = Path(root) if root is not None else results_dir() / "training"
+    root = Path(root) if root is not None else paths.results() / "training"
     key = hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:10]
     path = root / task / f"{name}_{key}.json"
     if path.exists():

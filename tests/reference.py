@@ -1,0 +1,168 @@
+"""Dense references the tests compare the library against, written independently of it.
+
+Each builds the full Lq x Lk (or tokens x d_ff) matrix the library avoids, then applies the
+definition directly: the top-k attention of Gupta et al. (2021, section 3.1), the top-k
+feed-forward layer (section 3.2), and the per-head attention statistics of the capture from
+eager attention with ``output_attentions=True``.
+"""
+
+import math
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from topk_lib.analysis import metrics
+from topk_lib.kernels.feedforward import ACTIVATIONS
+
+KS = (1, 2, 3, 5, 8, 64)  # 64 > L: exact
+FRACS = (0.5, 0.9, 0.99)
+
+
+# --------------------------------------------------------------------------- top-k attention
+
+
+def causal_mask(lq, lk):
+    """SDPA's bool mask for queries sitting at the last lq of lk positions."""
+    return torch.ones(lq, lk, dtype=torch.bool).tril(lk - lq)
+
+
+def dense_topk_attention(q, k, v, topk, attn_mask=None, is_causal=False):
+    """Dense reference: full scores, mask, top-k, softmax over kept, weighted sum."""
+    rep = q.shape[-3] // k.shape[-3]
+    k, v = k.repeat_interleave(rep, -3), v.repeat_interleave(rep, -3)
+    s = q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5
+    if attn_mask is not None:
+        s = s.masked_fill(~attn_mask, float("-inf")) if attn_mask.dtype == torch.bool else s + attn_mask
+    if is_causal:
+        s = s.masked_fill(~causal_mask(q.shape[-2], k.shape[-2]), float("-inf"))
+    vals, idx = s.topk(min(topk, s.shape[-1]), dim=-1)
+    kept = torch.full_like(s, float("-inf")).scatter(-1, idx, vals)
+    return torch.softmax(kept, -1).nan_to_num(0.0) @ v
+
+
+# --------------------------------------------------------------------------- top-k feed-forward
+
+
+def dense_topk_feedforward(x, w_in, w_out, topk, activation="relu", w_gate=None, select="value", b_in=None, b_out=None):
+    """Dense layer, then zero all but the top-k hidden units per token."""
+    act = ACTIVATIONS[activation]
+    h = act(F.linear(x, w_in, b_in))
+    if w_gate is not None:
+        h = act(F.linear(x, w_gate)) * F.linear(x, w_in, b_in)
+    score = h.abs() if select == "magnitude" else h
+    idx = score.topk(min(topk, h.shape[-1]), dim=-1).indices
+    return F.linear(torch.zeros_like(h).scatter(-1, idx, h.gather(-1, idx)), w_out, b_out)
+
+
+def dense_topk_ff_mask(x, w_in, w_out, k, act, *, w_gate=None, by_magnitude, b_in=None, b_out=None):
+    """Dense layer with activation ``act``; keeps the top-k hidden units by value or by magnitude."""
+    h = act(x @ w_gate.T) * (x @ w_in.T) if w_gate is not None else act(x @ w_in.T + (0 if b_in is None else b_in))
+    score = h.abs() if by_magnitude else h
+    keep = torch.zeros_like(h).scatter_(-1, score.topk(k, dim=-1).indices, 1.0)
+    return (h * keep) @ w_out.T + (0 if b_out is None else b_out)
+
+
+# --------------------------------------------------------------------------- attention statistics of a model
+
+
+def value_hooks(model):
+    """Hooks that store each layer's value vectors ``[B, Hkv, L, d]``."""
+    store, handles = {}, []
+    for i, lin in enumerate(value_projections(model)):
+        def hook(mod, args, out, i=i, d=head_dim(model.config)):
+            b, length, _ = out.shape
+            store[i] = out.detach().view(b, length, -1, d).transpose(1, 2)  # [B, Hkv, L, d]
+
+        handles.append(lin.register_forward_hook(hook))
+    return store, handles
+
+
+def head_dim(cfg):
+    return getattr(cfg, "head_dim", None) or getattr(cfg, "d_kv", None) or cfg.hidden_size // cfg.num_attention_heads
+
+
+def value_projections(model):
+    if hasattr(model, "model"):  # Llama
+        return [layer.self_attn.v_proj for layer in model.model.layers]
+    if hasattr(model.encoder, "block"):  # T5 encoder
+        return [block.layer[0].SelfAttention.v for block in model.encoder.block]
+    return [layer.attention.self.value for layer in model.encoder.layer]  # BERT
+
+
+def bucket_edges(position_buckets, length):
+    if position_buckets is None:
+        return None
+    if position_buckets == "log2":
+        return [0] + [2**i for i in range(int(math.log2(max(length, 1))) + 2)]
+    return list(position_buckets)
+
+
+def bucket_label(edges, j):
+    lo = edges[j]
+    if j + 1 == len(edges):
+        return f"{lo}+"
+    hi = edges[j + 1] - 1
+    return f"{lo}" if lo == hi else f"{lo}-{hi}"
+
+
+def dense_attention_stats(model, ids, mask=None, *, ks=KS, fracs=FRACS, position_buckets="log2"):
+    """``{(layer, head, bucket, k or None, metric): value}`` from full eager attention and metrics.py."""
+    store, handles = value_hooks(model)
+    try:
+        with torch.no_grad():
+            out = model(input_ids=ids, attention_mask=mask, output_attentions=True)
+    finally:
+        for h in handles:
+            h.remove()
+    b, length = ids.shape
+    mask = torch.ones_like(ids) if mask is None else mask
+    valid = mask.bool().numpy()  # [B, L]
+    pos = (mask.cumsum(-1) - 1).clamp(min=0).numpy()  # [B, L]
+    first = mask.argmax(-1)  # first non-padding key
+    edges = bucket_edges(position_buckets, length)
+    ref = {}
+    for layer, p in enumerate(out.attentions):  # [B, Hq, L, L]
+        p = p.detach()
+        hq = p.shape[1]
+        v = store[layer].repeat_interleave(hq // store[layer].shape[1], dim=1).to(p.dtype)  # [B, Hq, L, d]
+        o = p @ v  # [B, Hq, L, d]
+        per_row = {}
+        for i, k in enumerate(ks):
+            o_k = metrics.topk_probs(p, k) @ v  # [B, Hq, L, d]
+            per_row[("mass_kept", k)] = metrics.mass_kept(p, k)
+            per_row[("kl", k)] = metrics.kl_to_topk(p, k)
+            per_row[("rel_error_row_mean", k)] = metrics.relative_error(o_k, o)
+            per_row[("err2", k)] = (o_k - o).square().sum(-1)
+        per_row[("onorm2", None)] = o.square().sum(-1)
+        per_row[("entropy", None)] = metrics.entropy(p)
+        per_row[("sink_mass", None)] = torch.stack(
+            [metrics.sink_mass(p[j, ..., int(first[j]) :]) for j in range(b)]
+        )  # [B, Hq, L]
+        kf = metrics.k_for_mass(p, list(fracs)).double()  # [B, Hq, L, n_f]
+        for i, f in enumerate(fracs):
+            per_row[(f"k{100 * f:g}", None)] = kf[..., i]
+        per_row = {key: val.double().numpy() for key, val in per_row.items()}  # [B, Hq, L] each
+
+        groups = [("all", valid)]
+        if edges is not None:
+            ids_b = np.searchsorted(np.asarray(edges), pos, side="right") - 1
+            groups += [(bucket_label(edges, j), valid & (ids_b == j)) for j in range(len(edges))]
+        for label, sel in groups:
+            if not sel.any():
+                continue
+            for h in range(hq):
+                rows = lambda key: per_row[key][:, h][sel]  # noqa: E731
+                for k in ks:
+                    for metric in ("mass_kept", "kl", "rel_error_row_mean"):
+                        ref[(layer, h, label, k, metric)] = rows((metric, k)).mean()
+                    ratio = rows(("err2", k)).sum() / rows(("onorm2", None)).sum()  # ratio of norms over rows
+                    ref[(layer, h, label, k, "rel_error")] = math.sqrt(ratio)
+                for metric in ("entropy", "sink_mass"):
+                    ref[(layer, h, label, None, metric)] = rows((metric, None)).mean()
+                for f in fracs:
+                    name = f"k{100 * f:g}"
+                    ref[(layer, h, label, None, f"{name}_mean")] = rows((name, None)).mean()
+                    ref[(layer, h, label, None, f"{name}_median")] = np.median(rows((name, None)))
+                ref[(layer, h, label, None, "n_rows")] = float(sel.sum())
+    return ref
