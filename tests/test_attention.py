@@ -4,15 +4,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from topk_lib.kernels import attention
 from topk_lib.kernels.attention import chunked_attention, topk_attention, vanilla_attention
 from reference import causal_mask, dense_topk_attention
 
 
 @pytest.fixture(params=["csr", "gather"])
-def product(request, monkeypatch):
-    """Run a test with each implementation of the sparse products (CSR kernels, gathers)."""
-    monkeypatch.setattr(attention, "_PRODUCT", request.param)
+def product(request):
+    """Each implementation of the sparse products (CSR kernels, gathers): pass it as ``product=``."""
     return request.param
 
 
@@ -94,7 +92,7 @@ def test_batch_dims_any_number():
 def test_topk_matches_dense_reference(product, mask, topk):
     q, k, v = make_qkv()
     kw = mask_case(mask, q, k)
-    torch.testing.assert_close(topk_attention(q, k, v, topk=topk, chunk_size=4, **kw), dense_topk_attention(q, k, v, topk, **kw))
+    torch.testing.assert_close(topk_attention(q, k, v, topk=topk, product=product, chunk_size=4, **kw), dense_topk_attention(q, k, v, topk, **kw))
 
 
 @pytest.mark.parametrize("topk", [None, 1, 5])
@@ -117,7 +115,7 @@ def test_fewer_allowed_keys_than_k_and_fully_masked_rows(product):
     m[0, :2] = True  # two allowed keys, k = 4: both used, nothing else
     m[1, :] = True
     # rows 2..4 fully masked: zeros, not an average of arbitrary values
-    out = topk_attention(q, k, v, topk=4, attn_mask=m)
+    out = topk_attention(q, k, v, topk=4, product=product, attn_mask=m)
     torch.testing.assert_close(out[..., 0, :], sdpa(q, k, v, attn_mask=m)[..., 0, :])
     assert torch.equal(out[..., 2:, :], torch.zeros_like(out[..., 2:, :]))
     out_exact = chunked_attention(q, k, v, attn_mask=m)
@@ -125,7 +123,7 @@ def test_fewer_allowed_keys_than_k_and_fully_masked_rows(product):
     # causal with more queries than keys: the first queries see nothing
     q2, k2, v2 = make_qkv(lq=6, lk=4)
     # Lq > Lk means queries before position 0: rows 0,1 have no key
-    assert torch.equal(topk_attention(q2, k2, v2, topk=2, is_causal=True)[..., :2, :], torch.zeros(2, 4, 2, 6, dtype=q2.dtype))
+    assert torch.equal(topk_attention(q2, k2, v2, topk=2, product=product, is_causal=True)[..., :2, :], torch.zeros(2, 4, 2, 6, dtype=q2.dtype))
 
 
 def test_decode_step_matches_full_causal_pass():
@@ -159,7 +157,7 @@ def test_custom_scale():
 def test_gradcheck(product, topk, mask):
     q, k, v = make_qkv(batch=(1,), hq=4, hkv=2, lq=5, lk=7, d=4, dv=3, grad=True)
     kw = mask_case(mask, q, k)
-    assert torch.autograd.gradcheck(lambda a, b, c: topk_attention(a, b, c, topk=topk, chunk_size=2, **kw), (q, k, v))
+    assert torch.autograd.gradcheck(lambda a, b, c: topk_attention(a, b, c, topk=topk, product=product, chunk_size=2, **kw), (q, k, v))
 
 
 @pytest.mark.parametrize("topk", [None, 3])
@@ -168,7 +166,7 @@ def test_gradcheck_float_mask_gradient(product, topk):
     q, k, v = make_qkv(batch=(2,), hq=2, hkv=1, lq=4, lk=6, d=4, dv=3, grad=True)
     bias = torch.randn(2, 1, 6, dtype=torch.float64, requires_grad=True)  # [Hq, 1, Lk]
     assert torch.autograd.gradcheck(
-        lambda a, b, c, m: topk_attention(a, b, c, topk=topk, chunk_size=3, attn_mask=m, is_causal=True), (q, k, v, bias)
+        lambda a, b, c, m: topk_attention(a, b, c, topk=topk, product=product, chunk_size=3, attn_mask=m, is_causal=True), (q, k, v, bias)
     )
 
 
@@ -176,7 +174,7 @@ def test_gradcheck_float_mask_gradient(product, topk):
 def test_gradients_match_dense_reference(product, topk):
     q, k, v = make_qkv(grad=True)
     m = mask_case("bool", q, k)["attn_mask"]
-    out = topk_attention(q, k, v, topk=topk, chunk_size=4, attn_mask=m)
+    out = topk_attention(q, k, v, topk=topk, product=product, chunk_size=4, attn_mask=m)
     grads = torch.autograd.grad(out.square().sum(), (q, k, v))
     ref = dense_topk_attention(q, k, v, topk or 10**9, attn_mask=m)
     ref_grads = torch.autograd.grad(ref.square().sum(), (q, k, v))
@@ -187,7 +185,7 @@ def test_gradients_match_dense_reference(product, topk):
 @pytest.mark.parametrize("topk", [None, 3])
 def test_backward_is_reentrant(product, topk):
     q, k, v = make_qkv(grad=True)
-    out = topk_attention(q, k, v, topk=topk, chunk_size=4, is_causal=True)
+    out = topk_attention(q, k, v, topk=topk, product=product, chunk_size=4, is_causal=True)
     g1 = torch.autograd.grad(out.sum(), (q, k, v), retain_graph=True)
     g2 = torch.autograd.grad(out.sum(), (q, k, v))
     for a, b in zip(g1, g2):
@@ -199,7 +197,7 @@ def test_fully_masked_rows_have_zero_finite_gradients(product):
     m = torch.ones(3, 4, dtype=torch.bool)
     m[1] = False
     for topk in (None, 2):
-        (gq,) = torch.autograd.grad(topk_attention(q, k, v, topk=topk, attn_mask=m).sum(), (q,))
+        (gq,) = torch.autograd.grad(topk_attention(q, k, v, topk=topk, product=product, attn_mask=m).sum(), (q,))
         assert torch.isfinite(gq).all() and gq[..., 1, :].abs().max() == 0
 
 

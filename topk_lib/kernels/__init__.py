@@ -1,3 +1,3 @@
-"""The top-k attention and feed-forward kernels (Gupta et al. 2021, section 3) and their exact baselines."""
+"""The top-k attention and feed-forward kernels (Gupta et al. 2021, section 3), their backends and exact baselines."""
 
-__all__ = ["attention", "feedforward"]
+__all__ = ["attention", "baselines", "checks", "chunking", "feedforward", "product", "selection"]
