@@ -5,6 +5,8 @@ import torch
 import torch.nn.functional as F
 
 from topk_lib.kernels.attention import chunked_attention, topk_attention, vanilla_attention
+from topk_lib.kernels.product import resolve_product
+from topk_lib.kernels.selection import RowSelector
 from reference import causal_mask, dense_topk_attention
 
 
@@ -149,6 +151,39 @@ def test_custom_scale():
     torch.testing.assert_close(topk_attention(q, k, v, topk=None, scale=0.3), sdpa(q, k, v, scale=0.3))
 
 
+# ----------------------------------------------------------------------------- backends
+
+
+def test_auto_product_is_csr_on_cpu_float_and_gather_elsewhere():
+    assert resolve_product("auto", "cpu", torch.float64) == "csr"
+    assert resolve_product("auto", "cpu", torch.float32) == "csr"
+    assert resolve_product("auto", "cpu", torch.bfloat16) == "gather"
+    assert resolve_product("auto", "cuda", torch.float32) == "gather"
+    assert resolve_product("gather", "cpu", torch.float32) == "gather"
+    q, k, v = make_qkv(grad=True)
+    auto, csr = (topk_attention(q, k, v, topk=3, chunk_size=4, product=name) for name in ("auto", "csr"))
+    assert torch.equal(auto, csr)
+
+
+def test_row_selector_threads_and_reuse():
+    """Many rows take the threaded numpy path: the kept values equal torch.topk's, a reused selector agrees."""
+    scores = torch.randn(3, 700, 50, generator=torch.Generator().manual_seed(0))  # 2100 rows: 8 blocks
+    ref = scores.topk(7, dim=-1).values
+    with RowSelector(threads=2) as selector:
+        for _ in range(2):
+            vals, idx = selector(scores, 7)
+            assert idx.dtype == torch.int64
+            torch.testing.assert_close(vals.sort(-1, descending=True).values, ref, rtol=0, atol=0)
+            assert torch.equal(scores.gather(-1, idx), vals)
+    q, k, v = make_qkv(batch=(4,), hq=8, hkv=2, lq=40, lk=30, dtype=torch.float32)  # 1280 rows per chunk
+    with RowSelector() as selector:
+        shared = topk_attention(q, k, v, topk=5, chunk_size=40, selector=selector)
+        again = topk_attention(q, k, v, topk=5, chunk_size=40, selector=selector)
+    assert torch.equal(shared, topk_attention(q, k, v, topk=5, chunk_size=40)) and torch.equal(shared, again)
+    with pytest.raises(ValueError, match="threads"):
+        RowSelector(threads=0)
+
+
 # ----------------------------------------------------------------------------- gradients
 
 
@@ -269,6 +304,9 @@ def bad_cases():
         (dict(topk=2, attn_mask=torch.ones(13, 17, dtype=torch.float64)), TypeError, "attn_mask"),
         (dict(topk=2, query=q.int()), TypeError, "query"),
         (dict(topk=2, scale="big"), TypeError, "scale"),
+        (dict(topk=2, product="dense"), ValueError, "product"),
+        (dict(topk=2, query=q.half(), key=k.half(), value=v.half(), product="csr"), ValueError, "product"),
+        (dict(topk=2, selector="threads"), TypeError, "selector"),
     ], (q, k, v)
 
 

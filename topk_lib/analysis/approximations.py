@@ -19,12 +19,12 @@ All methods are causal (queries sit at the last Lq of Lk positions, as in
 from __future__ import annotations
 
 import inspect
-import warnings
 import weakref
 
 import torch
 
 from topk_lib.kernels.attention import chunked_attention, topk_attention
+from topk_lib.kernels.baselines import performer_attention
 from topk_lib.hf.patching import _configs, describe_layers, register_attention
 
 METHODS = ("topk", "window", "random", "sink_window", "performer")
@@ -103,21 +103,6 @@ def selection_mask(lq: int, lk: int, *, method: str, budget: int, n_sink: int = 
     noise = torch.rand(lq, lk, generator=generator, device=device).masked_fill_(~causal, -1.0)  # [Lq, Lk]
     kept = noise.topk(min(budget, lk), dim=-1).indices
     return torch.zeros(lq, lk, dtype=torch.bool, device=device).scatter_(-1, kept, True) & causal
-
-
-def performer_attention(query, key, value, *, n_features: int, seed: int = 0):
-    """Causal FAVOR+ attention (Choromanski et al. 2021) with ``n_features`` random features."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # performer-pytorch warns about its missing CUDA kernel
-        from performer_pytorch import FastAttention
-
-    torch.manual_seed(seed)  # the random projection is drawn at construction
-    rep = query.shape[-3] // key.shape[-3]
-    key, value = key.repeat_interleave(rep, -3), value.repeat_interleave(rep, -3)  # [B, Hq, Lk, d]
-    attn = FastAttention(dim_heads=query.shape[-1], nb_features=n_features, causal=True).to(query.device, query.dtype)
-    if query.shape[-2] != key.shape[-2]:
-        raise ValueError("performer_attention needs Lq == Lk (self-attention over the whole input)")
-    return attn(query, key, value)
 
 
 def approximate(query, key, value, *, method: str, budget: int, n_sink: int = 4, seed: int = 0, chunk_size: int = 1024):

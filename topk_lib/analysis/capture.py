@@ -97,7 +97,7 @@ import pandas as pd
 import torch
 from torch import nn
 
-from topk_lib.kernels.attention import _causal_end, _chunk_scores, _grouped_mask
+from topk_lib.kernels.chunking import causal_end as _causal_end, chunk_scores as _chunk_scores, grouped_mask as _grouped_mask
 from topk_lib.analysis.metrics import entropy
 from topk_lib.hf.patching import _configs, describe_layers, register_attention
 

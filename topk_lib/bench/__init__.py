@@ -13,8 +13,6 @@ from topk_lib.bench.harness import (  # noqa: F401
     parse_bytes,
     format_table,
     kernel_targets,
-    sparse_weights_times_v,
-    chunked_dense_feedforward,
     TinyTransformer,
     main,
 )
@@ -32,8 +30,6 @@ __all__ = [
     "parse_bytes",
     "format_table",
     "kernel_targets",
-    "sparse_weights_times_v",
-    "chunked_dense_feedforward",
     "TinyTransformer",
     "main",
 ]

@@ -98,6 +98,7 @@ import torch.nn.functional as F
 
 from topk_lib.infra import paths
 from topk_lib.kernels.attention import chunked_attention, topk_attention, vanilla_attention
+from topk_lib.kernels.baselines import PRODUCT_METHODS, chunked_dense_feedforward, sparse_weights_times_v
 from topk_lib.kernels.feedforward import topk_feedforward
 
 __all__ = [
@@ -113,8 +114,6 @@ __all__ = [
     "parse_bytes",
     "format_table",
     "kernel_targets",
-    "sparse_weights_times_v",
-    "chunked_dense_feedforward",
     "TinyTransformer",
     "main",
 ]
@@ -352,26 +351,6 @@ def _build_attention(spec, device, dtype):
     return _runner(op, go, [q, k, v])
 
 
-def chunked_dense_feedforward(x, w_in, w_out, *, chunk_size):
-    """Exact ReLU feed-forward layer, ``chunk_size`` tokens at a time (the token-chunked baseline).
-
-    Under autograd each chunk is checkpointed, so backward recomputes the chunk's ``[c, d_ff]``
-    hidden layer instead of saving ``[tokens, d_ff]``: memory O(c * d_ff), like top-k's chunks.
-    """
-    from torch.utils.checkpoint import checkpoint
-
-    def layer(xc):
-        return F.linear(F.relu(F.linear(xc, w_in)), w_out)  # [c, d]
-
-    x2 = x.reshape(-1, x.shape[-1])  # [T, d]
-    need_ckpt = torch.is_grad_enabled() and any(t.requires_grad for t in (x, w_in, w_out))
-    outs = []
-    for t0 in range(0, x2.shape[0], chunk_size):
-        xc = x2[t0 : t0 + chunk_size]
-        outs.append(checkpoint(layer, xc, use_reentrant=False) if need_ckpt else layer(xc))
-    return torch.cat(outs).view(*x.shape[:-1], w_out.shape[0])
-
-
 def _build_ff(spec, device, dtype):
     n, d, d_ff = spec["L"], spec["d"], spec["d_ff"]  # L = number of tokens
     grad = spec["pass"] == "fwd+bwd"
@@ -480,37 +459,6 @@ def _build_product(spec, device, dtype):
     if method not in PRODUCT_METHODS:
         raise ValueError(f"unknown product method {method!r}")
     return _runner(lambda: sparse_weights_times_v(p, idx, v, method=method), None, [])
-
-
-PRODUCT_METHODS = ("scatter_mm", "gather_bmm", "gather_mulsum", "csr")
-
-
-def sparse_weights_times_v(p, idx, v, *, method="gather_bmm"):
-    """``out[h, i] = sum_j p[h, i, j] * v[h, idx[h, i, j]]``, three ways (the ``product`` suite).
-
-    ``p [H, C, k]`` kept probabilities, ``idx [H, C, k]`` key indices, ``v [H, Lk, d]``.
-    ``scatter_mm``: dense ``[H, C, Lk]`` weights then a matmul, O(C*Lk*d) as in the paper;
-    ``gather_bmm``: ``index_select`` the k rows, then ``p[..., None, :] @ v_sel``, O(C*k*d);
-    ``gather_mulsum``: the same gather, then ``(p[..., None] * v_sel).sum(-2)``;
-    ``csr``: what ``topk_attention`` does on CPU, one block-diagonal CSR matrix times V.
-    """
-    h, c, k = p.shape
-    lk, d = v.shape[-2:]
-    if method == "scatter_mm":
-        dense = torch.zeros(h, c, lk, dtype=p.dtype, device=p.device).scatter_(-1, idx, p)  # [H, C, Lk]
-        return torch.matmul(dense, v)  # [H, C, d]
-    if method == "csr":
-        from topk_lib.kernels.attention import _Kept
-
-        offsets = torch.arange(h, device=p.device).view(h, 1, 1) * lk  # first row of each head in [H*Lk, d]
-        return _Kept(idx, offsets, h * lk).times(p, v.reshape(-1, d))  # [H, C, d]
-    rows = (idx + torch.arange(h, device=p.device).view(h, 1, 1) * lk).reshape(-1)  # rows of v as [H*Lk, d]
-    v_sel = v.reshape(-1, d).index_select(0, rows).view(h, c, k, d)  # [H, C, k, d]
-    if method == "gather_bmm":
-        return torch.matmul(p.unsqueeze(-2), v_sel).squeeze(-2)  # [H, C, d]
-    if method == "gather_mulsum":
-        return (p.unsqueeze(-1) * v_sel).sum(-2)  # [H, C, d]
-    raise ValueError(f"method must be one of {PRODUCT_METHODS}, got {method!r}")
 
 
 def _build_calibrate(spec, device, dtype):

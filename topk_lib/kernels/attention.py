@@ -87,14 +87,16 @@ class _TopkAttention(torch.autograd.Function):
         batch = query.shape[:-3]
         out = query.new_zeros(*batch, hq, lq, dv)  # [..., Hq, Lq, dv]
         out_grouped = out.unflatten(-3, (hkv, g))  # [..., Hkv, G, Lq, dv], a view to write into
-        idx_all = torch.full((*batch, hkv, g, lq, k_eff), -1, dtype=torch.int32, device=query.device)  # [..., Hkv, G, Lq, k]
-        lse = query.new_full((*batch, hkv, g, lq, 1), float("-inf"), dtype=_lse_dtype(query.dtype))  # [..., Hkv, G, Lq, 1]
+        # [..., Hkv, G, Lq, k] and [..., Hkv, G, Lq, 1]
+        idx_all = torch.full((*batch, hkv, g, lq, k_eff), -1, dtype=torch.int32, device=query.device)
+        lse = query.new_full((*batch, hkv, g, lq, 1), float("-inf"), dtype=_lse_dtype(query.dtype))
         for r0 in range(0, lq, chunk_size):
             r1 = min(r0 + chunk_size, lq)
             k_end = causal_end(is_causal, lq, lk, r1)
             if k_end == 0:
                 continue
-            scores = chunk_scores(q_grouped, key, mask_grouped, r0, r1, k_end, lq, lk, is_causal, scale)  # [..., Hkv, G, c, k_end]
+            # [..., Hkv, G, c, k_end]
+            scores = chunk_scores(q_grouped, key, mask_grouped, r0, r1, k_end, lq, lk, is_causal, scale)
             k_chunk = min(k_eff, k_end)
             vals, idx = selector(scores, k_chunk)  # [..., Hkv, G, c, k_chunk]
             del scores
@@ -174,14 +176,15 @@ class _ChunkedAttention(torch.autograd.Function):
         mask_grouped = grouped_mask(attn_mask, query, hkv)
         out = query.new_zeros(*query.shape[:-1], dv)  # [..., Hq, Lq, dv]
         out_grouped = out.unflatten(-3, (hkv, g))  # [..., Hkv, G, Lq, dv], a view to write into
-        lse = query.new_full((*q_grouped.shape[:-1], 1), float("-inf"), dtype=_lse_dtype(query.dtype))  # [..., Hkv, G, Lq, 1]
+        # [..., Hkv, G, Lq, 1]
+        lse = query.new_full((*q_grouped.shape[:-1], 1), float("-inf"), dtype=_lse_dtype(query.dtype))
         for r0 in range(0, lq, chunk_size):
             r1 = min(r0 + chunk_size, lq)
             k_end = causal_end(is_causal, lq, lk, r1)
             if k_end == 0:
                 continue
             scores = chunk_scores(q_grouped, key, mask_grouped, r0, r1, k_end, lq, lk, is_causal, scale)
-            work = scores if scores.dtype in (torch.float32, torch.float64) else scores.float()  # [..., Hkv, G, c, k_end]
+            work = scores if scores.dtype in (torch.float32, torch.float64) else scores.float()  # [..., c, k_end]
             row_max = work.amax(-1, keepdim=True)  # [..., Hkv, G, c, 1]
             row_max = torch.where(torch.isinf(row_max), torch.zeros_like(row_max), row_max)
             e = work.sub_(row_max).exp_()  # in place: one chunk-sized buffer

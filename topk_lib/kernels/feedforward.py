@@ -12,14 +12,20 @@ Tokens are processed ``chunk_size`` at a time. The backward pass saves the input
 the top-k indices (int32) and the kept pre-activations (tokens x k), not the dense
 ``[tokens, d_ff]`` hidden layer; per chunk it scatters the kept gradient into a dense
 ``[chunk, d_ff]`` buffer so the weight gradients are plain matrix products.
+
+Dimensions
+----------
+``T``     tokens (all leading dims of ``x`` flattened); ``C`` tokens in one chunk (``c`` for the last)
+``d``     input features; ``d_out`` output features (``d`` in a residual block)
+``d_ff``  hidden units; ``k`` hidden units kept per token (``topk``, at most ``d_ff``)
 """
 
 from __future__ import annotations
 
-import numbers
-
 import torch
 import torch.nn.functional as F
+
+from topk_lib._validate import optional_k, positive_int
 
 __all__ = ["topk_feedforward", "ACTIVATIONS"]
 
@@ -56,17 +62,12 @@ def _check(x, w_in, w_out, w_gate, b_in, b_out, topk, activation, select, chunk_
         raise TypeError(f"x and the weights must share one dtype, got {sorted({str(t.dtype) for t in tensors})}")
     if len({t.device for t in tensors}) != 1:
         raise ValueError("x and the weights must be on one device")
-    if topk is not None:
-        if isinstance(topk, bool) or not isinstance(topk, numbers.Integral):
-            raise TypeError(f"topk must be a positive int or None, got {topk!r}")
-        if topk <= 0:
-            raise ValueError(f"topk must be a positive int or None (dense layer), got {topk}")
+    optional_k(topk, "topk")
     if activation not in ACTIVATIONS:
         raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}, got {activation!r}")
     if select not in ("value", "magnitude"):
         raise ValueError(f"select must be 'value' (ReLU) or 'magnitude' (GELU/SiLU/gated), got {select!r}")
-    if isinstance(chunk_size, bool) or not isinstance(chunk_size, numbers.Integral) or chunk_size <= 0:
-        raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
+    positive_int(chunk_size, "chunk_size")
 
 
 def _hidden(xc, w_in, w_gate, b_in, act):
@@ -79,19 +80,21 @@ def _hidden(xc, w_in, w_gate, b_in, act):
 
 
 class _TopkFeedForward(torch.autograd.Function):
+    """Saves x, the weights, the kept indices (int32) and the kept pre-activations, ``[T, k]`` each."""
+
     @staticmethod
     def forward(ctx, x, w_in, w_out, w_gate, b_in, b_out, topk, activation, select, chunk_size):
         act = ACTIVATIONS[activation]
-        x2 = x.reshape(-1, x.shape[-1])  # [T, d]
-        n, d_ff = x2.shape[0], w_in.shape[0]
+        x_rows = x.reshape(-1, x.shape[-1])  # [T, d]
+        n, d_ff = x_rows.shape[0], w_in.shape[0]
         k = min(topk, d_ff)
-        y = x2.new_empty(n, w_out.shape[0])  # [T, d_out]
+        y = x_rows.new_empty(n, w_out.shape[0])  # [T, d_out]
         idx_all = torch.empty(n, k, dtype=torch.int32, device=x.device)  # [T, k]
-        a_all = x2.new_empty(n, k)  # kept pre-activations of w_in  [T, k]
-        g_all = x2.new_empty(n, k) if w_gate is not None else None  # kept gate pre-activations
+        a_all = x_rows.new_empty(n, k)  # kept pre-activations of w_in  [T, k]
+        g_all = x_rows.new_empty(n, k) if w_gate is not None else None  # kept gate pre-activations  [T, k]
         for t0 in range(0, n, chunk_size):
             t1 = min(t0 + chunk_size, n)
-            a, gate, h = _hidden(x2[t0:t1], w_in, w_gate, b_in, act)
+            a, gate, h = _hidden(x_rows[t0:t1], w_in, w_gate, b_in, act)  # [c, d_ff] each
             idx = (h.abs() if select == "magnitude" else h).topk(k, dim=-1, sorted=False).indices  # [c, k]
             idx_all[t0:t1] = idx
             a_all[t0:t1] = a.gather(-1, idx)
@@ -110,33 +113,33 @@ class _TopkFeedForward(torch.autograd.Function):
     def backward(ctx, grad_y):
         x, w_in, w_out, w_gate, idx_all, a_all, g_all = ctx.saved_tensors
         act = ACTIVATIONS[ctx.activation]
-        x2 = x.reshape(-1, x.shape[-1])
-        gy = grad_y.reshape(-1, grad_y.shape[-1])  # [T, d_out]
-        n, d_ff = x2.shape[0], w_in.shape[0]
+        x_rows = x.reshape(-1, x.shape[-1])
+        grad_rows = grad_y.reshape(-1, grad_y.shape[-1])  # [T, d_out]
+        n, d_ff = x_rows.shape[0], w_in.shape[0]
         need = ctx.needs_input_grad
-        dx = torch.zeros_like(x2) if need[0] else None
+        dx = torch.zeros_like(x_rows) if need[0] else None  # [T, d]
         dw_in = torch.zeros_like(w_in) if need[1] else None
         dw_out = torch.zeros_like(w_out) if need[2] else None
         dw_gate = torch.zeros_like(w_gate) if need[3] else None
-        db_in = x2.new_zeros(d_ff) if need[4] else None
-        db_out = gy.sum(0) if need[5] else None
+        db_in = x_rows.new_zeros(d_ff) if need[4] else None  # [d_ff]
+        db_out = grad_rows.sum(0) if need[5] else None  # [d_out]
         for t0 in range(0, n, ctx.chunk_size):
             t1 = min(t0 + ctx.chunk_size, n)
             idx = idx_all[t0:t1].long()  # [c, k]
-            a = a_all[t0:t1].detach().requires_grad_()
-            g = g_all[t0:t1].detach().requires_grad_() if g_all is not None else None
+            a = a_all[t0:t1].detach().requires_grad_()  # [c, k]
+            g = g_all[t0:t1].detach().requires_grad_() if g_all is not None else None  # [c, k]
             with torch.enable_grad():  # local autograd over [c, k] only: recomputes f and f'
-                h = act(g) * a if g is not None else act(a)
-            gyc = gy[t0:t1]
-            dh = F.linear(gyc, w_out.t()).gather(-1, idx)  # [c, k]
+                h = act(g) * a if g is not None else act(a)  # [c, k]
+            grad_chunk = grad_rows[t0:t1]  # [c, d_out]
+            dh = F.linear(grad_chunk, w_out.t()).gather(-1, idx)  # [c, k]
             dense = torch.zeros(t1 - t0, d_ff, dtype=x.dtype, device=x.device)  # one [c, d_ff] buffer, reused
             if dw_out is not None:
-                dw_out += gyc.t() @ dense.scatter_(-1, idx, h.detach())  # [d_out, d_ff]
+                dw_out += grad_chunk.t() @ dense.scatter_(-1, idx, h.detach())  # [d_out, d_ff]
             inputs = (a, g) if g is not None else (a,)
             grads = torch.autograd.grad(h, inputs, dh)
             da = dense.zero_().scatter_(-1, idx, grads[0])  # [c, d_ff]
-            dg = torch.zeros_like(da).scatter_(-1, idx, grads[1]) if g is not None else None
-            xc = x2[t0:t1]
+            dg = torch.zeros_like(da).scatter_(-1, idx, grads[1]) if g is not None else None  # [c, d_ff]
+            xc = x_rows[t0:t1]  # [c, d]
             if dx is not None:
                 dx[t0:t1] = da @ w_in + (dg @ w_gate if dg is not None else 0)
             if dw_in is not None:
@@ -172,12 +175,45 @@ def topk_feedforward(
     b_out=None,
     chunk_size=4096,
 ):
-    """Feed-forward layer keeping the ``topk`` largest hidden activations per token.
+    """Feed-forward layer keeping the ``topk`` largest hidden activations per token (section 3.2).
 
-    ``x [..., d]``, ``w_in [d_ff, d]``, ``w_out [d_out, d_ff]`` (``nn.Linear`` weights),
-    optional ``w_gate [d_ff, d]`` for gated layers and biases ``b_in [d_ff]``,
-    ``b_out [d_out]``. ``topk=None`` or ``topk >= d_ff`` is the dense layer.
-    Ties at the k-th activation are broken by ``torch.topk``.
+    Computes ``h = f(x W_in^T + b_in)`` (gated: ``h = f(x W_gate^T) * (x W_in^T + b_in)``),
+    keeps per token the ``topk`` entries of ``h`` selected by ``select``, zeroes the rest, and
+    returns ``h W_out^T + b_out``, ``chunk_size`` tokens at a time.
+
+    Arguments:
+        x: ``[..., d]`` floating point, any number of leading dims (``T`` tokens in all).
+        w_in: ``[d_ff, d]``, an ``nn.Linear`` weight, the dtype and device of ``x``.
+        w_out: ``[d_out, d_ff]``, an ``nn.Linear`` weight, the dtype and device of ``x``.
+        topk: ``k``, a positive int, or ``None`` for the dense layer (also when ``topk >= d_ff``).
+        activation: ``f``, one of :data:`ACTIVATIONS` (``"relu"``, ``"gelu"``,
+            ``"gelu_tanh"``, ``"silu"``).
+        w_gate: ``None``, or ``[d_ff, d]`` for a gated layer (SwiGLU, GeGLU).
+        select: ``"value"`` keeps the largest ``h`` (ReLU), ``"magnitude"`` the largest ``|h|``
+            (GELU, SiLU, gated layers).
+        b_in: ``None`` or ``[d_ff]``, the bias of ``W_in``.
+        b_out: ``None`` or ``[d_out]``, the bias of ``W_out``.
+        chunk_size: ``C``, tokens per chunk, a positive int; results do not depend on it.
+
+    Returns:
+        ``[..., d_out]``, the dtype of ``x``.
+
+    Raises:
+        TypeError: ``x``, ``w_in`` or ``w_out`` not a floating-point tensor; tensors of
+            different dtypes; ``topk`` or ``chunk_size`` not an int (``bool`` included).
+        ValueError: weights that are not ``[d_ff, d]`` / ``[d_out, d_ff]``, or a ``w_gate``,
+            ``b_in``, ``b_out`` of another shape; tensors on different devices; ``topk`` or
+            ``chunk_size`` < 1; an unknown ``activation`` or ``select``.
+
+    Semantics:
+        Exactly ``k`` entries are kept per token (no masks, no empty rows); ties at the k-th
+        activation are broken by ``torch.topk``, which differs across devices.
+
+    Backward:
+        Saves ``x``, the weights, the kept indices (``[T, k]`` int32) and the kept
+        pre-activations of ``W_in`` (and of ``W_gate``), ``[T, k]`` each; it recomputes ``f``
+        on those and scatters into one ``[C, d_ff]`` buffer per chunk. The dense path
+        (``topk=None`` or ``topk >= d_ff``) is plain autograd, which saves ``[T, d_ff]``.
     """
     _check(x, w_in, w_out, w_gate, b_in, b_out, topk, activation, select, chunk_size)
     if topk is None or topk >= w_in.shape[0]:
