@@ -30,7 +30,7 @@ import torch
 from topk_lib.kernels.checks import check_attention_inputs
 from topk_lib.kernels.chunking import causal_end, chunk_scores, flat_rows, grouped_mask
 from topk_lib.kernels.product import KeptMatrix, resolve_product
-from topk_lib.kernels.selection import RowSelector
+from topk_lib.kernels.selection import DEFAULT_SELECTOR, RowSelector
 
 __all__ = ["topk_attention", "chunked_attention", "vanilla_attention"]
 
@@ -289,8 +289,9 @@ def topk_attention(
         product: the sparse weights x V backend (:mod:`topk_lib.kernels.product`): ``"auto"``
             (CSR kernels on CPU float32/float64, gathers elsewhere), ``"csr"`` or ``"gather"``.
             The result is the same within float rounding.
-        selector: a :class:`~topk_lib.kernels.selection.RowSelector` whose worker threads the
-            top-k selection reuses across calls; ``None`` makes one for this call.
+        selector: the :class:`~topk_lib.kernels.selection.RowSelector` that selects the top-k
+            (it owns the CPU worker threads); ``None`` uses
+            :data:`~topk_lib.kernels.selection.DEFAULT_SELECTOR`.
 
     Returns:
         ``[..., Hq, Lq, dv]``, the dtype of ``query``.
@@ -327,11 +328,10 @@ def topk_attention(
     scale = 1.0 / math.sqrt(query.shape[-1]) if scale is None else float(scale)
     if topk is None or topk >= key.shape[-2]:
         return _ChunkedAttention.apply(query, key, value, attn_mask, int(chunk_size), bool(is_causal), scale)
-    args = (query, key, value, attn_mask, int(topk), int(chunk_size), bool(is_causal), scale, backend)
-    if selector is not None:
-        return _TopkAttention.apply(*args, selector)
-    with RowSelector() as own:  # its worker threads end with this call
-        return _TopkAttention.apply(*args, own)
+    selector = DEFAULT_SELECTOR if selector is None else selector
+    return _TopkAttention.apply(
+        query, key, value, attn_mask, int(topk), int(chunk_size), bool(is_causal), scale, backend, selector
+    )
 
 
 def chunked_attention(query, key, value, *, chunk_size=1024, attn_mask=None, is_causal=False, scale=None):

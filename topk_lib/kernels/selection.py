@@ -31,7 +31,7 @@ import torch
 
 from topk_lib._validate import positive_int
 
-__all__ = ["RowSelector"]
+__all__ = ["RowSelector", "DEFAULT_SELECTOR"]
 
 BLOCK_ROWS = 256  # argpartition returns all n int64 indices of a row: blocks bound that scratch
 
@@ -41,7 +41,7 @@ class RowSelector:
 
     ``threads=None`` uses ``torch.get_num_threads()`` at each call. Threads start on the
     first call that has more than one block of rows and live until :meth:`close` (or the
-    end of a ``with`` block); a selector can be reused across calls to keep them.
+    end of a ``with`` block); reused across calls, a selector keeps them.
     """
 
     def __init__(self, threads: int | None = None):
@@ -86,8 +86,13 @@ class RowSelector:
         return torch.from_numpy(vals).view(shape), torch.from_numpy(idx).view(shape)
 
     def _workers(self, threads):
-        if self._pool_size < threads:
-            self.close()
+        if self._pool_size < threads:  # grow; a call still mapping on the old pool finishes there
             self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="topk")
             self._pool_size = threads
         return self._pool
+
+
+#: The selector :func:`~topk_lib.kernels.attention.topk_attention` uses when given none. Its
+#: threads persist across calls: starting them for every call costs more than selecting from
+#: a small chunk.
+DEFAULT_SELECTOR = RowSelector()
