@@ -105,18 +105,18 @@ class KeptMatrix:
 
     def sampled(self, rows, dense):
         """``rows @ dense^T`` at the kept entries, for ``rows [..., c, d]``, ``dense [N, d]``: ``[..., c, k]``."""
-        rows2 = rows.reshape(self.n_rows, -1)  # [R, d]
+        rows_flat = rows.reshape(self.n_rows, -1)  # [R, d]
         if self.csr:
             pattern = self._matrix(torch.zeros(self.cols.numel(), dtype=dense.dtype), dense.dtype)  # [R, N]
-            out = torch.sparse.sampled_addmm(pattern, rows2.contiguous(), dense.t(), beta=0.0).values()  # [R * k]
+            out = torch.sparse.sampled_addmm(pattern, rows_flat.contiguous(), dense.t(), beta=0.0).values()  # [R * k]
         else:
             picked = dense.index_select(0, self.cols).view(self.n_rows, self.k, -1)  # [R, k, d]
-            out = torch.matmul(picked, rows2.unsqueeze(-1)).squeeze(-1)  # [R, k]
+            out = torch.matmul(picked, rows_flat.unsqueeze(-1)).squeeze(-1)  # [R, k]
         return out.view(self.shape)
 
     def t_times(self, values, rows):
         """``P^T @ rows`` for kept weights ``values [..., c, k]``, ``rows [..., c, d]``: one sum per key, ``[N, d]``."""
-        rows2 = rows.reshape(self.n_rows, -1)  # [R, d]
+        rows_flat = rows.reshape(self.n_rows, -1)  # [R, d]
         if self.csr:
             if self._transposed is None:  # transpose the pattern once, reuse it for dK and dV
                 order = torch.argsort(self.cols)  # [R * k]
@@ -125,10 +125,10 @@ class KeptMatrix:
                 self._transposed = order, crow, torch.div(order, self.k, rounding_mode="floor")
             order, crow, cols = self._transposed
             vals = values.reshape(-1)[order].to(rows.dtype)  # [R * k]
-            return _csr(crow, cols, vals, (self.n_cols, self.n_rows)) @ rows2.contiguous()  # [N, d]
-        out = rows2.new_zeros(self.n_cols, rows2.shape[-1])  # [N, d]
-        contrib = values.reshape(self.n_rows, self.k, 1).to(rows.dtype) * rows2.unsqueeze(1)  # [R, k, d]
-        return out.index_add_(0, self.cols, contrib.reshape(-1, rows2.shape[-1]))
+            return _csr(crow, cols, vals, (self.n_cols, self.n_rows)) @ rows_flat.contiguous()  # [N, d]
+        out = rows_flat.new_zeros(self.n_cols, rows_flat.shape[-1])  # [N, d]
+        contrib = values.reshape(self.n_rows, self.k, 1).to(rows.dtype) * rows_flat.unsqueeze(1)  # [R, k, d]
+        return out.index_add_(0, self.cols, contrib.reshape(-1, rows_flat.shape[-1]))
 
 
 def _csr(crow, cols, values, size):

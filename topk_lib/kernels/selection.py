@@ -1,10 +1,10 @@
 """Per-row top-k selection for the attention kernels (Gupta et al. 2021, section 3.1).
 
-Selecting the ``k`` largest scores of each query row costs more than computing the scores:
-``torch.topk`` on CPU takes up to twice the Q.K^T product of the same chunk. numpy's
-introselect (``argpartition``) releases the GIL, so blocks of rows can run in parallel
-threads; on CPU float32/float64 that is 1.4-3.5x faster than ``torch.topk``. Elsewhere
-(CUDA, half precision, ``k >= n``) ``torch.topk`` runs.
+Selecting the ``k`` largest scores of each query row costs more than computing them: on CPU
+``torch.topk`` takes up to 2.3 times as long as the Q.K^T product of the same chunk. numpy's
+introselect (``argpartition``) releases the GIL, so blocks of rows run in parallel threads;
+on CPU float32/float64 that is 1.4-3.5x faster than ``torch.topk``. Elsewhere (CUDA, half
+precision, ``k >= n``) ``torch.topk`` runs.
 
 One chunk of 12 heads x 1024 queries, d=64, k=128, float32, median ms of 5 on this project's
 2-core CPU (AMD EPYC, torch 2.13.0, 2 threads; ``python -m topk_lib.bench product``):
