@@ -196,7 +196,7 @@ def test_slider_update_is_fast_at_512_tokens(tok):
 
 @pytest.mark.slow
 def test_slider_update_on_smollm2_is_under_a_second():
-    from topk_lib.data.sources import pydoc_text
+    from topk_lib.data.corpora import pydoc_text
     from topk_lib.hf.loading import load_model
 
     model, tokenizer = load_model("smollm2-135m")
