@@ -31,7 +31,9 @@ import torch
 import torch.nn.functional as F
 
 from topk_lib import topk_attention
-from topk_lib.plots.style import plot_error_vs_k, save_figure
+from topk_lib.analysis.metrics import relative_error
+from topk_lib.plots.analysis import plot_error_vs_k
+from topk_lib.plots.style import save_figure
 
 if QUICK:
     LENGTH, HEADS = 256, 2
@@ -46,7 +48,7 @@ for sharpness in SHARPNESS:
     exact = F.scaled_dot_product_attention(q, k, v, is_causal=True)
     for topk in KS:
         approx = topk_attention(q, k, v, topk=topk, is_causal=True)
-        error = (approx - exact).flatten(-2).norm(dim=-1) / exact.flatten(-2).norm(dim=-1)  # [1, H]
+        error = relative_error(approx, exact, dim=(-2, -1))  # [1, H]: norms over all rows and features
         rows += [{"sharpness": sharpness, "k": topk, "head": h, "relative_error": e} for h, e in enumerate(error[0].tolist())]
 errors = pd.DataFrame(rows)
 errors.groupby(["sharpness", "k"]).relative_error.median().unstack(0).round(4)

@@ -40,10 +40,11 @@ import pandas as pd
 import torch
 
 from topk_lib import load_model
-from topk_lib.analysis.approximations import head_errors, record_qkv
+from topk_lib.analysis.approximations import approximation_errors, record_qkv
 from topk_lib.experiments.inputs import analysis_inputs, cached_attention_stats, layer_sensitivity
 from topk_lib.tasks.lm import token_windows
-from topk_lib.plots.style import plot_bars, plot_layer_head_heatmaps, plot_panels_vs_k, save_figure
+from topk_lib.plots.analysis import plot_bars, plot_layer_head_heatmaps, plot_panels_vs_k
+from topk_lib.plots.style import save_figure
 from topk_lib.infra.cache import cached_frame
 
 torch.set_num_threads(THREADS)
@@ -73,17 +74,17 @@ for name, stats, tokens in (("smollm2", decoder_stats, LENGTH), ("minilm", encod
 # %%
 summary = (
     decoder_stats.query("bucket == 'all' and metric in ['mass_kept', 'rel_error']")
-    .groupby(["metric", "k"]).value.agg(["median", "min", "max"]).round(4)
+    .groupby(["metric", "k"]).value.agg(["median", "min", "max"])
 )
-summary
+summary.round(4)
 
 # %%
-at = lambda metric, k: decoder_stats.query(f"bucket == 'all' and metric == '{metric}' and k == {k}").value  # noqa: E731
+mass, error = summary.loc["mass_kept"], summary.loc["rel_error"]  # rows: k; columns: median, min, max over heads
 print(
     f"Caption: on SmolLM2 ({LENGTH} tokens of {TEXT}), the median head keeps "
-    f"{at('mass_kept', 16).median():.1%} of its attention mass at k=16 and {at('mass_kept', 64).median():.1%} at k=64; "
-    f"the worst head keeps {at('mass_kept', 64).min():.1%} at k=64. The median relative output error is "
-    f"{at('rel_error', 16).median():.3f} at k=16 and {at('rel_error', 64).median():.3f} at k=64."
+    f"{mass.loc[16, 'median']:.1%} of its attention mass at k=16 and {mass.loc[64, 'median']:.1%} at k=64; "
+    f"the worst head keeps {mass.loc[64, 'min']:.1%} at k=64. The median relative output error is "
+    f"{error.loc[16, 'median']:.3f} at k=16 and {error.loc[64, 'median']:.3f} at k=64."
 )
 
 # %% [markdown]
@@ -105,9 +106,7 @@ for name, stats in (("smollm2", decoder_stats), ("minilm", encoder_stats)):
 records = record_qkv(decoder, ids, layers=APPROX_LAYERS)
 approx = cached_frame(
     "smollm2_approximations", folder="01_approximation", config={**config, "length": LENGTH, "layers": APPROX_LAYERS, "budgets": APPROX_BUDGETS},
-    compute=lambda: pd.DataFrame([
-        {"layer": layer, **row} for layer, (q, k, v) in records.items() for row in head_errors(q, k, v, budgets=APPROX_BUDGETS)
-    ]),
+    compute=functools.partial(approximation_errors, records, budgets=APPROX_BUDGETS),
 )
 fig = plot_bars(approx, x="method", y="relative_error", hue="budget", logy=True, xlabel="method (same budget per query)",
                 ylabel="relative output error (mean over heads)", title=f"SmolLM2 layers {APPROX_LAYERS}: error at equal budget")

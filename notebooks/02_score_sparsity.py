@@ -36,7 +36,6 @@ BUDGET_AVERAGE_KS = [8, 16, 32, 64]  # averages the per-head budget is rescaled 
 THREADS = 2  # torch threads
 
 # %%
-import pandas as pd
 import torch
 
 from topk_lib import load_model
@@ -44,9 +43,10 @@ from topk_lib.analysis.approximations import attention_probs, record_qkv
 from topk_lib.analysis.capture import NeuronUsage, bucket_bounds, record_mlp_stats
 from topk_lib.experiments.inputs import analysis_inputs, cached_attention_stats, per_head_budget, save_budget
 from topk_lib.tasks.lm import token_windows
-from topk_lib.plots.style import plot_bars, plot_head_drilldown, plot_k_vs_position, plot_layer_head_heatmaps, save_figure
+from topk_lib.plots.analysis import plot_bars, plot_head_drilldown, plot_k_vs_position, plot_layer_head_heatmaps
+from topk_lib.plots.style import save_figure
+from topk_lib.app.explorer import kept_mask
 from topk_lib.infra import paths
-from topk_lib.infra.cache import cached_frame
 
 torch.set_num_threads(THREADS)
 if QUICK:
@@ -131,7 +131,7 @@ print(f"Caption: a SmolLM2 token needs a median of {ff_k99.median():.0f} of 1536
 drill_ids = token_windows(decoder_tokenizer, decoder_text, window=DRILL_TOKENS, n_windows=1)  # [1, T]
 q, k, _ = record_qkv(decoder, drill_ids, layers=[DRILL_LAYER])[DRILL_LAYER]
 probs = attention_probs(q, k)[0, DRILL_HEAD]  # [T, T]
-kept = torch.zeros_like(probs, dtype=torch.bool).scatter_(-1, probs.topk(DRILL_K, dim=-1).indices, True) & (probs > 0)
+kept = kept_mask(probs, DRILL_K, causal=True)  # [T, T] bool: each row's top-k keys
 tokens = [decoder_tokenizer.decode([t]).replace("\n", "⏎") for t in drill_ids[0]]
 fig = plot_head_drilldown(probs.numpy(), kept.numpy(), tokens,
                           title=f"SmolLM2 layer {DRILL_LAYER} head {DRILL_HEAD}: attention, top-{DRILL_K} outlined")

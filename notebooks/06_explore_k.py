@@ -17,7 +17,7 @@
 # mass the head keeps and its output error ‖o_k − o‖/‖o‖; the right panel shows the mass kept
 # per layer at the same k (line: mean over heads; dots: single heads). The scores are computed
 # once per (model, text) — one forward pass, a few seconds — and moving a slider only
-# re-thresholds them (0.15–0.35 s on a shared 2-core CPU, most of it drawing; see `topk_lib/explorer.py`).
+# re-thresholds them (0.15–0.35 s on a shared 2-core CPU, most of it drawing; see `topk_lib/app/explorer.py`).
 # Below, for SmolLM2, a prompt is continued greedily with exact attention and with top-k
 # attention during generation, and the first token where the two differ is marked.
 #
@@ -44,7 +44,8 @@ import ipywidgets as widgets
 import torch
 from IPython.display import display
 
-from topk_lib.app.explorer import CUSTOM_TEXT, ExplorerSession, continuations_text, sample_texts
+from topk_lib.app.explorer import continuations_text
+from topk_lib.app.session import CUSTOM_TEXT, ExplorerSession, sample_texts
 from topk_lib.plots.style import save_figure
 
 torch.set_num_threads(THREADS)

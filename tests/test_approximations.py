@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from topk_lib.analysis.approximations import METHODS, approximate, head_errors, selection_mask
+from topk_lib.analysis.approximations import METHODS, approximate, approximation_errors, head_errors, selection_mask
 from topk_lib.kernels.attention import chunked_attention
 
 
@@ -92,3 +92,14 @@ def test_record_qkv_reproduces_the_layer_output():
     torch.testing.assert_close(model(ids).logits, before)
     with pytest.raises(ValueError, match="layers"):
         record_qkv(model, ids, layers=[5])
+
+
+def test_approximation_errors_stack_the_layers_head_errors():
+    torch.manual_seed(0)
+    records = {layer: (torch.randn(1, 2, 32, 8), torch.randn(1, 1, 32, 8), torch.randn(1, 1, 32, 8)) for layer in (3, 1)}
+    frame = approximation_errors(records, methods=("topk", "window"), budgets=(4,))
+    assert list(frame.columns) == ["layer", "method", "budget", "head", "relative_error"]
+    assert frame.layer.tolist() == [3] * 4 + [1] * 4
+    for layer, (q, k, v) in records.items():
+        rows = head_errors(q, k, v, methods=("topk", "window"), budgets=(4,))
+        assert frame[frame.layer == layer].drop(columns="layer").to_dict("records") == rows

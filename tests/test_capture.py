@@ -339,7 +339,7 @@ def test_mlp_stats_inside_topk_feedforward_raise():
 
 @pytest.mark.slow
 def test_smollm2_ranges():
-    from topk_lib.data.sources import pydoc_text
+    from topk_lib.data.corpora import pydoc_text
     from topk_lib.hf.loading import load_model
 
     model, tok = load_model("smollm2-135m")

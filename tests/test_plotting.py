@@ -10,13 +10,15 @@ import pandas as pd
 import pytest
 
 from topk_lib.infra import paths
-from topk_lib.plots.style import plot_error_vs_k, save_figure
+from topk_lib.plots.analysis import plot_error_vs_k
+from topk_lib.plots.style import save_figure
 from topk_lib.infra.cache import cached_frame
 
 CONFIG = {"what": "reproducibility test", "seed": 0}
 DRAW = """
 import sys
-from topk_lib.plots.style import plot_error_vs_k, save_figure
+from topk_lib.plots.analysis import plot_error_vs_k
+from topk_lib.plots.style import save_figure
 from topk_lib.infra.cache import cached_frame
 frame = cached_frame("repro", config={config!r}, compute=lambda: sys.exit("the cache should have been read"))
 save_figure(plot_error_vs_k(frame, hue="sharpness", title="Top-k error ‖o_k − o‖/‖o‖ (cached)"), "repro")
@@ -68,7 +70,7 @@ def test_same_cached_data_gives_identical_bytes(tmp_path, monkeypatch):
 
 
 def test_bars_with_several_rows_per_bar_are_reproducible(tmp_path, monkeypatch):
-    from topk_lib.plots.style import plot_bars
+    from topk_lib.plots.analysis import plot_bars
 
     df = pd.DataFrame({"method": ["topk", "window"] * 20, "budget": [16] * 20 + [64] * 20,
                        "relative_error": np.random.default_rng(0).random(40)})
@@ -76,3 +78,28 @@ def test_bars_with_several_rows_per_bar_are_reproducible(tmp_path, monkeypatch):
         monkeypatch.setenv("TOPK_LAB_FIGURES", str(tmp_path / run))
         save_figure(plot_bars(df, x="method", y="relative_error", hue="budget", xlabel="m", ylabel="e", title="t"), "bars")
     assert (tmp_path / "first" / "bars.png").read_bytes() == (tmp_path / "second" / "bars.png").read_bytes()
+
+
+IMPORT_ONLY = """
+import matplotlib
+defaults = dict(matplotlib.rcParams)
+import topk_lib.plots.accuracy, topk_lib.plots.analysis, topk_lib.plots.bench, topk_lib.plots.explorer
+assert dict(matplotlib.rcParams) == defaults, "importing a plots module changed the matplotlib settings"
+"""
+
+
+def test_importing_plots_changes_no_settings_and_plotting_applies_the_style(tmp_path, monkeypatch):
+    env = {k: v for k, v in os.environ.items() if k != "MPLBACKEND"}
+    subprocess.run([sys.executable, "-c", IMPORT_ONLY], env=env, check=True, cwd=paths.ROOT)
+
+    import matplotlib
+
+    from topk_lib.plots.analysis import plot_bars
+    from topk_lib.plots.style import STYLE
+
+    matplotlib.rcParams["savefig.dpi"] = 72
+    fig = plot_bars(pd.DataFrame({"x": ["a", "b"], "y": [1.0, 2.0]}), x="x", y="y", xlabel="x", ylabel="y", title="t")
+    assert matplotlib.rcParams["savefig.dpi"] == STYLE["savefig.dpi"]
+    monkeypatch.setenv("TOPK_LAB_FIGURES", str(tmp_path))
+    save_figure(fig, "styled")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["styled.pdf", "styled.png"]  # no temporary left behind

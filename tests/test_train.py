@@ -187,7 +187,7 @@ def test_spam_text_keeps_subject_only():
 
 
 def _spam_fetched():
-    from topk_lib.data import sources as data
+    from topk_lib import data
 
     try:
         return data.is_fetched("spam")
@@ -200,7 +200,7 @@ SPLIT_SIZES = {"train": 4219, "val": 609, "test": 1218}  # spam rate 31.7 %, 29.
 
 @pytest.mark.skipif(not _spam_fetched(), reason="SpamAssassin not fetched: python -m topk_lib.data spam")
 def test_spam_split_on_the_corpus():
-    from topk_lib.data import sources as data
+    from topk_lib import data
 
     split = train.spam_split(data.spam_assassin())
     assert len(split) == 6046

@@ -139,3 +139,17 @@ def head_errors(query, key, value, *, methods=METHODS, budgets=(16, 64), n_sink:
             ]
     return rows
 
+
+def approximation_errors(records: dict, *, methods=METHODS, budgets=(16, 64), n_sink: int = 4, seed: int = 0):
+    """:func:`head_errors` of every recorded layer as one frame.
+
+    ``records`` is :func:`record_qkv`'s ``{layer: (q, k, v)}``; returns a DataFrame with columns
+    ``layer, method, budget, head, relative_error``, layers in the order of ``records``.
+    """
+    import pandas as pd
+
+    return pd.DataFrame([
+        {"layer": layer, **row}
+        for layer, (q, k, v) in records.items()
+        for row in head_errors(q, k, v, methods=methods, budgets=budgets, n_sink=n_sink, seed=seed)
+    ])

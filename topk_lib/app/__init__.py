@@ -1,3 +1,3 @@
-"""The interactive explorer behind notebook 06."""
+"""The interactive k explorer behind notebook 06: the explorer itself and the widgets' session."""
 
-__all__ = ["explorer"]
+__all__ = ["explorer", "session"]

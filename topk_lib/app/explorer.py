@@ -14,12 +14,12 @@ k?" by re-thresholding only, without running the model again:
   ``‖o_k − o‖/‖o‖`` (``o_k`` from :func:`~topk_lib.kernels.attention.topk_attention`, the same
   kernel ``use_topk`` runs). A layer's probabilities ``[H, L, L]`` are recomputed from
   Q/K on demand (one small matmul) and the last few layers are kept in an LRU cache.
-* :class:`ExplorerSession` is what the notebook's widgets call: it loads models lazily,
-  keeps the explorers of recent (model, text) pairs, and has the callables handed to
-  ``ipywidgets.interactive_output`` and to ``observe`` (the notebook defines no functions).
 * :func:`compare_continuations`: greedy continuation of a prompt with exact attention and
   under decode-time top-k (``use_topk`` around ``model.generate``; the prompt's prefill
   runs top-k too), and the index of the first generated token where they differ.
+
+The widgets of the notebook call :class:`topk_lib.app.session.ExplorerSession`, which keeps the
+explorers of recent (model, text) pairs.
 
 Memory, SmolLM2-135M (30 layers, 9 query / 3 KV heads, d = 64) at 512 tokens, float32:
 Q/K/V of all layers take 30 × (9 + 3 + 3) × 512 × 64 × 4 B ≈ 59 MB, the mass table 0.55 MB,
@@ -54,7 +54,6 @@ from __future__ import annotations
 import argparse
 import collections
 import html
-import numbers
 import statistics
 import sys
 import time
@@ -62,39 +61,47 @@ from dataclasses import dataclass
 
 import torch
 
+from topk_lib._validate import index, int_at_least, positive_int
 from topk_lib.analysis.approximations import attention_probs, record_qkv
-from topk_lib.kernels.attention import topk_attention
 from topk_lib.analysis.metrics import relative_error
 from topk_lib.hf.patching import describe_layers, use_topk
+from topk_lib.kernels.attention import topk_attention
 
 __all__ = [
     "AttentionExplorer",
     "HeadView",
-    "ExplorerSession",
+    "kept_mask",
     "Continuations",
     "compare_continuations",
     "first_divergence",
     "continuations_html",
     "continuations_text",
     "measure_latency",
-    "sample_texts",
-    "CUSTOM_TEXT",
 ]
 
-#: The label of the text choice that reads the notebook's Textarea instead of a sample.
-CUSTOM_TEXT = "your own text (box below)"
+
+def _non_empty_text(value, arg: str) -> str:
+    """``value`` when it is a string with something besides whitespace."""
+    if not isinstance(value, str):
+        raise TypeError(f"{arg} must be a non-empty string, got {type(value).__name__}")
+    if not value.strip():
+        raise ValueError(f"{arg} must be a non-empty string")
+    return value
 
 
-def _positive_int(value, arg):
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value <= 0:
-        raise ValueError(f"{arg} must be a positive int, got {value!r}")
-    return int(value)
+def kept_mask(probs: torch.Tensor, k: int, *, causal: bool) -> torch.Tensor:
+    """Which entries of attention probabilities ``probs [..., L, L]`` top-``k`` keeps: bool, same shape.
 
-
-def _index(value, arg, size, what):
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or not 0 <= value < size:
-        raise ValueError(f"{arg} must be an int in 0..{size - 1} ({size} {what}), got {value!r}")
-    return int(value)
+    Each query row keeps its ``min(k, L)`` largest probabilities among the keys it may attend
+    (``causal``: key j <= query i), so a masked key is never marked kept.
+    """
+    k = positive_int(k, "k")
+    n = probs.shape[-1]
+    allowed = torch.ones(n, n, dtype=torch.bool, device=probs.device)  # [L, L]
+    if causal:
+        allowed.tril_()  # key j <= query i
+    top = probs.topk(min(k, n), dim=-1).indices  # [..., L, k]
+    return torch.zeros(probs.shape, dtype=torch.bool, device=probs.device).scatter_(-1, top, True) & allowed  # [..., L, L]
 
 
 def _token_label(tokenizer, token_id):
@@ -127,10 +134,9 @@ class AttentionExplorer:
     """
 
     def __init__(self, model, tokenizer, text, *, max_tokens: int = 512, cache_layers: int = 4):
-        max_tokens = _positive_int(max_tokens, "max_tokens")
-        self.cache_layers = _positive_int(cache_layers, "cache_layers")
-        if not isinstance(text, str) or not text.strip():
-            raise ValueError("text must be a non-empty string")
+        max_tokens = positive_int(max_tokens, "max_tokens")
+        self.cache_layers = positive_int(cache_layers, "cache_layers")
+        _non_empty_text(text, "text")
         ids = tokenizer(text, truncation=True, max_length=max_tokens, return_tensors="pt").input_ids  # [1, L]
         if ids.shape[1] < 2:
             raise ValueError(f"text gives {ids.shape[1]} token(s); use a longer text (at least 2 tokens)")
@@ -172,24 +178,22 @@ class AttentionExplorer:
 
     def profile(self, *, k: int) -> torch.Tensor:
         """Mass kept at ``k`` per layer, mean over heads and query rows: ``[layers]``."""
-        k = _positive_int(k, "k")
+        k = positive_int(k, "k")
         return self._curves[:, :, min(k, self.length) - 1].mean(dim=1)  # [layers]
 
     def head_profile(self, *, k: int) -> torch.Tensor:
         """Mass kept at ``k`` per layer and head, mean over query rows: ``[layers, H]``."""
-        k = _positive_int(k, "k")
+        k = positive_int(k, "k")
         return self._curves[:, :, min(k, self.length) - 1]  # [layers, H]
 
     def view(self, *, layer: int, head: int, k: int) -> HeadView:
         """One head at one k: map, kept entries, mass kept, output error, per-layer profile."""
         layer = self._layer(layer)
-        head = _index(head, "head", self.n_heads, "heads")
-        k = _positive_int(k, "k")
+        head = index(head, "head", self.n_heads, "heads")
+        k = positive_int(k, "k")
         kk = min(k, self.length)
         probs = self.probs(layer)[head]  # [L, L]
-        allowed = self._allowed()  # [L, L]
-        top = probs.topk(kk, dim=-1).indices  # [L, kk]
-        kept = torch.zeros_like(allowed).scatter_(-1, top, True) & allowed  # [L, L]; never a masked key
+        kept = kept_mask(probs, kk, causal=self.causal)  # [L, L]; never a masked key
         row_mass = (probs * kept).sum(dim=-1)  # [L]
         group = self.n_heads // self._k[layer].shape[0]  # query heads per KV head (GQA)
         q = self._q[layer][head][None, None]  # [1, 1, L, d]
@@ -209,15 +213,10 @@ class AttentionExplorer:
         return plot_explorer_view(self.view(layer=layer, head=head, k=k), tokens=self.tokens, rows=rows, title=title)
 
     def _layer(self, layer):
-        if isinstance(layer, bool) or not isinstance(layer, numbers.Integral) or layer not in self._q:
+        layer = int_at_least(layer, "layer", 0)
+        if layer not in self._q:
             raise ValueError(f"layer must be one of the attention layers {self.layers[0]}..{self.layers[-1]}, got {layer!r}")
-        return int(layer)
-
-    def _allowed(self):
-        n = self.length
-        if not self.causal:
-            return torch.ones(n, n, dtype=torch.bool)  # [L, L]
-        return torch.ones(n, n, dtype=torch.bool).tril_()  # [L, L]: key j <= query i
+        return layer
 
 
 # --------------------------------------------------------------------------- continuations
@@ -255,10 +254,9 @@ def compare_continuations(model, tokenizer, prompt, *, k: int, max_new_tokens: i
     decoding step, which attends the KV cache). ``chat=True`` wraps the prompt in the
     tokenizer's chat template (instruct models), otherwise the raw text is continued.
     """
-    k = _positive_int(k, "k")
-    max_new_tokens = _positive_int(max_new_tokens, "max_new_tokens")
-    if not isinstance(prompt, str) or not prompt.strip():
-        raise ValueError("prompt must be a non-empty string")
+    k = positive_int(k, "k")
+    max_new_tokens = positive_int(max_new_tokens, "max_new_tokens")
+    _non_empty_text(prompt, "prompt")
     if not (hasattr(model, "generate") and model.can_generate()):
         raise ValueError(f"model: {type(model).__name__} cannot generate; use a decoder (e.g. smollm2-135m)")
     if chat:
@@ -306,157 +304,6 @@ def continuations_text(result: Continuations, tokenizer) -> str:
     return f"{where}\nexact : {line(result.vanilla)!r}\ntop-{result.k}: {line(result.topk)!r}"
 
 
-# --------------------------------------------------------------------------- texts and session
-
-
-def sample_texts(*, chars: int = 4000) -> dict[str, str]:
-    """Built-in sample texts (first ``chars`` characters each): those whose data is present.
-
-    CPython's pydoc topics are always there; Moby Dick and the last State of the Union
-    address appear once ``python -m topk_lib.data moby-dick sotu`` has fetched them.
-    """
-    from topk_lib.data import sources as data
-
-    texts = {"Python docs (pydoc: for, while, if)": data.pydoc_text(topics=["for", "while", "if"])}
-    if data.is_fetched("moby-dick"):
-        chapter = next(c for c in data.moby_dick_chapters() if c["chapter"] == "1")
-        texts["Moby Dick, chapter 1"] = chapter["title"] + "\n\n" + chapter["text"]
-    if data.is_fetched("sotu"):
-        last = data.sotu_speeches()[-1]
-        texts[f"State of the Union {last['year']} ({last['president']})"] = last["text"]
-    return {name: text[:chars] for name, text in texts.items()}
-
-
-class ExplorerSession:
-    """State behind the notebook's widgets: lazily loaded models and recent explorers.
-
-    ``models`` maps a display label to a :func:`~topk_lib.load_model` name; ``texts`` a label
-    to a text. ``keep`` explorers stay in memory (least recently used dropped first).
-    """
-
-    def __init__(self, *, models: dict, texts: dict, max_tokens: int = 512, keep: int = 2, loader=None,
-                 progress: bool = True):
-        if not models:
-            raise ValueError("models must map at least one label to a model name")
-        if not texts:
-            raise ValueError("texts must map at least one label to a text")
-        self.models = dict(models)
-        self.texts = dict(texts)
-        self.max_tokens = _positive_int(max_tokens, "max_tokens")
-        self.keep = _positive_int(keep, "keep")
-        self.progress = progress
-        if loader is None:
-            from topk_lib.hf.loading import load_model as loader
-        self._loader = loader
-        self._loaded = {}
-        self._explorers: collections.OrderedDict = collections.OrderedDict()
-        self.last_continuations: Continuations | None = None  # what show_continuations displayed last
-
-    def model(self, label):
-        """``(model, tokenizer)`` for a model label, loaded on first use."""
-        if label not in self.models:
-            raise ValueError(f"model must be one of {list(self.models)}, got {label!r}")
-        if label not in self._loaded:
-            self._loaded[label] = self._loader(self.models[label])
-        return self._loaded[label]
-
-    def text(self, choice, custom_text=""):
-        """The text for a dropdown choice (:data:`CUSTOM_TEXT` reads ``custom_text``)."""
-        if choice == CUSTOM_TEXT:
-            if not custom_text or not custom_text.strip():
-                raise ValueError("custom_text is empty: type a text in the box, or pick a sample")
-            return custom_text
-        if choice not in self.texts:
-            raise ValueError(f"text must be one of {list(self.texts) + [CUSTOM_TEXT]}, got {choice!r}")
-        return self.texts[choice]
-
-    def explorer(self, model, text, custom_text="") -> AttentionExplorer:
-        """The explorer of (model label, text choice), built once and kept while recent."""
-        body = self.text(text, custom_text)
-        key = (model, body)
-        if key in self._explorers:
-            self._explorers.move_to_end(key)
-            return self._explorers[key]
-        net, tokenizer = self.model(model)
-        start = time.perf_counter()
-        built = AttentionExplorer(net, tokenizer, body, max_tokens=self.max_tokens)
-        if self.progress:
-            print(f"scores of {model} on {built.length} tokens computed in {time.perf_counter() - start:.1f} s "
-                  f"({built.n_layers} layers × {built.n_heads} heads); sliders now only re-threshold")
-        self._explorers[key] = built
-        while len(self._explorers) > self.keep:
-            self._explorers.popitem(last=False)
-        return built
-
-    def show(self, *, model, text, custom_text="", layer, head, k, rows=None):
-        """Draw and display the explorer figure (the callable for ``interactive_output``).
-
-        ``rows``: inclusive ``(first, last)`` query positions to show (an ``IntRangeSlider``'s
-        value), default all. Out-of-range values (while the sliders' ranges follow a model or
-        text change) are clamped.
-        """
-        import matplotlib.pyplot as plt
-        from IPython.display import display
-
-        if text == CUSTOM_TEXT and not (custom_text or "").strip():
-            print("Type a text in the box (then click outside it), or pick a sample text.")
-            return
-        ex = self.explorer(model, text, custom_text)
-        layer, head = min(max(layer, ex.layers[0]), ex.layers[-1]), min(head, ex.n_heads - 1)
-        shown = None
-        if rows is not None:
-            first = min(rows[0], ex.length - 1)
-            shown = (first, max(first + 1, min(rows[1] + 1, ex.length)))
-        fig = self.figure(model=model, text=text, custom_text=custom_text, layer=layer, head=head, k=k, rows=shown)
-        display(fig)
-        plt.close(fig)  # displayed once; an open figure would be shown again at the cell's end
-
-    def figure(self, *, model, text, custom_text="", layer, head, k, rows=None):
-        """The explorer figure of a (model, text) choice, titled with both (for saving)."""
-        ex = self.explorer(model, text, custom_text)
-        name = "your own text" if text == CUSTOM_TEXT else text
-        return ex.figure(layer=layer, head=head, k=k, rows=rows, title=f"{model} on {name}")
-
-    def follow(self, *, model, text, custom_text, layer, head, k, rows=None):
-        """Make the layer/head/k sliders' ranges follow the chosen model and text.
-
-        Registers observers on the model/text widgets; call before ``interactive_output`` so
-        ranges change before the figure is redrawn.
-        """
-        self._controls = dict(model=model, text=text, custom_text=custom_text, layer=layer, head=head, k=k, rows=rows)
-        for widget in (model, text, custom_text):
-            widget.observe(self._sync_ranges, names="value")
-        self._sync_ranges()
-
-    def _sync_ranges(self, change=None):
-        c = self._controls
-        try:
-            ex = self.explorer(c["model"].value, c["text"].value, c["custom_text"].value)
-        except ValueError:
-            return  # an empty custom text: keep the ranges until there is a text
-        c["layer"].min, c["layer"].max = ex.layers[0], ex.layers[-1]
-        c["head"].max = ex.n_heads - 1
-        c["k"].max = ex.length
-        if c["rows"] is not None:
-            whole = c["rows"].value[1] >= c["rows"].max  # showed every row: keep showing every row
-            c["rows"].max = ex.length - 1
-            if whole:
-                c["rows"].value = (c["rows"].value[0], ex.length - 1)
-
-    def show_continuations(self, *, model, prompt, k, max_new_tokens, chat=False):
-        """Generate and display both continuations (the callable for ``interactive_output``)."""
-        from IPython.display import HTML, display
-
-        if not (prompt or "").strip():
-            print("Type a prompt in the box.")
-            return None
-        net, tokenizer = self.model(model)
-        result = compare_continuations(net, tokenizer, prompt, k=k, max_new_tokens=max_new_tokens, chat=chat)
-        display(HTML(continuations_html(result, tokenizer, prompt=prompt)))
-        self.last_continuations = result
-        return result
-
-
 # --------------------------------------------------------------------------- latency measurement
 
 
@@ -500,12 +347,12 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args(argv)
-    from topk_lib.data import sources as data
+    from topk_lib.data import is_fetched, moby_dick_text, pydoc_text
     from topk_lib.hf.loading import load_model
 
     torch.set_num_threads(args.threads)
     model, tokenizer = load_model(args.model)
-    text = data.moby_dick_text() if data.is_fetched("moby-dick") else data.pydoc_text()
+    text = moby_dick_text() if is_fetched("moby-dick") else pydoc_text()
     start = time.perf_counter()
     explorer = AttentionExplorer(model, tokenizer, text[: args.tokens * 8], max_tokens=args.tokens)
     built = time.perf_counter() - start

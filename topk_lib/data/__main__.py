@@ -2,6 +2,6 @@
 
 import sys
 
-from topk_lib.data.sources import main
+from topk_lib.data.download import main
 
 sys.exit(main())

@@ -32,7 +32,7 @@ def analysis_inputs(decoder_tokenizer, encoder_tokenizer, *, length: int, encode
     truncated to ``encoder_length`` tokens; ``quick`` uses the offline pydoc text for both.
     Returns ``(text_name, decoder_text, ids [1, length], encoder_text_name, encoder_ids [1, <= encoder_length])``.
     """
-    from topk_lib.data.sources import moby_dick_text, pydoc_text, sotu_speeches
+    from topk_lib.data.corpora import moby_dick_text, pydoc_text, sotu_speeches
     from topk_lib.tasks.lm import token_windows
 
     if quick:

@@ -21,7 +21,6 @@ a run would be attributed to the notebook running at the time.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import os
 import sys
 import time
@@ -29,6 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from topk_lib.infra import paths
+from topk_lib.infra.cache import file_sha256
 
 BUILD = paths.ROOT / "build" / "notebooks"
 
@@ -115,15 +115,11 @@ def execute(source: Path, *, quick: bool, out_dir: Path = BUILD, progress: bool 
 # --------------------------------------------------------------------------- what each notebook wrote and read
 
 
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
 def snapshot_figures(folder: Path) -> dict[str, tuple[int, str]]:
     """``{file name: (mtime_ns, sha256)}`` of the PNG/PDF figures directly in ``folder``."""
     if not folder.is_dir():
         return {}
-    return {p.name: (p.stat().st_mtime_ns, _sha256(p)) for p in sorted(folder.iterdir())
+    return {p.name: (p.stat().st_mtime_ns, file_sha256(p)) for p in sorted(folder.iterdir())
             if p.suffix in (".png", ".pdf") and not p.name.startswith(".") and p.is_file()}
 
 

@@ -12,7 +12,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 import seaborn as sns
 
-from topk_lib.plots import style as plotting  # noqa: F401  (applies the suite's plot style)
+from topk_lib.plots.style import styled
 
 __all__ = ["plot_accuracy_vs_k", "plot_budget_frontier", "plot_paper_reference"]
 
@@ -68,6 +68,7 @@ def _finish(fig, handles, names, title):
     return fig
 
 
+@styled
 def plot_accuracy_vs_k(summary, *, metric, ylabel, title, kinds=("attention", "ff", "both"), hue="task",
                        labels=None, logy=False, percent=False):
     """One panel per ``kind`` present, one line (band: 95 % CI) per ``hue`` value, vanilla dashed.
@@ -117,6 +118,7 @@ def plot_accuracy_vs_k(summary, *, metric, ylabel, title, kinds=("attention", "f
     return _finish(fig, handles, names, title)
 
 
+@styled
 def plot_budget_frontier(summary, *, metric, ylabel, title, labels=None, logy=False, percent=False):
     """Per task: uniform attention k against the per-head budget at the same average k."""
     df = summary[summary.metric == metric]
@@ -146,6 +148,7 @@ def plot_budget_frontier(summary, *, metric, ylabel, title, labels=None, logy=Fa
     return _finish(fig, handles, names, title)
 
 
+@styled
 def plot_paper_reference(ours, paper, *, title, labels=None):
     """Accuracy relative to full against k / d_ff: our feed-forward curves beside the paper's T5 ones.
 

@@ -11,6 +11,8 @@ import textwrap
 import matplotlib.pyplot as plt
 import pandas as pd
 
+from topk_lib.plots.style import styled
+
 # One colour per method in every figure; top-k variants (k, C, ff_k) take the TOPK colours in order.
 METHOD_COLORS = {"vanilla": "tab:brown", "dense": "tab:brown", "sdpa": "tab:green", "performer": "tab:orange",
                  "chunked": "tab:blue"}
@@ -29,6 +31,7 @@ def method_label(row) -> str:
     return label
 
 
+@styled
 def plot_memory_time(rows: pd.DataFrame, *, x: str, xlabel: str, title: str, passes=("fwd", "fwd+bwd")):
     """Peak memory (top) and median time (bottom) against ``x``, one column per pass, log-log axes."""
     df = rows.copy()

@@ -9,14 +9,16 @@ Takes a :class:`topk_lib.app.explorer.HeadView` and returns a Figure; saving sta
 
 from __future__ import annotations
 
+import matplotlib.pyplot as plt
 import numpy as np
 from matplotlib import colors
 
-from topk_lib.plots.style import plt  # the suite's style is set on import
+from topk_lib.plots.style import styled
 
 LABELS_UP_TO = 64  # token tick labels only when at most this many rows / keys are shown
 
 
+@styled
 def plot_explorer_view(view, *, tokens=None, rows=None, title: str | None = None):
     """Map of ``view.probs`` (kept entries in colour, dropped ones in grey) beside the profile.
 

@@ -165,7 +165,7 @@ def main(argv=None):
     import transformers
 
     from topk_lib.infra import paths
-    from topk_lib.data.sources import moby_dick_text
+    from topk_lib.data.corpora import moby_dick_text
     from topk_lib.hf.loading import load_model
 
     ap = argparse.ArgumentParser(description=main.__doc__)
