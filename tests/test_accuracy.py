@@ -1,4 +1,4 @@
-"""Accuracy-versus-k sweeps: settings, bootstrap intervals, caching, summaries and plots (topk_lib.experiments.accuracy)."""
+"""Accuracy-versus-k sweeps: settings, bootstrap intervals, caching, summaries and plots (topk_lib.experiments)."""
 
 import json
 import math
@@ -9,9 +9,11 @@ import pandas as pd
 import pytest
 from tiny_models import TEXT
 
-from topk_lib.experiments import accuracy
+from topk_lib.analysis.budget import scale_budget
+from topk_lib.experiments import accuracy, inputs, summaries, sweep
+from topk_lib.experiments.settings import Setting, settings_grid
+from topk_lib.experiments.sweep import bootstrap_ci
 from topk_lib.plots import accuracy as plot_accuracy
-from topk_lib.experiments.accuracy import Setting, bootstrap_ci, settings_grid
 from topk_lib.tasks.lm import perplexity
 
 
@@ -53,7 +55,7 @@ def test_bootstrap_bad_arguments():
 
 def test_block_sums_stay_inside_windows():
     a = np.arange(10, dtype=float).reshape(2, 5)
-    s, c = accuracy.block_sums(a, block=2)
+    s, c = sweep.block_sums(a, block=2)
     assert s.tolist() == [1, 5, 4, 11, 15, 9] and c.tolist() == [2, 2, 1, 2, 2, 1]
 
 
@@ -94,14 +96,14 @@ def test_run_sweep_caches_and_skips(tmp_path, monkeypatch):
         return {"value": len(calls)}
 
     grid = settings_grid(attn_ks=[4, 8])
-    first = accuracy.run_sweep("toy", grid, config={"data": 1}, compute=compute, progress=False)
+    first = sweep.run_sweep("toy", grid, config={"data": 1}, compute=compute, progress=False)
     assert calls == ["vanilla", "attn4", "attn8"] and all(r["computed"] for r in first)
     files = sorted(p.name for p in (tmp_path / "accuracy" / "toy").iterdir())
     assert len(files) == 3 and all(f.endswith(".json") for f in files)  # no temporary files left
-    again = accuracy.run_sweep("toy", grid, config={"data": 1}, compute=compute, progress=False)
+    again = sweep.run_sweep("toy", grid, config={"data": 1}, compute=compute, progress=False)
     assert calls == ["vanilla", "attn4", "attn8"]  # nothing recomputed
     assert [r["value"] for r in again] == [1, 2, 3] and not any(r["computed"] for r in again)
-    accuracy.run_sweep("toy", grid[:1], config={"data": 2}, compute=compute, progress=False)
+    sweep.run_sweep("toy", grid[:1], config={"data": 2}, compute=compute, progress=False)
     assert calls[-1] == "vanilla" and len(calls) == 4  # a changed config is a new result
 
 
@@ -117,8 +119,8 @@ def test_interrupted_sweep_resumes(tmp_path):
 
     grid = settings_grid(attn_ks=[4, 8])
     with pytest.raises(KeyboardInterrupt):
-        accuracy.run_sweep("toy", grid, config={}, compute=compute, progress=False, root=tmp_path)
-    accuracy.run_sweep("toy", grid, config={}, compute=compute, progress=False, root=tmp_path)
+        sweep.run_sweep("toy", grid, config={}, compute=compute, progress=False, root=tmp_path)
+    sweep.run_sweep("toy", grid, config={}, compute=compute, progress=False, root=tmp_path)
     assert calls == ["vanilla", "attn4", "boom", "attn8"]
 
 
@@ -185,13 +187,13 @@ def test_smallest_k_within():
              for k, v in [(64, 0.81), (32, 0.795), (16, 0.75), (8, 0.795)]]  # k=8 recovers by chance: ignored
     rows += [dict(task="u", kind="vanilla", setting="vanilla", x=np.nan, metric="accuracy", value=0.5),
              dict(task="u", kind="attention", setting="attn64", x=64, metric="accuracy", value=0.3)]
-    out = accuracy.smallest_k_within(_summary(rows), metric="accuracy", kind="attention").set_index("task")
+    out = summaries.smallest_k_within(_summary(rows), metric="accuracy", kind="attention").set_index("task")
     assert out.loc["t", "k"] == 32 and out.loc["t", "value"] == 0.795
     assert out.loc["u", "k"] is pd.NA
     ppl = _summary([dict(task="t", kind="vanilla", setting="vanilla", x=np.nan, metric="perplexity", value=100.0),
                     dict(task="t", kind="ff", setting="ff768", x=768, metric="perplexity", value=101.9),
                     dict(task="t", kind="ff", setting="ff384", x=384, metric="perplexity", value=102.1)])
-    out = accuracy.smallest_k_within(ppl, metric="perplexity", kind="ff", relative=0.02, lower_is_better=True)
+    out = summaries.smallest_k_within(ppl, metric="perplexity", kind="ff", relative=0.02, lower_is_better=True)
     assert out.k.tolist() == [768]
 
 
@@ -200,16 +202,16 @@ def test_budget_comparison_and_relative():
             dict(task="t", kind="attention", setting="attn8", x=8, metric="accuracy", value=0.6),
             dict(task="t", kind="budget", setting="budget8", x=8.2, nominal_k=8, metric="accuracy", value=0.7),
             dict(task="t", kind="ff", setting="ff96", x=96, metric="accuracy", value=0.4)]
-    b = accuracy.budget_comparison(_summary(rows), metric="accuracy")
+    b = summaries.budget_comparison(_summary(rows), metric="accuracy")
     assert b.to_dict("records") == [{"task": "t", "average_k": 8.0, "budget_mean_k": 8.2, "uniform": 0.6,
                                      "budget": 0.7, "gain": pytest.approx(0.1)}]
-    rel = accuracy.relative_to_vanilla(_summary(rows), metrics={"t": "accuracy"}, d_ff=1536)
+    rel = summaries.relative_to_vanilla(_summary(rows), metrics={"t": "accuracy"}, d_ff=1536)
     assert rel.to_dict("records") == [{"task": "t", "metric": "accuracy", "k": 96, "k_frac": 96 / 1536,
                                        "relative": pytest.approx(0.5)}]
 
 
 def test_paper_reference_numbers():
-    ref = accuracy.paper_reference()
+    ref = summaries.paper_reference()
     assert set(ref.model) == {"T5-base", "T5-3B", "T5-11B"} and len(ref) == 6 + 6 + 4
     row = ref[(ref.model == "T5-base") & (ref.k == 16)].iloc[0]
     assert row.exact_match == 58.7 and row.relative == pytest.approx(58.7 / 62.4) and row.k_frac == 16 / 3072
@@ -218,18 +220,18 @@ def test_paper_reference_numbers():
 
 def test_scale_budget_keeps_proportions():
     budget = {(0, 0): 10, (0, 1): 30, (1, 0): 20, (1, 1): 40}
-    scaled = accuracy.scale_budget(budget, average_k=5)
+    scaled = scale_budget(budget, average_k=5)
     assert scaled == {(0, 0): 2, (0, 1): 6, (1, 0): 4, (1, 1): 8}
     with pytest.raises(ValueError, match="budget"):
-        accuracy.scale_budget({}, average_k=4)
+        scale_budget({}, average_k=4)
 
 
 def test_measure_head_budget(llama, tok):
     pytest.importorskip("topk_lib.analysis.capture")
-    budget = accuracy.measure_head_budget(llama, tok, TEXT, n_tokens=64, progress=False)
+    budget = inputs.measure_head_budget(llama, tok, TEXT, n_tokens=64, progress=False)
     assert sorted(budget) == [(l, h) for l in range(2) for h in range(4)]
     assert all(1 <= k <= 64 for k in budget.values())
-    lo = accuracy.measure_head_budget(llama, tok, TEXT, n_tokens=64, frac=0.5, progress=False)
+    lo = inputs.measure_head_budget(llama, tok, TEXT, n_tokens=64, frac=0.5, progress=False)
     assert all(lo[key] <= budget[key] for key in budget)  # half the mass needs no more keys than 99 %
 
 
@@ -252,7 +254,7 @@ def test_plots_return_figures(llama, tok, tmp_path):
     fig = plot_accuracy.plot_budget_frontier(df, metric="accuracy", ylabel="accuracy", title="t")
     assert len(fig.axes) == 2
     ours = pd.DataFrame({"task": ["a", "a"], "k_frac": [0.1, 0.5], "relative": [0.9, 1.0]})
-    fig = plot_accuracy.plot_paper_reference(ours, accuracy.paper_reference(), title="t")
+    fig = plot_accuracy.plot_paper_reference(ours, summaries.paper_reference(), title="t")
     assert len(fig.axes[0].lines) == 3 + 1 + 1  # three T5 models, ours, the line at 1
     with pytest.raises(ValueError, match="metric"):
         plot_accuracy.plot_accuracy_vs_k(df, metric="mrr", ylabel="", title="")

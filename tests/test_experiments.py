@@ -6,7 +6,8 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from topk_lib import use_topk
-from topk_lib.experiments.inputs import layer_sensitivity, load_budget, per_head_budget, save_budget
+from topk_lib.analysis.budget import load_budget, per_head_budget, save_budget
+from topk_lib.analysis.sensitivity import layer_sensitivity
 
 
 @pytest.fixture(scope="module")
