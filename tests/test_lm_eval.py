@@ -77,6 +77,18 @@ def test_bad_arguments(lm, kw, arg):
         perplexity(model, tok, TEXT, **kw)
 
 
+def test_sweep_takes_settings_only(lm):
+    model, tok = lm
+    with pytest.raises(ValueError, match="Setting"):
+        perplexity_sweep(model, tok, TEXT, settings=[(None, None)], window=24, n_windows=2, progress=False)
+
+
+def test_wrong_type_is_a_type_error(lm):
+    _, tok = lm
+    with pytest.raises(TypeError, match="window"):
+        token_windows(tok, TEXT, window="32")
+
+
 def test_sweep_settings():
     from topk_lib.experiments.perplexity import sweep_settings
 

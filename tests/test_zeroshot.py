@@ -41,6 +41,29 @@ def test_token_scores_under_topk_match_lm_eval(llama, tok):
     assert abs(nll.mean() - vanilla["nll"]) > 1e-4
 
 
+class _Tokenizer:
+    """Just enough of a tokenizer for the BOS and pad rules: ids are characters, BOS optional."""
+
+    def __init__(self, *, bos=None, adds_bos=False, pad=None, eos=None):
+        self.bos_token_id, self.pad_token_id, self.eos_token_id, self.adds_bos = bos, pad, eos, adds_bos
+
+    def __call__(self, text, add_special_tokens=True, verbose=False):
+        ids = [ord(c) for c in text]
+        return {"input_ids": ([self.bos_token_id] if self.adds_bos and add_special_tokens else []) + ids}
+
+
+def test_one_bos_and_pad_rule():
+    adds = _Tokenizer(bos=1, adds_bos=True, eos=2)
+    assert scoring.bos_prefix(adds) == [1] and scoring.pad_token_id(adds) == 2  # pad falls back to EOS
+    assert scoring.bos_prefix(_Tokenizer(bos=1)) == [] and scoring.bos_prefix(_Tokenizer()) == []
+    assert scoring.pad_token_id(_Tokenizer(pad=5, eos=2)) == 5 and scoring.pad_token_id(_Tokenizer()) == 0
+    text = "abcdefgh" * 4
+    assert token_windows(adds, text, window=4, n_windows=2)[:, 0].tolist() == [1, 1]  # windows follow the rule
+    assert token_windows(_Tokenizer(bos=1), text, window=4, n_windows=2).shape == (2, 4)
+    ex = passkey.passkey_example(adds, n_tokens=400, depth=0.5, passkey="12345")
+    assert ex["input_ids"][0] == 1 and ex["input_ids"][1] == ord("T")  # so do the prompts
+
+
 def test_token_scores_rejects_bad_windows(llama):
     with pytest.raises(ValueError, match="windows"):
         scoring.token_scores(llama, torch.zeros(5, dtype=torch.long))
@@ -212,6 +235,8 @@ def test_passkey_example_bad_arguments(tok):
         passkey.passkey_example(tok, n_tokens=20, depth=0.5, passkey="12345")
     with pytest.raises(ValueError, match="passkey"):
         passkey.passkey_example(tok, n_tokens=200, depth=0.5, passkey="12a45")
+    with pytest.raises(TypeError, match="depth"):
+        passkey.passkey_example(tok, n_tokens=200, depth="0.5", passkey="12345")
 
 
 def test_passkey_examples_grid_is_deterministic(tok):
