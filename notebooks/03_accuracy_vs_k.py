@@ -40,9 +40,9 @@
 # minutes; (4) passkey: ~5 / 12 / 27 s per 1k / 2k / 4k prompt vanilla, up to ~6 / 14 /
 # 40 s with top-k, about 8 minutes; (5) per-head budget against uniform k on the
 # 1024-token windows of (1): ~8 s per window and setting, about 2 minutes; (6) MiniLM
-# retrieval: ~14 s for vanilla, ~17 s per top-k setting, about 2 minutes. Every (task, setting) result is cached under
-# `data/results/accuracy/`, so an interrupted run resumes where it stopped and a rerun only
-# redraws. Each section prints the wall time it spent computing, and the closing cell the
+# retrieval: ~14 s for vanilla, ~17 s per top-k setting, about 2 minutes. Every (task,
+# setting) result is cached under `data/results/accuracy/`, so an interrupted run resumes
+# where it stopped and a rerun only redraws. Each section prints the wall time it spent computing, and the closing cell the
 # total. Quick mode (CI) uses CPython's pydoc text, a handful of examples and one k per kind.
 
 # %% tags=["parameters"]
@@ -336,4 +336,3 @@ closing.round(3)
 seconds = summaries.seconds_by_section({"language modelling": lm, "classification": cls, "trivia": qa,
                                         "passkey": passkey, "budget": budget_rows, "retrieval": retrieval})
 print(summaries.closing_caption(budget_table, seconds, time.perf_counter() - started))
-
