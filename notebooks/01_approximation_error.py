@@ -41,7 +41,8 @@ import torch
 
 from topk_lib import load_model
 from topk_lib.analysis.approximations import approximation_errors, record_qkv
-from topk_lib.experiments.inputs import analysis_inputs, cached_attention_stats, layer_sensitivity
+from topk_lib.analysis.sensitivity import layer_sensitivity
+from topk_lib.experiments.inputs import analysis_inputs, cached_attention_stats
 from topk_lib.tasks.lm import token_windows
 from topk_lib.plots.analysis import plot_bars, plot_layer_head_heatmaps, plot_panels_vs_k
 from topk_lib.plots.style import save_figure

@@ -30,65 +30,62 @@
 # vanilla model.
 #
 # **Budget.** Full mode is sized for 60 minutes on the project's 2-core CPU with one torch
-# thread while other jobs share the machine: the comments in the parameters cell give the
-# timings each sample size was chosen from, which add up to about 40 minutes, leaving room
-# for a busier machine. Every (task, setting) result is cached under
-# `data/results/accuracy/`, so an interrupted run resumes where it stopped and a rerun only
-# redraws. Each section prints the wall time it spent computing, and the closing cell the
+# thread while other jobs share the machine. The sample sizes in the parameters cell were
+# chosen from these timings (SmolLM2 / MiniLM, one thread, other jobs running), which add
+# up to about 40 minutes, leaving room for a busier machine:
+# (1) language modelling: ~7 s (vanilla), ~9 s (attention), ~8 s (FF), ~9 s (both) per
+# 1024-token window and ~25 / 45 / 30 / 68 s per 4096-token window, about 15 minutes for
+# both corpora; (2) classification: ~0.26 s per example per setting (content-free prompts
+# included), about 5 minutes; (3) trivia QA: ~10 s per 16 questions and setting, about 5
+# minutes; (4) passkey: ~5 / 12 / 27 s per 1k / 2k / 4k prompt vanilla, up to ~6 / 14 /
+# 40 s with top-k, about 8 minutes; (5) per-head budget against uniform k on the
+# 1024-token windows of (1): ~8 s per window and setting, about 2 minutes; (6) MiniLM
+# retrieval: ~14 s for vanilla, ~17 s per top-k setting, about 2 minutes. Every (task,
+# setting) result is cached under `data/results/accuracy/`, so an interrupted run resumes
+# where it stopped and a rerun only redraws. Each section prints the wall time it spent computing, and the closing cell the
 # total. Quick mode (CI) uses CPython's pydoc text, a handful of examples and one k per kind.
 
 # %% tags=["parameters"]
 QUICK = False  # pydoc text, a few examples, one k per kind: the CI smoke run (under 3 minutes)
 THREADS = 1  # torch threads; on the shared 2-core CPU two threads contend with other jobs and run far slower
 SEED = 0  # fixes every sample (fortunes, polarity, trivia, passkeys, paragraphs)
-# Timings below: SmolLM2 / MiniLM on the shared 2-core CPU, one thread, with other jobs running.
-# (1) language modelling: ~7 s (vanilla), ~9 s (attention), ~8 s (FF), ~9 s (both) per 1024-token window and
-# ~25 / 45 / 30 / 68 s per 4096-token window: about 15 minutes for both corpora.
 LM_CORPORA = ["moby-dick", "sotu"]  # texts scored (sotu: all 233 addresses, joined)
 LM_SETUPS = {
     1024: {"windows": 2, "attn": [128, 32, 8, 2], "ff": [768, 384, 96], "both": [[128, 768], [32, 384], [8, 96]]},
     4096: {"windows": 1, "attn": [128, 32, 8], "ff": [384], "both": [[32, 384]]},
 }  # window length -> windows per corpus and the ks swept (attention k, FF k of 1536, pairs switched together)
-# (2) classification: ~0.26 s per example per setting (content-free prompts included): about 5 minutes.
 LANG_PER_LABEL = 20  # fortunes per language (7 languages, a fixed balanced sample)
 LANG_CHARS = [30, 160]  # keep fortunes of this many characters (short single cookies)
 POLARITY_N = 100  # polarity sentences (of 200), half positive, half negative
 CLS_ATTN_KS = [8, 2]  # prompts are a few dozen tokens, so only small attention k drops any key
 CLS_FF_KS = [192, 48]  # feed-forward k of 1536
-# (3) trivia QA: ~10 s per 16 questions and setting: about 5 minutes.
 QA_N = 96  # trivia questions (of 261), a fixed sample
 QA_MAX_NEW_TOKENS = 24  # greedy tokens per answer
 QA_ATTN_KS = [8, 2]  # prompt + answer is under a hundred tokens
 QA_FF_KS = [384, 96]  # feed-forward k of 1536
-# (4) passkey: ~5 / 12 / 27 s per 1k / 2k / 4k prompt vanilla, up to ~6 / 14 / 40 s with top-k: about 8 minutes.
 PASSKEY_LENGTHS = [1024, 2048, 4096]  # prompt lengths in tokens
 PASSKEY_DEPTHS = [0.1, 0.5, 0.9]  # where the key sits: 0 is the start of the filler, 1 its end
 PASSKEY_PER_CELL = 1  # keys per (length, depth)
 PASSKEY_ATTN_KS = [16, 2]  # attention k (feed-forward top-k is not swept here)
-# (5) per-head budget vs uniform k on the 1024-token windows of (1): ~8 s per window and setting, ~2 minutes.
 BUDGET_FILE = "smollm2-135m_head_budget.json"  # notebook 02's budget (save_budget JSON) under data/results
 BUDGET_KS = [32, 8, 2]  # average k compared (each must also be a uniform attention k of LM_SETUPS[1024])
 BUDGET_TOKENS = 1024  # pydoc tokens the budget is measured on when BUDGET_FILE is absent (~10 s)
-# (6) MiniLM retrieval: ~14 s for vanilla, ~17 s per top-k setting: about 2 minutes.
 RETRIEVAL_N = 200  # paragraphs (queries and documents)
 RETRIEVAL_SENTENCES = 4  # sentences per pseudo-paragraph (the SOTU files have no paragraph breaks)
 RETRIEVAL_ATTN_KS = [32, 8, 2]  # documents are about a hundred tokens
 RETRIEVAL_FF_KS = [384, 96, 24]  # feed-forward k of MiniLM's 1536
 
 # %%
-import json
 import time
 
-import numpy as np
 import pandas as pd
 import torch
 
-from topk_lib import data
-from topk_lib.experiments import accuracy
-from topk_lib.tasks import zeroshot
-from topk_lib.experiments.inputs import load_budget, save_budget
-from topk_lib.infra import paths
+from topk_lib.analysis.budget import budget_summary, scaled_budgets
+from topk_lib.experiments import accuracy, inputs, summaries
+from topk_lib.experiments.settings import settings_grid
 from topk_lib.hf.loading import load_model
+from topk_lib.infra import paths
 from topk_lib.plots.accuracy import plot_accuracy_vs_k, plot_budget_frontier, plot_paper_reference
 from topk_lib.plots.style import save_figure
 
@@ -100,6 +97,8 @@ if QUICK:
     PASSKEY_LENGTHS, PASSKEY_DEPTHS, PASSKEY_ATTN_KS = [256], [0.5], [2]
     BUDGET_KS, BUDGET_TOKENS = [8, 2], 256
     RETRIEVAL_N, RETRIEVAL_ATTN_KS, RETRIEVAL_FF_KS = 16, [2], [96]
+
+# %%
 torch.set_num_threads(THREADS)
 started = time.perf_counter()
 model, tokenizer = load_model("smollm2-135m")
@@ -117,20 +116,7 @@ print(f"SmolLM2: {model.config.num_hidden_layers} layers, {model.config.num_atte
 # keeps the k largest |activation| of SmolLM2's 1536 gated units per token.
 
 # %%
-texts = {
-    "moby-dick": lambda: data.moby_dick_text(fetch=True),
-    "sotu": lambda: "\n\n".join(s["text"] for s in data.sotu_speeches(fetch=True)),
-    "pydoc": lambda: data.pydoc_text(),
-}
-lm_parts = []
-for corpus in LM_CORPORA:
-    text = texts[corpus]()
-    for window, setup in LM_SETUPS.items():
-        grid = accuracy.settings_grid(attn_ks=setup["attn"], ff_ks=setup["ff"], both=setup["both"])
-        lm_parts.append(accuracy.lm_sweep(model, tokenizer, text, model_name="smollm2-135m", corpus=corpus,
-                                          settings=grid, window=window, n_windows=setup["windows"]))
-lm = pd.concat(lm_parts, ignore_index=True)
-lm_seconds = lm.drop_duplicates(["sweep", "setting"]).query("computed").seconds.sum()
+lm = accuracy.lm_sweeps(model, tokenizer, model_name="smollm2-135m", corpora=LM_CORPORA, setups=LM_SETUPS)
 lm[lm.metric == "perplexity"].pivot(index="setting", columns="task", values="value").round(2)
 
 # %%
@@ -142,14 +128,7 @@ fig = plot_accuracy_vs_k(lm, metric="accuracy", ylabel="next-token accuracy", pe
 save_figure(fig, "03_lm_accuracy_vs_k")
 
 # %%
-for task in dict.fromkeys(lm.task):
-    t = lm[(lm.task == task) & (lm.metric == "perplexity")].set_index("setting")
-    worst_attn = t[t.kind == "attention"].sort_values("x").iloc[0]
-    worst_ff = t[t.kind == "ff"].sort_values("x").iloc[0]
-    print(f"{task}: vanilla perplexity {t.loc['vanilla', 'value']:.2f} "
-          f"[{t.loc['vanilla', 'lo']:.2f}, {t.loc['vanilla', 'hi']:.2f}] over {t.loc['vanilla', 'n']} tokens; "
-          f"attention k={worst_attn.x:g}: {worst_attn.value:.2f}, FF k={worst_ff.x:g}: {worst_ff.value:.2f}")
-print(f"language modelling computed for {lm_seconds:.0f} s this run (cached settings cost nothing)")
+print(summaries.lm_caption(lm))
 
 # %% [markdown]
 # **Reading the figures.** Left panels switch attention only, middle panels feed-forward
@@ -170,27 +149,12 @@ print(f"language modelling computed for {lm_seconds:.0f} s this run (cached sett
 # a small pilot sample. Fortune cookies are labelled by the Debian package they ship in.
 
 # %%
-fortunes = data.fortunes_by_language(min_chars=LANG_CHARS[0], max_chars=LANG_CHARS[1], fetch=True)
-fortunes = {lang: [" ".join(t.split()) for t in texts] for lang, texts in fortunes.items()}  # one line each
-lang_examples = zeroshot.balanced_sample(fortunes, n_per_label=LANG_PER_LABEL, seed=SEED)
-polarity = data.polarity_sentences(fetch=True)
-polarity_examples = zeroshot.balanced_sample(
-    {label: [t for t, l in polarity if l == label] for label in ("pos", "neg")}, n_per_label=POLARITY_N // 2,
-    seed=SEED)
-cls_grid = accuracy.settings_grid(attn_ks=CLS_ATTN_KS, ff_ks=CLS_FF_KS)
-cls = pd.concat([
-    accuracy.classification_sweep(model, tokenizer, lang_examples, model_name="smollm2-135m", task="language_id",
-                                  template=zeroshot.LANGUAGE_TEMPLATE, labels=zeroshot.LANGUAGE_LABELS,
-                                  settings=cls_grid),
-    accuracy.classification_sweep(model, tokenizer, polarity_examples, model_name="smollm2-135m", task="polarity",
-                                  template=zeroshot.POLARITY_TEMPLATE, labels=zeroshot.POLARITY_LABELS,
-                                  settings=cls_grid),
-], ignore_index=True)
-cls_seconds = cls.drop_duplicates(["sweep", "setting"]).query("computed").seconds.sum()
-prompt_tokens = [len(tokenizer(zeroshot.LANGUAGE_TEMPLATE.format(text=t))["input_ids"]) for t, _ in lang_examples]
-print(f"{len(lang_examples)} fortunes ({LANG_PER_LABEL} per language, prompts of {min(prompt_tokens)}-"
-      f"{max(prompt_tokens)} tokens), {len(polarity_examples)} polarity sentences; "
-      f"computed for {cls_seconds:.0f} s this run")
+lang_examples = accuracy.language_id_examples(per_label=LANG_PER_LABEL, chars=LANG_CHARS, seed=SEED)
+polarity_examples = accuracy.polarity_examples(n=POLARITY_N, seed=SEED)
+cls = accuracy.classification_sweeps(model, tokenizer, {"language_id": lang_examples, "polarity": polarity_examples},
+                                     model_name="smollm2-135m",
+                                     settings=settings_grid(attn_ks=CLS_ATTN_KS, ff_ks=CLS_FF_KS))
+print(summaries.classification_inputs_caption(tokenizer, lang_examples, polarity_examples, cls))
 cls.pivot_table(index="setting", columns=["task", "metric"], values="value", sort=False).round(3)
 
 # %%
@@ -200,11 +164,7 @@ fig = plot_accuracy_vs_k(cls, metric="accuracy", ylabel="accuracy (calibrated)",
 save_figure(fig, "03_classification_vs_k")
 
 # %%
-for task, chance in (("language_id", 1 / 7), ("polarity", 1 / 2)):
-    t = cls[cls.task == task].pivot_table(index="setting", columns="metric", values="value", sort=False)
-    print(f"{task}: vanilla {t.loc['vanilla', 'accuracy']:.1%} calibrated, {t.loc['vanilla', 'accuracy_raw']:.1%} "
-          f"raw (chance {chance:.0%}); calibration changes accuracy by "
-          f"{(t.accuracy - t.accuracy_raw).min():+.1%} to {(t.accuracy - t.accuracy_raw).max():+.1%} across settings")
+print(summaries.classification_caption(cls, chance={"language_id": 1 / 7, "polarity": 1 / 2}))
 
 # %% [markdown]
 # **Reading the figure.** One line per task, calibrated accuracy with its bootstrap
@@ -221,27 +181,19 @@ for task, chance in (("language_id", 1 / 7), ("polarity", 1 / 2)):
 # normalised first line equals it (exact match; SQuAD normalisation).
 
 # %%
-trivia = data.trivia_qa(fetch=True)
-qa_pairs = [trivia[i] for i in sorted(np.random.default_rng(SEED).choice(len(trivia), QA_N, replace=False))]
+qa_pairs = accuracy.trivia_sample(n=QA_N, seed=SEED)
 qa = accuracy.qa_sweep(model, tokenizer, qa_pairs, model_name="smollm2-135m",
-                       settings=accuracy.settings_grid(attn_ks=QA_ATTN_KS, ff_ks=QA_FF_KS),
-                       max_new_tokens=QA_MAX_NEW_TOKENS)
-qa_seconds = qa.drop_duplicates(["sweep", "setting"]).query("computed").seconds.sum()
+                       settings=settings_grid(attn_ks=QA_ATTN_KS, ff_ks=QA_FF_KS), max_new_tokens=QA_MAX_NEW_TOKENS)
 qa.pivot_table(index="setting", columns="metric", values="value", sort=False).round(3)
 
 # %%
-fig = plot_accuracy_vs_k(qa.assign(task=qa.metric).assign(metric="score"), metric="score", ylabel="share of questions",
+fig = plot_accuracy_vs_k(summaries.metrics_as_tasks(qa), metric="score", ylabel="share of questions",
                          percent=True, labels={"contains": "answer contained", "exact": "exact match"},
                          title=f"SmolLM2-135M trivia ({QA_N} questions), greedy answers vs k")
 save_figure(fig, "03_trivia_vs_k")
 
 # %%
-t = qa[qa.metric == "contains"].set_index("setting")
-print(f"vanilla: gold answer contained in {t.loc['vanilla', 'value']:.1%} [{t.loc['vanilla', 'lo']:.1%}, "
-      f"{t.loc['vanilla', 'hi']:.1%}] of {t.loc['vanilla', 'n']} answers, exact match "
-      f"{qa[(qa.metric == 'exact') & (qa.setting == 'vanilla')].value.item():.1%}; "
-      + ", ".join(f"{s}: {v:.1%}" for s, v in t.value.items() if s != "vanilla")
-      + f"; computed for {qa_seconds:.0f} s this run")
+print(summaries.qa_caption(qa))
 
 # %% [markdown]
 # **Reading the figure.** Containment accepts an answer given as a sentence, exact match
@@ -259,24 +211,19 @@ print(f"vanilla: gold answer contained in {t.loc['vanilla', 'value']:.1%} [{t.lo
 
 # %%
 passkey = accuracy.passkey_sweep(model, tokenizer, model_name="smollm2-135m",
-                                 settings=accuracy.settings_grid(attn_ks=PASSKEY_ATTN_KS),
+                                 settings=settings_grid(attn_ks=PASSKEY_ATTN_KS),
                                  lengths=PASSKEY_LENGTHS, depths=PASSKEY_DEPTHS, n_per_cell=PASSKEY_PER_CELL, seed=SEED)
-passkey_seconds = passkey.drop_duplicates(["sweep", "setting"]).query("computed").seconds.sum()
 passkey.pivot_table(index="setting", columns=["task", "metric"], values="value", sort=False).round(3)
 
 # %%
-per_length = passkey[passkey.task != "passkey"]
-fig = plot_accuracy_vs_k(per_length, metric="accuracy", ylabel="keys retrieved", percent=True,
+fig = plot_accuracy_vs_k(passkey[passkey.task != "passkey"], metric="accuracy", ylabel="keys retrieved", percent=True,
                          labels={f"passkey_{n}": f"{n} tokens" for n in PASSKEY_LENGTHS},
                          title=f"SmolLM2-135M passkey retrieval vs attention k "
                                f"({len(PASSKEY_DEPTHS) * PASSKEY_PER_CELL} prompts per length)")
 save_figure(fig, "03_passkey_vs_k")
 
 # %%
-t = passkey[(passkey.task == "passkey")].pivot_table(index="setting", columns="metric", values="value", sort=False)
-print(f"{int(passkey[passkey.task == 'passkey'].n.iloc[0])} prompts at depths {PASSKEY_DEPTHS}: "
-      + ", ".join(f"{s}: {r.accuracy:.0%} of keys ({r.digits:.0%} of answer tokens)" for s, r in t.iterrows())
-      + f"; computed for {passkey_seconds:.0f} s this run")
+print(summaries.passkey_caption(passkey, PASSKEY_DEPTHS))
 
 # %% [markdown]
 # **Reading the figure.** One line per prompt length (pooled over depths). With few
@@ -295,36 +242,15 @@ print(f"{int(passkey[passkey.task == 'passkey'].n.iloc[0])} prompts at depths {P
 # printout names it); the other corpus is then the held-out comparison.
 
 # %%
-budget_path = paths.results() / BUDGET_FILE
-own_budget_path = paths.results() / "accuracy" / f"smollm2-135m_head_budget_k99_pydoc{BUDGET_TOKENS}.json"
-if budget_path.exists():
-    budget_info = json.loads(budget_path.read_text())
-    budget, budget_source = load_budget(budget_path), (
-        f"notebook 02 ({budget_path.name}: {budget_info.get('tokens', '?')} tokens of "
-        f"{budget_info.get('text', 'an unnamed text')}, {budget_info.get('statistic', 'k99')})")
-elif own_budget_path.exists():
-    budget, budget_source = load_budget(own_budget_path), f"measured earlier here ({own_budget_path.name})"
-else:
-    budget = accuracy.measure_head_budget(model, tokenizer, data.pydoc_text(), n_tokens=BUDGET_TOKENS)
-    save_budget(budget, own_budget_path, overwrite=True, source="pydoc", tokens=BUDGET_TOKENS, statistic="k99 median")
-    budget_source = f"measured now on {BUDGET_TOKENS} pydoc tokens"
-budget_ks = np.array(list(budget.values()))
-print(f"per-head budget from {budget_source}: {len(budget)} heads, k from {budget_ks.min()} to {budget_ks.max()}, "
-      f"median {np.median(budget_ks):g}, mean {budget_ks.mean():.1f}")
-budgets = {k: accuracy.scale_budget(budget, average_k=k) for k in BUDGET_KS}
+budget, budget_source = inputs.head_budget(model, tokenizer, model_name="smollm2-135m", budget_file=BUDGET_FILE,
+                                           tokens=BUDGET_TOKENS)
+print(f"per-head budget from {budget_source}: {budget_summary(budget)}")
 budget_window = min(LM_SETUPS)
-budget_parts = []
-for corpus in LM_CORPORA:
-    grid = accuracy.settings_grid(budgets=budgets)  # vanilla (cached from section 1) and the budgets
-    budget_parts.append(accuracy.lm_sweep(model, tokenizer, texts[corpus](), model_name="smollm2-135m",
-                                          corpus=corpus, settings=grid, window=budget_window,
-                                          n_windows=LM_SETUPS[budget_window]["windows"]))
-budget_rows = pd.concat(budget_parts, ignore_index=True)
-budget_seconds = budget_rows.drop_duplicates(["sweep", "setting"]).query("computed").seconds.sum()
-frontier = pd.concat([lm[lm.task.isin(set(budget_rows.task))], budget_rows[budget_rows.kind == "budget"]],
-                     ignore_index=True)
-budget_table = pd.concat({m: accuracy.budget_comparison(frontier, metric=m).set_index(["task", "average_k"])
-                          for m in ("perplexity", "accuracy")}, axis=1)
+budget_rows = accuracy.lm_sweeps(model, tokenizer, model_name="smollm2-135m", corpora=LM_CORPORA,
+                                 setups={budget_window: LM_SETUPS[budget_window]},
+                                 budgets=scaled_budgets(budget, BUDGET_KS))  # vanilla (cached in section 1), budgets
+frontier = summaries.budget_frontier(lm, budget_rows)
+budget_table = summaries.budget_table(frontier)
 budget_table.round(3)
 
 # %%
@@ -333,11 +259,7 @@ fig = plot_budget_frontier(frontier, metric="perplexity", ylabel="perplexity", l
 save_figure(fig, "03_budget_vs_uniform")
 
 # %%
-for (task, k), r in budget_table.iterrows():
-    print(f"{task}, average k {k:g} (budget mean {r[('perplexity', 'budget_mean_k')]:.2f}): perplexity "
-          f"{r[('perplexity', 'uniform')]:.2f} uniform vs {r[('perplexity', 'budget')]:.2f} budget, next-token "
-          f"accuracy {r[('accuracy', 'uniform')]:.1%} vs {r[('accuracy', 'budget')]:.1%}")
-print(f"budget settings computed for {budget_seconds:.0f} s this run")
+print(summaries.budget_caption(budget_table, budget_rows))
 
 # %% [markdown]
 # **Reading the figure.** Blue: the same k in every head; red: the per-head budget rescaled
@@ -355,21 +277,14 @@ print(f"budget settings computed for {budget_seconds:.0f} s this run")
 
 # %%
 encoder, encoder_tokenizer = load_model("minilm-l6")
-speeches = data.sotu_speeches(fetch=True)
-pairs = zeroshot.paragraph_pairs([s["text"] for s in speeches], n=RETRIEVAL_N,
-                                 sentences_per_paragraph=RETRIEVAL_SENTENCES, seed=SEED)
-doc_tokens = [len(ids) for ids in encoder_tokenizer([d for _, d in pairs])["input_ids"]]
+pairs = accuracy.sotu_paragraphs(n=RETRIEVAL_N, sentences_per_paragraph=RETRIEVAL_SENTENCES, seed=SEED)
 retrieval = accuracy.retrieval_sweep(encoder, encoder_tokenizer, pairs, model_name="minilm-l6",
-                                     settings=accuracy.settings_grid(attn_ks=RETRIEVAL_ATTN_KS,
-                                                                     ff_ks=RETRIEVAL_FF_KS))
-retrieval_seconds = retrieval.drop_duplicates(["sweep", "setting"]).query("computed").seconds.sum()
-print(f"{len(pairs)} paragraphs; documents of {min(doc_tokens)}-{max(doc_tokens)} tokens "
-      f"(median {int(np.median(doc_tokens))}, truncated at 256)")
+                                     settings=settings_grid(attn_ks=RETRIEVAL_ATTN_KS, ff_ks=RETRIEVAL_FF_KS))
+print(summaries.retrieval_inputs_caption(encoder_tokenizer, pairs))
 retrieval.pivot_table(index="setting", columns="metric", values="value", sort=False).round(3)
 
 # %%
-scores = retrieval[retrieval.metric.isin(["acc@1", "mrr"])]
-fig = plot_accuracy_vs_k(scores.assign(task=scores.metric).assign(metric="score"), metric="score",
+fig = plot_accuracy_vs_k(summaries.metrics_as_tasks(retrieval, ["acc@1", "mrr"]), metric="score",
                          ylabel="score", labels={"acc@1": "accuracy@1", "mrr": "mean reciprocal rank"},
                          title=f"MiniLM paragraph retrieval on SOTU ({len(pairs)} paragraphs) vs k")
 save_figure(fig, "03_retrieval_vs_k")
@@ -379,34 +294,25 @@ fig = plot_accuracy_vs_k(retrieval, metric="cosine", ylabel="cosine to vanilla e
 save_figure(fig, "03_retrieval_cosine_vs_k")
 
 # %%
-t = retrieval.pivot_table(index="setting", columns="metric", values="value", sort=False)
-print(f"vanilla: accuracy@1 {t.loc['vanilla', 'acc@1']:.1%}, MRR {t.loc['vanilla', 'mrr']:.3f} over {len(pairs)} "
-      f"documents (chance accuracy@1 {1 / len(pairs):.2%}); lowest cosine to vanilla "
-      f"{t.cosine.min():.3f} at {t.cosine.idxmin()}; computed for {retrieval_seconds:.0f} s this run")
+print(summaries.retrieval_caption(retrieval, len(pairs)))
 
 # %% [markdown]
 # ## Beside the paper: feed-forward top-k relative to the full model
 #
 # Gupta et al. (2021) report the average exact match of UnifiedQA (T5-base, T5-3B and
 # T5-11B) with top-k in the feed-forward layers only; those published numbers
-# (`accuracy.GUPTA2021_UNIFIEDQA_FF`) are drawn as grey lines, relative to each model's
+# (`summaries.GUPTA2021_UNIFIEDQA_FF`) are drawn as grey lines, relative to each model's
 # full score, against the share of feed-forward units kept, k / d_ff. Our feed-forward
 # curves (SmolLM2 and MiniLM both have d_ff = 1536) use each task's main metric.
 
 # %%
-main_metric = {**{task: "accuracy" for task in dict.fromkeys(lm.task)}, "language_id": "accuracy",
-               "polarity": "accuracy", "trivia": "contains", "sotu_retrieval": "acc@1"}
 all_rows = pd.concat([lm, cls, qa, passkey, retrieval], ignore_index=True)
-ours = accuracy.relative_to_vanilla(all_rows, metrics=main_metric, kind="ff", d_ff=D_FF)
-paper = accuracy.paper_reference()
+ours = summaries.relative_to_vanilla(all_rows, metrics=summaries.main_metrics(lm.task), kind="ff", d_ff=D_FF)
+paper = summaries.paper_reference()
 fig = plot_paper_reference(ours, paper, title="Feed-forward top-k: accuracy relative to the full model",
                            labels={"sotu_retrieval": "MiniLM retrieval acc@1", "trivia": "trivia (contained)"})
 save_figure(fig, "03_ff_vs_paper")
-print("k/d_ff where the paper's models stay within 1 % of full: "
-      + ", ".join(f"{m}: down to {g[g.relative >= 0.99].k_frac.min():.4f}" for m, g in paper.groupby("model", sort=False)))
-print("ours (SmolLM2 and MiniLM, relative to vanilla): "
-      + "; ".join(f"{task}: " + ", ".join(f"{r.k_frac:.3f} -> {r.relative:.2f}" for _, r in g.iterrows())
-                  for task, g in ours.groupby("task", sort=False)))
+print(summaries.paper_caption(ours, paper))
 
 # %% [markdown]
 # **Reading the figure.** In the paper's numbers the larger T5 models keep their score
@@ -423,26 +329,10 @@ print("ours (SmolLM2 and MiniLM, relative to vanilla): "
 # outside. Then what the per-head budget buys at the same average k, and the wall time.
 
 # %%
-decoder_rows = all_rows[all_rows.sweep != "sotu_retrieval"]
-targets = [(task, m) for m in ("perplexity", "accuracy") for task in dict.fromkeys(lm.task)]
-targets += [("language_id", "accuracy"), ("polarity", "accuracy"), ("trivia", "contains"), ("passkey", "accuracy")]
-closing = {}
-for task, metric in targets:
-    rows = decoder_rows[(decoder_rows.task == task) & (decoder_rows.metric == metric)]
-    tolerance = dict(relative=0.02, lower_is_better=True) if metric == "perplexity" else dict(points=0.01)
-    for kind in ("attention", "ff"):
-        if (rows.kind == kind).any():
-            within = accuracy.smallest_k_within(rows, metric=metric, kind=kind, **tolerance).iloc[0]
-            closing.setdefault((task, metric), {"vanilla": within.vanilla})
-            closing[(task, metric)].update({f"{kind} k": within.k, f"{kind} value": within.value})
-closing = pd.DataFrame.from_dict(closing, orient="index").rename_axis(["task", "metric"])
+closing = summaries.smallest_k_table(all_rows, summaries.decoder_targets(lm.task))
 closing.round(3)
 
 # %%
-print("Per-head budget vs uniform k at the same average k (perplexity; negative gain = budget better): "
-      + "; ".join(f"{task} k={k:g}: {r[('perplexity', 'uniform')]:.2f} -> {r[('perplexity', 'budget')]:.2f}"
-                  for (task, k), r in budget_table.iterrows()))
-walls = pd.Series({"language modelling": lm_seconds, "classification": cls_seconds, "trivia": qa_seconds,
-                   "passkey": passkey_seconds, "budget": budget_seconds, "retrieval": retrieval_seconds})
-print("Seconds spent computing this run: " + ", ".join(f"{k} {v:.0f}" for k, v in walls.items())
-      + f"; notebook wall time {(time.perf_counter() - started) / 60:.1f} min (cached results cost nothing).")
+seconds = summaries.seconds_by_section({"language modelling": lm, "classification": cls, "trivia": qa,
+                                        "passkey": passkey, "budget": budget_rows, "retrieval": retrieval})
+print(summaries.closing_caption(budget_table, seconds, time.perf_counter() - started))

@@ -1,7 +1,8 @@
-"""Accuracy-versus-k sweeps: settings, bootstrap intervals, caching, summaries and plots (topk_lib.experiments.accuracy)."""
+"""Accuracy-versus-k sweeps: settings, bootstrap intervals, caching, summaries and plots (topk_lib.experiments)."""
 
 import json
 import math
+from pathlib import Path
 
 import matplotlib
 import numpy as np
@@ -9,9 +10,12 @@ import pandas as pd
 import pytest
 from tiny_models import TEXT
 
-from topk_lib.experiments import accuracy
+from topk_lib import data
+from topk_lib.analysis.budget import scale_budget
+from topk_lib.experiments import accuracy, inputs, summaries, sweep
+from topk_lib.experiments.settings import Setting, settings_grid
+from topk_lib.experiments.sweep import bootstrap_ci
 from topk_lib.plots import accuracy as plot_accuracy
-from topk_lib.experiments.accuracy import Setting, bootstrap_ci, settings_grid
 from topk_lib.tasks.lm import perplexity
 
 
@@ -53,7 +57,7 @@ def test_bootstrap_bad_arguments():
 
 def test_block_sums_stay_inside_windows():
     a = np.arange(10, dtype=float).reshape(2, 5)
-    s, c = accuracy.block_sums(a, block=2)
+    s, c = sweep.block_sums(a, block=2)
     assert s.tolist() == [1, 5, 4, 11, 15, 9] and c.tolist() == [2, 2, 1, 2, 2, 1]
 
 
@@ -94,14 +98,14 @@ def test_run_sweep_caches_and_skips(tmp_path, monkeypatch):
         return {"value": len(calls)}
 
     grid = settings_grid(attn_ks=[4, 8])
-    first = accuracy.run_sweep("toy", grid, config={"data": 1}, compute=compute, progress=False)
+    first = sweep.run_sweep("toy", grid, config={"data": 1}, compute=compute, progress=False)
     assert calls == ["vanilla", "attn4", "attn8"] and all(r["computed"] for r in first)
     files = sorted(p.name for p in (tmp_path / "accuracy" / "toy").iterdir())
     assert len(files) == 3 and all(f.endswith(".json") for f in files)  # no temporary files left
-    again = accuracy.run_sweep("toy", grid, config={"data": 1}, compute=compute, progress=False)
+    again = sweep.run_sweep("toy", grid, config={"data": 1}, compute=compute, progress=False)
     assert calls == ["vanilla", "attn4", "attn8"]  # nothing recomputed
     assert [r["value"] for r in again] == [1, 2, 3] and not any(r["computed"] for r in again)
-    accuracy.run_sweep("toy", grid[:1], config={"data": 2}, compute=compute, progress=False)
+    sweep.run_sweep("toy", grid[:1], config={"data": 2}, compute=compute, progress=False)
     assert calls[-1] == "vanilla" and len(calls) == 4  # a changed config is a new result
 
 
@@ -117,8 +121,8 @@ def test_interrupted_sweep_resumes(tmp_path):
 
     grid = settings_grid(attn_ks=[4, 8])
     with pytest.raises(KeyboardInterrupt):
-        accuracy.run_sweep("toy", grid, config={}, compute=compute, progress=False, root=tmp_path)
-    accuracy.run_sweep("toy", grid, config={}, compute=compute, progress=False, root=tmp_path)
+        sweep.run_sweep("toy", grid, config={}, compute=compute, progress=False, root=tmp_path)
+    sweep.run_sweep("toy", grid, config={}, compute=compute, progress=False, root=tmp_path)
     assert calls == ["vanilla", "attn4", "boom", "attn8"]
 
 
@@ -185,13 +189,13 @@ def test_smallest_k_within():
              for k, v in [(64, 0.81), (32, 0.795), (16, 0.75), (8, 0.795)]]  # k=8 recovers by chance: ignored
     rows += [dict(task="u", kind="vanilla", setting="vanilla", x=np.nan, metric="accuracy", value=0.5),
              dict(task="u", kind="attention", setting="attn64", x=64, metric="accuracy", value=0.3)]
-    out = accuracy.smallest_k_within(_summary(rows), metric="accuracy", kind="attention").set_index("task")
+    out = summaries.smallest_k_within(_summary(rows), metric="accuracy", kind="attention").set_index("task")
     assert out.loc["t", "k"] == 32 and out.loc["t", "value"] == 0.795
     assert out.loc["u", "k"] is pd.NA
     ppl = _summary([dict(task="t", kind="vanilla", setting="vanilla", x=np.nan, metric="perplexity", value=100.0),
                     dict(task="t", kind="ff", setting="ff768", x=768, metric="perplexity", value=101.9),
                     dict(task="t", kind="ff", setting="ff384", x=384, metric="perplexity", value=102.1)])
-    out = accuracy.smallest_k_within(ppl, metric="perplexity", kind="ff", relative=0.02, lower_is_better=True)
+    out = summaries.smallest_k_within(ppl, metric="perplexity", kind="ff", relative=0.02, lower_is_better=True)
     assert out.k.tolist() == [768]
 
 
@@ -200,16 +204,16 @@ def test_budget_comparison_and_relative():
             dict(task="t", kind="attention", setting="attn8", x=8, metric="accuracy", value=0.6),
             dict(task="t", kind="budget", setting="budget8", x=8.2, nominal_k=8, metric="accuracy", value=0.7),
             dict(task="t", kind="ff", setting="ff96", x=96, metric="accuracy", value=0.4)]
-    b = accuracy.budget_comparison(_summary(rows), metric="accuracy")
+    b = summaries.budget_comparison(_summary(rows), metric="accuracy")
     assert b.to_dict("records") == [{"task": "t", "average_k": 8.0, "budget_mean_k": 8.2, "uniform": 0.6,
                                      "budget": 0.7, "gain": pytest.approx(0.1)}]
-    rel = accuracy.relative_to_vanilla(_summary(rows), metrics={"t": "accuracy"}, d_ff=1536)
+    rel = summaries.relative_to_vanilla(_summary(rows), metrics={"t": "accuracy"}, d_ff=1536)
     assert rel.to_dict("records") == [{"task": "t", "metric": "accuracy", "k": 96, "k_frac": 96 / 1536,
                                        "relative": pytest.approx(0.5)}]
 
 
 def test_paper_reference_numbers():
-    ref = accuracy.paper_reference()
+    ref = summaries.paper_reference()
     assert set(ref.model) == {"T5-base", "T5-3B", "T5-11B"} and len(ref) == 6 + 6 + 4
     row = ref[(ref.model == "T5-base") & (ref.k == 16)].iloc[0]
     assert row.exact_match == 58.7 and row.relative == pytest.approx(58.7 / 62.4) and row.k_frac == 16 / 3072
@@ -218,18 +222,18 @@ def test_paper_reference_numbers():
 
 def test_scale_budget_keeps_proportions():
     budget = {(0, 0): 10, (0, 1): 30, (1, 0): 20, (1, 1): 40}
-    scaled = accuracy.scale_budget(budget, average_k=5)
+    scaled = scale_budget(budget, average_k=5)
     assert scaled == {(0, 0): 2, (0, 1): 6, (1, 0): 4, (1, 1): 8}
     with pytest.raises(ValueError, match="budget"):
-        accuracy.scale_budget({}, average_k=4)
+        scale_budget({}, average_k=4)
 
 
 def test_measure_head_budget(llama, tok):
     pytest.importorskip("topk_lib.analysis.capture")
-    budget = accuracy.measure_head_budget(llama, tok, TEXT, n_tokens=64, progress=False)
+    budget = inputs.measure_head_budget(llama, tok, TEXT, n_tokens=64, progress=False)
     assert sorted(budget) == [(l, h) for l in range(2) for h in range(4)]
     assert all(1 <= k <= 64 for k in budget.values())
-    lo = accuracy.measure_head_budget(llama, tok, TEXT, n_tokens=64, frac=0.5, progress=False)
+    lo = inputs.measure_head_budget(llama, tok, TEXT, n_tokens=64, frac=0.5, progress=False)
     assert all(lo[key] <= budget[key] for key in budget)  # half the mass needs no more keys than 99 %
 
 
@@ -252,7 +256,176 @@ def test_plots_return_figures(llama, tok, tmp_path):
     fig = plot_accuracy.plot_budget_frontier(df, metric="accuracy", ylabel="accuracy", title="t")
     assert len(fig.axes) == 2
     ours = pd.DataFrame({"task": ["a", "a"], "k_frac": [0.1, 0.5], "relative": [0.9, 1.0]})
-    fig = plot_accuracy.plot_paper_reference(ours, accuracy.paper_reference(), title="t")
+    fig = plot_accuracy.plot_paper_reference(ours, summaries.paper_reference(), title="t")
     assert len(fig.axes[0].lines) == 3 + 1 + 1  # three T5 models, ours, the line at 1
     with pytest.raises(ValueError, match="metric"):
         plot_accuracy.plot_accuracy_vs_k(df, metric="mrr", ylabel="", title="")
+
+
+# --------------------------------------------------------------------------- cache names and keys
+
+COMMITTED = Path(__file__).resolve().parents[1] / "data" / "results" / "accuracy"
+
+
+def test_run_sweep_finds_a_committed_cache_file():
+    # the published file name: <setting>_<10-hex config_key of the config plus the setting>.json
+    path = COMMITTED / "language_id" / "vanilla_81df592ff7.json"
+    record = json.loads(path.read_text())
+    config = {k: v for k, v in record["config"].items() if k != "setting"}
+
+    def compute(setting):
+        raise AssertionError("a committed result must be read, not recomputed")
+
+    (got,) = sweep.run_sweep("language_id", [Setting("vanilla")], config=config, compute=compute, progress=False,
+                             root=COMMITTED)
+    assert not got["computed"] and got["calibrated"] == record["calibrated"]
+
+
+def test_data_fingerprint_is_pinned():
+    # 12 hex characters of the sha256 of the sorted JSON, non-ASCII kept as UTF-8
+    assert sweep.fingerprint([["Grüße aus Köln", "de"], ["a", "en"]]) == "867f2a461107"
+
+
+@pytest.mark.skipif(not data.is_fetched("fortunes"), reason="fortunes not fetched (python -m topk_lib.data)")
+def test_language_id_examples_give_the_published_data_key():
+    examples = accuracy.language_id_examples(per_label=20, chars=[30, 160], seed=0)
+    assert len(examples) == 140 and sweep.fingerprint(examples) == "b815661ab1df"  # in vanilla_81df592ff7.json
+
+
+def test_setting_of_pairs():
+    assert Setting.of() == Setting("vanilla")
+    assert Setting.of(8, None).name == "attn8" and Setting.of(None, 96).kind == "ff"
+    assert Setting.of(8, 96) == settings_grid(both=[(8, 96)])[1]
+    with pytest.raises(TypeError, match="attn_k"):
+        Setting.of("8")
+    with pytest.raises(ValueError, match="ff_k"):
+        Setting.of(None, 0)
+
+
+def test_corpus_text():
+    assert accuracy.corpus_text("pydoc") == data.pydoc_text()
+    with pytest.raises(ValueError, match="corpus"):
+        accuracy.corpus_text("nope")
+
+
+def test_lm_sweeps_equal_single_sweeps(llama, tok, tmp_path):
+    setups = {32: {"windows": 2, "attn": [2], "ff": [], "both": []}}
+    both = accuracy.lm_sweeps(llama, tok, model_name="tiny", corpora=["pydoc"], setups=setups, progress=False,
+                              root=tmp_path)
+    one = accuracy.lm_sweep(llama, tok, data.pydoc_text(), model_name="tiny", corpus="pydoc",
+                            settings=settings_grid(attn_ks=[2]), window=32, n_windows=2, progress=False, root=tmp_path)
+    pd.testing.assert_frame_equal(both.drop(columns=["computed", "seconds"]), one.drop(columns=["computed", "seconds"]))
+    budgets = {2: {(0, 0): 1, (0, 1): 3, (1, 0): 2, (1, 1): 2}}
+    b = accuracy.lm_sweeps(llama, tok, model_name="tiny", corpora=["pydoc"], setups=setups, budgets=budgets,
+                           progress=False, root=tmp_path)
+    assert b.setting.unique().tolist() == ["vanilla", "budget2"] and not b[b.kind == "vanilla"].computed.any()
+
+
+# --------------------------------------------------------------------------- notebook summaries
+
+
+def test_computed_seconds_counts_each_computed_setting_once():
+    df = _summary([dict(task="t", kind="vanilla", setting="vanilla", x=np.nan, metric=m, value=1.0, seconds=3.0,
+                        computed=True) for m in ("a", "b")]
+                  + [dict(task="t", kind="attention", setting="attn8", x=8, metric=m, value=1.0, seconds=5.0,
+                          computed=False) for m in ("a", "b")]
+                  + [dict(task="t", kind="ff", setting="ff4", x=4, metric=m, value=1.0, seconds=0.5, computed=True)
+                     for m in ("a", "b")])
+    assert summaries.computed_seconds(df) == 3.5
+    assert summaries.seconds_by_section({"x": df, "y": df[df.setting == "attn8"]}).to_dict() == {"x": 3.5, "y": 0.0}
+
+
+def test_smallest_k_table_uses_the_tolerance_of_each_metric():
+    rows = [dict(task="lm", kind="vanilla", setting="vanilla", x=np.nan, metric="perplexity", value=100.0),
+            dict(task="lm", kind="attention", setting="attn8", x=8, metric="perplexity", value=101.5),  # within 2 %
+            dict(task="lm", kind="attention", setting="attn2", x=2, metric="perplexity", value=103.0),  # outside
+            dict(task="lm", kind="vanilla", setting="vanilla", x=np.nan, metric="accuracy", value=0.5),
+            dict(task="lm", kind="attention", setting="attn8", x=8, metric="accuracy", value=0.48),  # 2 points worse
+            dict(task="lm", kind="attention", setting="attn2", x=2, metric="accuracy", value=0.3),
+            dict(task="lm", kind="ff", setting="ff4", x=4, metric="accuracy", value=0.495),  # within 1 point
+            dict(task="trivia", kind="vanilla", setting="vanilla", x=np.nan, metric="contains", value=0.2),
+            dict(task="trivia", kind="ff", setting="ff4", x=4, metric="contains", value=0.2)]
+    targets = summaries.decoder_targets(["lm", "lm"])
+    assert targets == [("lm", "perplexity"), ("lm", "accuracy"), ("language_id", "accuracy"),
+                       ("polarity", "accuracy"), ("trivia", "contains"), ("passkey", "accuracy")]
+    table = summaries.smallest_k_table(_summary(rows), targets)
+    assert table.index.tolist() == [("lm", "perplexity"), ("lm", "accuracy"), ("trivia", "contains")]
+    assert table.loc[("lm", "perplexity"), "attention k"] == 8
+    assert table.loc[("lm", "perplexity"), "attention value"] == 101.5
+    assert table.loc[("lm", "accuracy"), "attention k"] is pd.NA and table.loc[("lm", "accuracy"), "ff k"] == 4
+    assert table.loc[("trivia", "contains"), "vanilla"] == 0.2 and table.loc[("trivia", "contains"), "ff k"] == 4
+
+
+def test_budget_frontier_and_table():
+    uniform = _summary([dict(task=t, kind=kind, setting=s, x=x, metric=m, value=v)
+                        for t in ("a", "b") for kind, s, x in (("vanilla", "vanilla", np.nan), ("attention", "attn8", 8))
+                        for m, v in (("perplexity", 10.0 if s == "vanilla" else 12.0), ("accuracy", 0.5))])
+    budget_rows = _summary([dict(task="a", kind="vanilla", setting="vanilla", x=np.nan, metric="perplexity", value=10.0),
+                            dict(task="a", kind="budget", setting="budget8", x=8.5, nominal_k=8, metric="perplexity",
+                                 value=11.0),
+                            dict(task="a", kind="budget", setting="budget8", x=8.5, nominal_k=8, metric="accuracy",
+                                 value=0.6)])
+    frontier = summaries.budget_frontier(uniform, budget_rows)
+    assert set(frontier.task) == {"a"} and len(frontier) == 4 + 2  # a's uniform rows, then its budget rows
+    table = summaries.budget_table(frontier)
+    assert table.index.tolist() == [("a", 8.0)]
+    assert table.loc[("a", 8.0), ("perplexity", "gain")] == pytest.approx(-1.0)
+    assert table.loc[("a", 8.0), ("accuracy", "budget_mean_k")] == 8.5
+    assert summaries.budget_caption(table, budget_rows) == (
+        "a, average k 8 (budget mean 8.50): perplexity 12.00 uniform vs 11.00 budget, next-token accuracy 50.0% vs "
+        "60.0%\nbudget settings computed for 2 s this run")  # vanilla and budget8, 1 s each
+    assert summaries.closing_caption(table, pd.Series({"lm": 2.0, "qa": 0.4}), 90.0) == (
+        "Per-head budget vs uniform k at the same average k (perplexity; negative gain = budget better): "
+        "a k=8: 12.00 -> 11.00\nSeconds spent computing this run: lm 2, qa 0; notebook wall time 1.5 min "
+        "(cached results cost nothing).")
+
+
+def test_main_metrics_and_metrics_as_tasks():
+    assert summaries.main_metrics(["lm_x", "lm_x", "lm_y"]) == {
+        "lm_x": "accuracy", "lm_y": "accuracy", "language_id": "accuracy", "polarity": "accuracy",
+        "trivia": "contains", "sotu_retrieval": "acc@1"}
+    df = _summary([dict(task="t", kind="vanilla", setting="vanilla", x=np.nan, metric=m, value=v)
+                   for m, v in (("acc@1", 0.5), ("mrr", 0.6), ("cosine", 1.0))])
+    out = summaries.metrics_as_tasks(df, ["acc@1", "mrr"])
+    assert out.task.tolist() == ["acc@1", "mrr"] and set(out.metric) == {"score"} and out.value.tolist() == [0.5, 0.6]
+    assert len(summaries.metrics_as_tasks(df)) == 3
+
+
+def test_section_captions():
+    lm = _summary([dict(task="lm_t", kind="vanilla", setting="vanilla", x=np.nan, metric="perplexity", value=20.0,
+                        lo=18.0, hi=22.5, n=100),
+                   dict(task="lm_t", kind="attention", setting="attn8", x=8, metric="perplexity", value=30.0),
+                   dict(task="lm_t", kind="attention", setting="attn2", x=2, metric="perplexity", value=90.0),
+                   dict(task="lm_t", kind="ff", setting="ff96", x=96, metric="perplexity", value=40.0)])
+    assert summaries.lm_caption(lm) == (
+        "lm_t: vanilla perplexity 20.00 [18.00, 22.50] over 100 tokens; attention k=2: 90.00, FF k=96: 40.00\n"
+        "language modelling computed for 4 s this run (cached settings cost nothing)")
+    qa = _summary([dict(task="trivia", kind="vanilla", setting="vanilla", x=np.nan, metric="contains", value=0.25,
+                        lo=0.1, hi=0.4, n=8),
+                   dict(task="trivia", kind="vanilla", setting="vanilla", x=np.nan, metric="exact", value=0.125),
+                   dict(task="trivia", kind="attention", setting="attn2", x=2, metric="contains", value=0.0),
+                   dict(task="trivia", kind="attention", setting="attn2", x=2, metric="exact", value=0.0)])
+    assert summaries.qa_caption(qa) == ("vanilla: gold answer contained in 25.0% [10.0%, 40.0%] of 8 answers, exact "
+                                        "match 12.5%; attn2: 0.0%; computed for 2 s this run")
+    pk = _summary([dict(task="passkey", kind=kind, setting=s, x=x, metric=m, value=v, n=4)
+                   for kind, s, x, acc, dig in (("vanilla", "vanilla", np.nan, 1.0, 1.0), ("attention", "attn2", 2, 0.25, 0.5))
+                   for m, v in (("accuracy", acc), ("digits", dig))])
+    assert summaries.passkey_caption(pk, [0.5]) == (
+        "4 prompts at depths [0.5]: vanilla: 100% of keys (100% of answer tokens), attn2: 25% of keys (50% of "
+        "answer tokens); computed for 2 s this run")
+    cls = _summary([dict(task="polarity", kind=kind, setting=s, x=x, metric=m, value=v)
+                    for kind, s, x, cal, raw in (("vanilla", "vanilla", np.nan, 0.75, 0.7), ("ff", "ff8", 8, 0.5, 0.6))
+                    for m, v in (("accuracy", cal), ("accuracy_raw", raw))])
+    assert summaries.classification_caption(cls, {"polarity": 0.5}) == (
+        "polarity: vanilla 75.0% calibrated, 70.0% raw (chance 50%); calibration changes accuracy by -10.0% to +5.0% "
+        "across settings")
+    rt = _summary([dict(task="r", kind=kind, setting=s, x=x, metric=m, value=v)
+                   for kind, s, x, vals in (("vanilla", "vanilla", np.nan, (0.5, 0.6, 1.0)), ("ff", "ff8", 8, (0.25, 0.4, 0.9)))
+                   for m, v in zip(("acc@1", "mrr", "cosine"), vals)])
+    assert summaries.retrieval_caption(rt, 4) == (
+        "vanilla: accuracy@1 50.0%, MRR 0.600 over 4 documents (chance accuracy@1 25.00%); lowest cosine to vanilla "
+        "0.900 at ff8; computed for 2 s this run")
+    ours = pd.DataFrame({"task": ["a", "a"], "k_frac": [0.5, 0.25], "relative": [1.0, 0.875]})
+    assert summaries.paper_caption(ours, summaries.paper_reference()) == (
+        "k/d_ff where the paper's models stay within 1 % of full: T5-base: down to 0.0208, T5-3B: down to 0.0078, "
+        "T5-11B: down to 0.0039\nours (SmolLM2 and MiniLM, relative to vanilla): a: 0.500 -> 1.00, 0.250 -> 0.88")

@@ -8,7 +8,9 @@ import torch.nn.functional as F
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from topk_lib.hf import loading as models
-from topk_lib.tasks.lm import perplexity, perplexity_sweep, token_windows
+from topk_lib.experiments.perplexity import perplexity_sweep
+from topk_lib.experiments.settings import Setting
+from topk_lib.tasks.lm import perplexity, token_windows
 
 TEXT = " ".join(f"the {w} sat on the {v} mat number {i}." for i, (w, v) in
                 enumerate(zip(["cat", "dog", "whale", "ship"] * 40, ["red", "old", "wet", "big", "new"] * 32)))
@@ -60,7 +62,7 @@ def test_large_k_equals_vanilla_and_small_k_differs(lm):
 
 def test_sweep_rows(lm):
     model, tok = lm
-    df = perplexity_sweep(model, tok, TEXT, settings=[(None, None), (2, None), (None, 8)], window=24,
+    df = perplexity_sweep(model, tok, TEXT, settings=[Setting.of(), Setting.of(2, None), Setting.of(None, 8)], window=24,
                           n_windows=2, progress=False)
     assert list(df.columns[:3]) == ["attn_k", "ff_k", "perplexity"]
     assert len(df) == 3 and df["tokens"].eq(46).all()
@@ -75,9 +77,21 @@ def test_bad_arguments(lm, kw, arg):
         perplexity(model, tok, TEXT, **kw)
 
 
-def test_closing_note_settings():
-    from topk_lib.tasks.lm import closing_note_settings
+def test_sweep_takes_settings_only(lm):
+    model, tok = lm
+    with pytest.raises(ValueError, match="Setting"):
+        perplexity_sweep(model, tok, TEXT, settings=[(None, None)], window=24, n_windows=2, progress=False)
 
-    s = closing_note_settings()
+
+def test_wrong_type_is_a_type_error(lm):
+    _, tok = lm
+    with pytest.raises(TypeError, match="window"):
+        token_windows(tok, TEXT, window="32")
+
+
+def test_sweep_settings():
+    from topk_lib.experiments.perplexity import sweep_settings
+
+    s = [(setting.attn_k, setting.ff_k) for setting in sweep_settings()]
     assert s[0] == (None, None) and len(s) == 17 and len(set(s)) == 17
     assert (8, None) in s and (None, 48) in s and (16, 48) in s

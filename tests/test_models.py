@@ -11,7 +11,7 @@ from transformers import BertConfig, BertModel, LlamaConfig, LlamaForCausalLM, T
 from topk_lib import load_model, use_topk
 from topk_lib.hf import loading as models
 from topk_lib.infra import paths
-from topk_lib.hf.loading import embed
+from topk_lib.tasks.retrieval import embed
 
 
 def _minilm_folder():

@@ -1,3 +1,3 @@
-"""Sweeps over settings of k with cached results: accuracy, analysis inputs, training."""
+"""Sweeps over settings of k with cached results: settings, sweeps, accuracy, summaries, inputs, perplexity, training."""
 
-__all__ = ["accuracy", "inputs", "training"]
+__all__ = ["accuracy", "inputs", "perplexity", "settings", "summaries", "sweep", "training"]

