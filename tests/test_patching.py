@@ -8,7 +8,9 @@ import torch
 from tiny_models import D_FF, tiny_bert, tiny_llama, tiny_t5
 
 from topk_lib import use_topk
-from topk_lib.hf.patching import _SPECS, ATTN_IMPLEMENTATION, describe_layers
+from topk_lib.hf.layers import describe_layers
+from topk_lib.hf.patching import ATTN_IMPLEMENTATION
+from topk_lib.hf.registry import attention_handler
 from reference import dense_topk_ff_mask
 
 L = 12  # tokens per test sequence
@@ -47,7 +49,7 @@ def run(model, batch):
 def assert_restored(model):
     for module in model.modules():
         assert "forward" not in module.__dict__, f"{type(module).__name__}.forward left patched"
-        assert module not in _SPECS
+        assert attention_handler(module, ATTN_IMPLEMENTATION) is None
         cfg = getattr(module, "config", None)
         if cfg is not None:
             assert cfg._attn_implementation == "sdpa"
@@ -340,30 +342,30 @@ def test_describe_layers_numbers_encoder_then_decoder():
 
 
 @pytest.mark.parametrize(
-    "kwargs, arg",
+    "kwargs, arg, error",
     [
-        ({"attn_k": 0}, "attn_k"),
-        ({"attn_k": -3}, "attn_k"),
-        ({"attn_k": 2.5}, "attn_k"),
-        ({"attn_k": True}, "attn_k"),
-        ({"attn_k": "8"}, "attn_k"),
-        ({"attn_k": {2: 4}}, "attn_k"),
-        ({"attn_k": {-1: 4}}, "attn_k"),
-        ({"attn_k": {(0, 6): 1}}, "attn_k"),
-        ({"attn_k": {(0, 1, 2): 1}}, "attn_k"),
-        ({"attn_k": {0: 0}}, "attn_k"),
-        ({"ff_k": 0}, "ff_k"),
-        ({"ff_k": {(0, 0): 4}}, "ff_k"),
-        ({"ff_k": {5: 4}}, "ff_k"),
-        ({"ff_k": {0: 1.0}}, "ff_k"),
-        ({"attn_k": 4, "chunk_size": 0}, "chunk_size"),
+        ({"attn_k": 0}, "attn_k", ValueError),
+        ({"attn_k": -3}, "attn_k", ValueError),
+        ({"attn_k": 2.5}, "attn_k", TypeError),
+        ({"attn_k": True}, "attn_k", TypeError),
+        ({"attn_k": "8"}, "attn_k", TypeError),
+        ({"attn_k": {2: 4}}, "attn_k", ValueError),
+        ({"attn_k": {-1: 4}}, "attn_k", ValueError),
+        ({"attn_k": {(0, 6): 1}}, "attn_k", ValueError),
+        ({"attn_k": {(0, 1, 2): 1}}, "attn_k", ValueError),
+        ({"attn_k": {0: 0}}, "attn_k", ValueError),
+        ({"ff_k": 0}, "ff_k", ValueError),
+        ({"ff_k": {(0, 0): 4}}, "ff_k", ValueError),
+        ({"ff_k": {5: 4}}, "ff_k", ValueError),
+        ({"ff_k": {0: 1.0}}, "ff_k", TypeError),
+        ({"attn_k": 4, "chunk_size": 0}, "chunk_size", ValueError),
     ],
 )
-def test_bad_k_raises_naming_the_argument(kwargs, arg):
+def test_bad_k_raises_naming_the_argument(kwargs, arg, error):
     model = tiny_llama()
     batch = inputs("llama")
     ref = run(model, batch)
-    with pytest.raises(ValueError, match=arg):
+    with pytest.raises(error, match=arg):
         with use_topk(model, **kwargs):
             pass
     assert_restored(model)
@@ -371,15 +373,15 @@ def test_bad_k_raises_naming_the_argument(kwargs, arg):
 
 
 def test_registry_names_mask_function():
-    """Without a registered mask function transformers builds no mask: the pitfall in DESIGN.md."""
-    from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface
+    """Without a registered mask function transformers builds no mask, and the causal mask silently disappears."""
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
     model = tiny_llama()
     with use_topk(model, attn_k=2):
         assert model.config._attn_implementation == ATTN_IMPLEMENTATION
-        assert ATTN_IMPLEMENTATION in AttentionInterface._global_mapping
-        assert ATTN_IMPLEMENTATION in AttentionMaskInterface._global_mapping
+        assert ATTN_IMPLEMENTATION in ALL_ATTENTION_FUNCTIONS
+        assert ATTN_IMPLEMENTATION in ALL_MASK_ATTENTION_FUNCTIONS
 
 
 # --------------------------------------------------------------------------- GPU

@@ -1,3 +1,3 @@
-"""What top-k keeps on real activations: metrics, per-head statistics capture, approximations."""
+"""What top-k keeps on real activations: metrics, attention and MLP statistics capture, approximations."""
 
-__all__ = ["approximations", "capture", "metrics"]
+__all__ = ["approximations", "capture", "metrics", "mlp", "recording"]

@@ -21,7 +21,8 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from topk_lib.hf.patching import describe_layers, use_topk
+from topk_lib.hf.layers import describe_layers
+from topk_lib.hf.patching import use_topk
 from topk_lib.infra.cache import cached_frame
 
 
