@@ -177,6 +177,84 @@ def test_nesting_and_switching_k(arch):
     assert_restored(model)
 
 
+# --------------------------------------------------------------------------- one interception mechanism
+
+
+def model_state(model):
+    """Everything an intercept may change: instance attributes, forwards, handlers, hooks, configs."""
+    from topk_lib.analysis.approximations import QKV_IMPLEMENTATION
+    from topk_lib.analysis.capture import CAPTURE_IMPLEMENTATION
+
+    names = (ATTN_IMPLEMENTATION, CAPTURE_IMPLEMENTATION, QKV_IMPLEMENTATION)
+    modules = [
+        (name, sorted(m.__dict__), m.__dict__.get("forward"), [attention_handler(m, n) for n in names],
+         len(m._forward_pre_hooks))
+        for name, m in model.named_modules()
+    ]
+    configs = {id(c): c._attn_implementation for m in model.modules() if (c := getattr(m, "config", None))}
+    return modules, sorted(configs.values())
+
+
+def test_nested_intercepts_restore_the_model_exactly():
+    """Capture, MLP capture and Q/K/V recording inside use_topk: each restores what it changed, no more."""
+    from topk_lib.analysis.approximations import record_qkv
+    from topk_lib.analysis.capture import record_attention_stats
+    from topk_lib.analysis.mlp import record_mlp_stats
+
+    model = tiny_llama()
+    batch = inputs("llama")
+    ref = run(model, batch)
+    before = model_state(model)
+    with use_topk(model, attn_k=2):
+        topk = run(model, batch)
+        inside = model_state(model)
+        with record_attention_stats(model, ks=(1,)) as rec:
+            assert torch.allclose(run(model, batch), ref, atol=TOL, rtol=0)  # the capture runs exact attention
+        assert set(rec.frame()["layer"]) == {0, 1}
+        assert model_state(model) == inside
+        qkv = record_qkv(model, batch["input_ids"], layers=[0, 1])
+        assert set(qkv) == {0, 1}
+        assert model_state(model) == inside
+        with record_mlp_stats(model, ks=(1,)), use_topk(model, attn_k={0: 1}):
+            run(model, batch)
+        assert model_state(model) == inside
+        assert torch.equal(run(model, batch), topk)
+    assert model_state(model) == before
+    assert torch.equal(run(model, batch), ref)
+
+
+def test_an_exception_inside_nested_intercepts_restores_the_model():
+    from topk_lib.analysis.capture import record_attention_stats
+
+    model = tiny_llama()
+    batch = inputs("llama")
+    ref = run(model, batch)
+    before = model_state(model)
+    with pytest.raises(RuntimeError, match="boom"):
+        with use_topk(model, attn_k=2, ff_k=4), record_attention_stats(model):
+            assert model_state(model) != before
+            raise RuntimeError("boom")
+    assert model_state(model) == before
+    assert torch.equal(run(model, batch), ref)
+
+
+def test_intercept_restores_what_it_set_before_a_failure():
+    """A failure while installing (here: a pre-hook on something that is not a module) undoes the changes made."""
+    from topk_lib.hf.registry import intercept
+
+    model = tiny_llama()
+    before = model_state(model)
+    attn = model.model.layers[0].self_attn
+    with pytest.raises(AttributeError):
+        with intercept(model, name=ATTN_IMPLEMENTATION, attention={attn: None}, forwards={attn: run},
+                       pre_hooks={object(): print}):
+            pass
+    assert model_state(model) == before
+    with pytest.raises(ValueError, match="name"):
+        with intercept(model, attention={attn: None}):
+            pass
+
+
 # --------------------------------------------------------------------------- masks
 
 

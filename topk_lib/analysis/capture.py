@@ -137,7 +137,9 @@ def _bucket_edges(position_buckets):
         f"(e.g. [0, 64, 256]: buckets 0-63, 64-255, 256+); got {position_buckets!r}"
     )
     edges = position_buckets
-    if not isinstance(edges, (list, tuple)) or any(isinstance(e, bool) or not isinstance(e, numbers.Integral) for e in edges):
+    if not isinstance(edges, (list, tuple)) or any(
+        isinstance(e, bool) or not isinstance(e, numbers.Integral) for e in edges
+    ):
         raise TypeError(what)
     if not edges or edges[0] != 0 or any(b <= a for a, b in zip(edges, edges[1:])):
         raise ValueError(what)
@@ -287,7 +289,9 @@ class AttentionRecorder(Runner):
             k_end = _causal_end(causal, lq, lk, r1)  # keys past k_end are in every row's future
             if k_end == 0:
                 continue
-            scores = _chunk_scores(q_grouped, key, mask_grouped, r0, r1, k_end, lq, lk, causal, scale)  # [B, Hkv, G, C, n]
+            scores = _chunk_scores(
+                q_grouped, key, mask_grouped, r0, r1, k_end, lq, lk, causal, scale
+            )  # [B, Hkv, G, C, n]
             p = _softmax_(scores)  # [B, Hkv, G, C, n], in the scores' buffer
             rows[..., r0:r1, :] = self._row_stats(p, value, first.clamp(max=k_end - 1))
             del p

@@ -172,7 +172,8 @@ class Scratch:
 
 
 def sorted_cumsum(x, k_index, scratch):
-    """Rows sorted in descending order: their running sum ``[..., n]`` and the values at ``k_index`` ``[..., len(k_index)]``.
+    """Rows sorted in descending order: their running sum ``[..., n]`` and the values at ``k_index``
+    ``[..., len(k_index)]``.
 
     The running sum lives in ``scratch`` (valid until the next call).
     """

@@ -143,7 +143,7 @@ def _parse_spec(spec, arg, layers, *, per_head):
     return out
 
 
-def _head_ks(module, name, entry, chunk_size):
+def _topk_handler(module, name, entry, chunk_size):
     """The handler for one attention module: ``entry`` ``{head|None: k}`` over what it had."""
     heads = num_heads(module)
     if heads is None:
@@ -261,7 +261,7 @@ def use_topk(model, attn_k=None, ff_k=None, chunk_size=1024):
 
     # Build every replacement before touching the model, so bad input leaves it untouched.
     handlers = {
-        module: _head_ks(module, name, attn_spec[layer], chunk_size)
+        module: _topk_handler(module, name, attn_spec[layer], chunk_size)
         for layer, name, module in attention
         if layer in attn_spec
     }

@@ -67,7 +67,9 @@ def _routing_forward(name):
         module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None, position_bias=None,
         **kwargs,
     ):
-        handler = attention_handler(module, name) or exact_attention
+        handler = attention_handler(module, name)
+        if handler is None:
+            handler = exact_attention
         return handler(
             module,
             query,
