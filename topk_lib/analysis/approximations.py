@@ -36,7 +36,7 @@ QKV_IMPLEMENTATION = "topk_lab_qkv"
 def _keep_inputs(sink):
     """An attention handler: exact SDPA, keeping a copy of the call's ``(q, k, v)`` in ``sink``."""
 
-    # The signature of transformers' sdpa_attention_forward (see topk_lib.hf.registry).
+    # Takes the arguments of transformers' sdpa_attention_forward (see topk_lib.hf.registry).
     def handler(module, query, key, value, attention_mask, **kwargs):
         sink.append((query.detach().clone(), key.detach().clone(), value.detach().clone()))
         return exact_attention(module, query, key, value, attention_mask, **kwargs)

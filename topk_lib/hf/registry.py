@@ -59,10 +59,11 @@ def attention_handler(module, name):
 def _routing_forward(name):
     """The function registered under ``name``: hands each call to the calling module's handler."""
 
-    # The signature of transformers' sdpa_attention_forward, which every attention module calls as
-    # ALL_ATTENTION_FUNCTIONS[config._attn_implementation](self, query, key, value, attention_mask,
-    # dropout=..., scaling=..., **kwargs): query [B, Hq, Lq, d], key/value [B, Hkv, Lk, d] not
-    # repeated for grouped-query attention, and it expects (output [B, Lq, Hq, dv], weights or None).
+    # The signature of transformers' sdpa_attention_forward. Every attention module looks its
+    # function up in ALL_ATTENTION_FUNCTIONS by config._attn_implementation and calls it as
+    # (self, query, key, value, attention_mask, dropout=..., scaling=..., **kwargs), with query
+    # [B, Hq, Lq, d] and key/value [B, Hkv, Lk, d] not repeated for grouped-query attention, and
+    # expects (output [B, Lq, Hq, dv], weights or None) back.
     def forward(
         module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None, position_bias=None,
         **kwargs,
