@@ -40,8 +40,9 @@ import torch
 
 from topk_lib import load_model
 from topk_lib.analysis.approximations import attention_probs, record_qkv
-from topk_lib.analysis.capture import NeuronUsage, bucket_bounds, record_mlp_stats
 from topk_lib.analysis.budget import per_head_budget, save_budget
+from topk_lib.analysis.capture import bucket_bounds
+from topk_lib.analysis.mlp import NeuronUsage, record_mlp_stats
 from topk_lib.experiments.inputs import analysis_inputs, cached_attention_stats
 from topk_lib.tasks.lm import token_windows
 from topk_lib.plots.analysis import plot_bars, plot_head_drilldown, plot_k_vs_position, plot_layer_head_heatmaps

@@ -16,17 +16,14 @@ from transformers import T5EncoderModel, T5ForConditionalGeneration
 
 from topk_lib.analysis import metrics
 from topk_lib.analysis.capture import (
-    _ACTIVE,
     CAPTURE_IMPLEMENTATION,
-    COLUMNS,
-    MLPStats,
-    NeuronUsage,
     bucket_bounds,
     capture_attention_stats,
-    capture_mlp_stats,
     record_attention_stats,
-    record_mlp_stats,
 )
+from topk_lib.analysis.mlp import MLPStats, NeuronUsage, capture_mlp_stats, record_mlp_stats
+from topk_lib.analysis.recording import COLUMNS
+from topk_lib.hf.registry import attention_handler
 from reference import dense_attention_stats
 
 KS = (1, 2, 3, 5, 8, 64)  # 64 > L: exact
@@ -181,7 +178,7 @@ def test_restored_on_exception():
             assert all(d._forward_pre_hooks for d in downs)
             raise RuntimeError("boom")
     assert model.config._attn_implementation == "sdpa"
-    assert not any(m in _ACTIVE for m in model.modules())
+    assert not any(attention_handler(m, CAPTURE_IMPLEMENTATION) for m in model.modules())
     assert not any(d._forward_pre_hooks for d in downs)
 
 
@@ -221,20 +218,20 @@ def test_frame_schema():
 
 
 @pytest.mark.parametrize(
-    "kwargs, match",
+    "kwargs, match, error",
     [
-        (dict(ks=(0, 2)), "ks"),
-        (dict(ks=4), "ks"),
-        (dict(fracs=(0.9, 1.5)), "fracs"),
-        (dict(position_buckets=[1, 4]), "position_buckets"),
-        (dict(position_buckets="linear"), "position_buckets"),
-        (dict(chunk_size=0), "chunk_size"),
-        (dict(attention_mask=torch.ones(1, 5, dtype=torch.long)), "attention_mask"),
+        (dict(ks=(0, 2)), "ks", ValueError),
+        (dict(ks=4), "ks", TypeError),
+        (dict(fracs=(0.9, 1.5)), "fracs", ValueError),
+        (dict(position_buckets=[1, 4]), "position_buckets", ValueError),
+        (dict(position_buckets="linear"), "position_buckets", ValueError),
+        (dict(chunk_size=0), "chunk_size", ValueError),
+        (dict(attention_mask=torch.ones(1, 5, dtype=torch.long)), "attention_mask", ValueError),
     ],
 )
-def test_bad_arguments(kwargs, match):
+def test_bad_arguments(kwargs, match, error):
     model = tiny_llama()
-    with pytest.raises(ValueError, match=match):
+    with pytest.raises(error, match=match):
         capture_attention_stats(model, _ids(1, 8), progress=False, **kwargs)
     assert model.config._attn_implementation == "eager"
 

@@ -211,7 +211,7 @@ def test_smollm2_greedy_generation_matches_at_large_k(smollm2):
 def test_smollm2_corrupt_cache_is_rebuilt(tmp_path, monkeypatch, smollm2):
     """A cache with a damaged weight file is detected and rebuilt from the GGUF."""
     good = models.model_cache_dir("smollm2-135m")
-    monkeypatch.setattr(paths, "CACHE", tmp_path)
+    monkeypatch.setenv("TOPK_LAB_CACHE", str(tmp_path))
     copy = models.model_cache_dir("smollm2-135m")
     shutil.copytree(good, copy)
     weights = next(copy.glob("*.safetensors"))

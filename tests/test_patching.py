@@ -8,7 +8,9 @@ import torch
 from tiny_models import D_FF, tiny_bert, tiny_llama, tiny_t5
 
 from topk_lib import use_topk
-from topk_lib.hf.patching import _SPECS, ATTN_IMPLEMENTATION, describe_layers
+from topk_lib.hf.layers import describe_layers
+from topk_lib.hf.patching import ATTN_IMPLEMENTATION
+from topk_lib.hf.registry import attention_handler
 from reference import dense_topk_ff_mask
 
 L = 12  # tokens per test sequence
@@ -47,7 +49,7 @@ def run(model, batch):
 def assert_restored(model):
     for module in model.modules():
         assert "forward" not in module.__dict__, f"{type(module).__name__}.forward left patched"
-        assert module not in _SPECS
+        assert attention_handler(module, ATTN_IMPLEMENTATION) is None
         cfg = getattr(module, "config", None)
         if cfg is not None:
             assert cfg._attn_implementation == "sdpa"
@@ -173,6 +175,84 @@ def test_nesting_and_switching_k(arch):
     assert torch.allclose(outs[4 * L][0], ref, atol=TOL, rtol=0)
     assert torch.equal(outs[2][0], outs[2][1])
     assert_restored(model)
+
+
+# --------------------------------------------------------------------------- one interception mechanism
+
+
+def model_state(model):
+    """Everything an intercept may change: instance attributes, forwards, handlers, hooks, configs."""
+    from topk_lib.analysis.approximations import QKV_IMPLEMENTATION
+    from topk_lib.analysis.capture import CAPTURE_IMPLEMENTATION
+
+    names = (ATTN_IMPLEMENTATION, CAPTURE_IMPLEMENTATION, QKV_IMPLEMENTATION)
+    modules = [
+        (name, sorted(m.__dict__), m.__dict__.get("forward"), [attention_handler(m, n) for n in names],
+         len(m._forward_pre_hooks))
+        for name, m in model.named_modules()
+    ]
+    configs = {id(c): c._attn_implementation for m in model.modules() if (c := getattr(m, "config", None))}
+    return modules, sorted(configs.values())
+
+
+def test_nested_intercepts_restore_the_model_exactly():
+    """Capture, MLP capture and Q/K/V recording inside use_topk: each restores what it changed, no more."""
+    from topk_lib.analysis.approximations import record_qkv
+    from topk_lib.analysis.capture import record_attention_stats
+    from topk_lib.analysis.mlp import record_mlp_stats
+
+    model = tiny_llama()
+    batch = inputs("llama")
+    ref = run(model, batch)
+    before = model_state(model)
+    with use_topk(model, attn_k=2):
+        topk = run(model, batch)
+        inside = model_state(model)
+        with record_attention_stats(model, ks=(1,)) as rec:
+            assert torch.allclose(run(model, batch), ref, atol=TOL, rtol=0)  # the capture runs exact attention
+        assert set(rec.frame()["layer"]) == {0, 1}
+        assert model_state(model) == inside
+        qkv = record_qkv(model, batch["input_ids"], layers=[0, 1])
+        assert set(qkv) == {0, 1}
+        assert model_state(model) == inside
+        with record_mlp_stats(model, ks=(1,)), use_topk(model, attn_k={0: 1}):
+            run(model, batch)
+        assert model_state(model) == inside
+        assert torch.equal(run(model, batch), topk)
+    assert model_state(model) == before
+    assert torch.equal(run(model, batch), ref)
+
+
+def test_an_exception_inside_nested_intercepts_restores_the_model():
+    from topk_lib.analysis.capture import record_attention_stats
+
+    model = tiny_llama()
+    batch = inputs("llama")
+    ref = run(model, batch)
+    before = model_state(model)
+    with pytest.raises(RuntimeError, match="boom"):
+        with use_topk(model, attn_k=2, ff_k=4), record_attention_stats(model):
+            assert model_state(model) != before
+            raise RuntimeError("boom")
+    assert model_state(model) == before
+    assert torch.equal(run(model, batch), ref)
+
+
+def test_intercept_restores_what_it_set_before_a_failure():
+    """A failure while installing (here: a pre-hook on something that is not a module) undoes the changes made."""
+    from topk_lib.hf.registry import intercept
+
+    model = tiny_llama()
+    before = model_state(model)
+    attn = model.model.layers[0].self_attn
+    with pytest.raises(AttributeError):
+        with intercept(model, name=ATTN_IMPLEMENTATION, attention={attn: None}, forwards={attn: run},
+                       pre_hooks={object(): print}):
+            pass
+    assert model_state(model) == before
+    with pytest.raises(ValueError, match="name"):
+        with intercept(model, attention={attn: None}):
+            pass
 
 
 # --------------------------------------------------------------------------- masks
@@ -340,30 +420,30 @@ def test_describe_layers_numbers_encoder_then_decoder():
 
 
 @pytest.mark.parametrize(
-    "kwargs, arg",
+    "kwargs, arg, error",
     [
-        ({"attn_k": 0}, "attn_k"),
-        ({"attn_k": -3}, "attn_k"),
-        ({"attn_k": 2.5}, "attn_k"),
-        ({"attn_k": True}, "attn_k"),
-        ({"attn_k": "8"}, "attn_k"),
-        ({"attn_k": {2: 4}}, "attn_k"),
-        ({"attn_k": {-1: 4}}, "attn_k"),
-        ({"attn_k": {(0, 6): 1}}, "attn_k"),
-        ({"attn_k": {(0, 1, 2): 1}}, "attn_k"),
-        ({"attn_k": {0: 0}}, "attn_k"),
-        ({"ff_k": 0}, "ff_k"),
-        ({"ff_k": {(0, 0): 4}}, "ff_k"),
-        ({"ff_k": {5: 4}}, "ff_k"),
-        ({"ff_k": {0: 1.0}}, "ff_k"),
-        ({"attn_k": 4, "chunk_size": 0}, "chunk_size"),
+        ({"attn_k": 0}, "attn_k", ValueError),
+        ({"attn_k": -3}, "attn_k", ValueError),
+        ({"attn_k": 2.5}, "attn_k", TypeError),
+        ({"attn_k": True}, "attn_k", TypeError),
+        ({"attn_k": "8"}, "attn_k", TypeError),
+        ({"attn_k": {2: 4}}, "attn_k", ValueError),
+        ({"attn_k": {-1: 4}}, "attn_k", ValueError),
+        ({"attn_k": {(0, 6): 1}}, "attn_k", ValueError),
+        ({"attn_k": {(0, 1, 2): 1}}, "attn_k", ValueError),
+        ({"attn_k": {0: 0}}, "attn_k", ValueError),
+        ({"ff_k": 0}, "ff_k", ValueError),
+        ({"ff_k": {(0, 0): 4}}, "ff_k", ValueError),
+        ({"ff_k": {5: 4}}, "ff_k", ValueError),
+        ({"ff_k": {0: 1.0}}, "ff_k", TypeError),
+        ({"attn_k": 4, "chunk_size": 0}, "chunk_size", ValueError),
     ],
 )
-def test_bad_k_raises_naming_the_argument(kwargs, arg):
+def test_bad_k_raises_naming_the_argument(kwargs, arg, error):
     model = tiny_llama()
     batch = inputs("llama")
     ref = run(model, batch)
-    with pytest.raises(ValueError, match=arg):
+    with pytest.raises(error, match=arg):
         with use_topk(model, **kwargs):
             pass
     assert_restored(model)
@@ -371,15 +451,15 @@ def test_bad_k_raises_naming_the_argument(kwargs, arg):
 
 
 def test_registry_names_mask_function():
-    """Without a registered mask function transformers builds no mask: the pitfall in DESIGN.md."""
-    from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface
+    """Without a registered mask function transformers builds no mask, and the causal mask silently disappears."""
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
     model = tiny_llama()
     with use_topk(model, attn_k=2):
         assert model.config._attn_implementation == ATTN_IMPLEMENTATION
-        assert ATTN_IMPLEMENTATION in AttentionInterface._global_mapping
-        assert ATTN_IMPLEMENTATION in AttentionMaskInterface._global_mapping
+        assert ATTN_IMPLEMENTATION in ALL_ATTENTION_FUNCTIONS
+        assert ATTN_IMPLEMENTATION in ALL_MASK_ATTENTION_FUNCTIONS
 
 
 # --------------------------------------------------------------------------- GPU

@@ -19,29 +19,29 @@ All methods are causal (queries sit at the last Lq of Lk positions, as in
 from __future__ import annotations
 
 import inspect
-import weakref
 
 import torch
 
 from topk_lib.kernels.attention import chunked_attention, topk_attention
+from topk_lib.hf.layers import describe_layers
+from topk_lib.hf.registry import exact_attention, intercept
 from topk_lib.kernels.baselines import performer_attention
-from topk_lib.hf.patching import _configs, describe_layers, register_attention
 
 METHODS = ("topk", "window", "random", "sink_window", "performer")
 
 #: Registered in transformers' attention registry while :func:`record_qkv` runs.
 QKV_IMPLEMENTATION = "topk_lab_qkv"
-_SINKS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # module -> list receiving (q, k, v)
 
 
-def _qkv_forward(module, query, key, value, attention_mask, **kwargs):
-    """Exact SDPA, keeping a copy of the inputs of the modules being watched."""
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+def _keep_inputs(sink):
+    """An attention handler: exact SDPA, keeping a copy of the call's ``(q, k, v)`` in ``sink``."""
 
-    sink = _SINKS.get(module)
-    if sink is not None:
+    # Takes the arguments of transformers' sdpa_attention_forward (see topk_lib.hf.registry).
+    def handler(module, query, key, value, attention_mask, **kwargs):
         sink.append((query.detach().clone(), key.detach().clone(), value.detach().clone()))
-    return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+        return exact_attention(module, query, key, value, attention_mask, **kwargs)
+
+    return handler
 
 
 @torch.no_grad()
@@ -55,21 +55,11 @@ def record_qkv(model, input_ids, *, layers) -> dict:
     missing = [layer for layer in layers if layer not in infos]
     if missing:
         raise ValueError(f"layers: {missing} have no attention module; the model has layers {sorted(infos)}")
-    register_attention(QKV_IMPLEMENTATION, _qkv_forward)
     sinks = {layer: [] for layer in layers}
-    configs = _configs(model)
-    saved = [config._attn_implementation_internal for config in configs]
-    try:
-        for config in configs:
-            config._attn_implementation_internal = QKV_IMPLEMENTATION
-        for layer in layers:
-            _SINKS[model.get_submodule(infos[layer].attention[0])] = sinks[layer]
-        no_cache = {"use_cache": False} if "use_cache" in inspect.signature(model.forward).parameters else {}
+    handlers = {model.get_submodule(infos[layer].attention[0]): _keep_inputs(sinks[layer]) for layer in layers}
+    no_cache = {"use_cache": False} if "use_cache" in inspect.signature(model.forward).parameters else {}
+    with intercept(model, name=QKV_IMPLEMENTATION, attention=handlers):
         model(input_ids, **no_cache)
-    finally:
-        for config, impl in zip(configs, saved):
-            config._attn_implementation_internal = impl
-        _SINKS.clear()
     return {layer: sinks[layer][0] for layer in layers}
 
 

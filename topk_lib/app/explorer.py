@@ -64,7 +64,8 @@ import torch
 from topk_lib._validate import index, int_at_least, positive_int
 from topk_lib.analysis.approximations import attention_probs, record_qkv
 from topk_lib.analysis.metrics import relative_error
-from topk_lib.hf.patching import describe_layers, use_topk
+from topk_lib.hf.layers import describe_layers
+from topk_lib.hf.patching import use_topk
 from topk_lib.kernels.attention import topk_attention
 
 __all__ = [

@@ -1,3 +1,3 @@
-"""Transformers models: loading, layer discovery, and switching their attention and feed-forward layers to top-k."""
+"""Transformers models: loading, layer discovery, one interception mechanism, and switching layers to top-k."""
 
-__all__ = ["loading", "patching"]
+__all__ = ["layers", "loading", "patching", "registry"]

