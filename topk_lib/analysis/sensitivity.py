@@ -11,7 +11,8 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from topk_lib.hf.patching import describe_layers, use_topk
+from topk_lib.hf.layers import describe_layers
+from topk_lib.hf.patching import use_topk
 
 __all__ = ["layer_sensitivity"]
 
