@@ -28,6 +28,7 @@ import math
 import numbers
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -244,7 +245,7 @@ def run_sweep(task, settings, *, config, compute, progress=True, root=None):
     """
     from tqdm.auto import tqdm
 
-    from topk_lib.experiments.training.train import cached_run  # the project's atomic JSON cache
+    from topk_lib.infra.cache import cached_record
 
     settings = list(settings)
     if not settings or not all(isinstance(s, Setting) for s in settings):
@@ -262,8 +263,9 @@ def run_sweep(task, settings, *, config, compute, progress=True, root=None):
             computed.append(True)
             return {**out, "seconds": time.perf_counter() - t0}
 
-        rec = cached_run(task=task, name=setting.name, config={**config, "setting": setting.config()},
-                         compute=job, root=root)
+        key = {**config, "setting": setting.config()}
+        rec = cached_record(Path(root) / task / setting.name, config=key,
+                            compute=lambda job=job, key=key: {"task": task, "name": setting.name, "config": key, **job()})
         records.append({**rec, "computed": bool(computed)})
     return records
 
