@@ -264,8 +264,9 @@ def run_sweep(task, settings, *, config, compute, progress=True, root=None):
             return {**out, "seconds": time.perf_counter() - t0}
 
         key = {**config, "setting": setting.config()}
+        header = {"task": task, "name": setting.name, "config": key}  # the record starts with what produced it
         rec = cached_record(Path(root) / task / setting.name, config=key,
-                            compute=lambda job=job, key=key: {"task": task, "name": setting.name, "config": key, **job()})
+                            compute=lambda job=job, header=header: {**header, **job()})
         records.append({**rec, "computed": bool(computed)})
     return records
 

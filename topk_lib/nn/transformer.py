@@ -194,6 +194,8 @@ class Transformer(nn.Module):
         x = self.ln(x)
         if self.config.pool == "cls":
             pooled = x[:, 0]  # [B, D]
+        elif mask is None:
+            pooled = x.mean(1)  # [B, D] every token is real
         else:
             w = mask.unsqueeze(-1).to(x.dtype)  # [B, L, 1]
             pooled = (x * w).sum(1) / w.sum(1).clamp(min=1.0)  # [B, D]
