@@ -15,7 +15,7 @@
 # where vanilla attention runs out of memory, with memory linear in length. We measure one
 # causal attention layer (B=1, H=12, d=64), the chunk-size trade-off, one feed-forward layer
 # against its width, and a 12-layer model, each point in its own process with a memory budget
-# (`python -m topk_lib.bench`, whose module docstring explains the memory method). PyTorch's
+# (`python -m topk_lib.bench`; `topk_lib.bench.meters` explains the memory method). PyTorch's
 # SDPA is always included: it is exact, fused and linear in memory on CPU and GPU. Figures draw
 # from every `data/results/bench_<device>.csv`, so a GPU run made elsewhere appears beside the CPU one.
 #
@@ -34,12 +34,9 @@ MAX_L = 32768  # attention suite: longest input
 TIMEOUT_S = 900  # seconds per point before it counts as "timeout"
 
 # %%
-import pandas as pd
-
 from topk_lib import bench
-from topk_lib.plots.bench import longest_fitting, plot_memory_time, ratio_at
+from topk_lib.plots.bench import plot_memory_time
 from topk_lib.plots.style import save_figure
-from topk_lib.infra import paths
 
 if QUICK:
     MAX_L = 256  # the quick attention suite stops here
@@ -47,8 +44,7 @@ measured = set() if QUICK or REMEASURE else bench.measured_suites(DEVICE)
 for suite in [s for s in RUN_SUITES if s not in measured]:
     bench.run_suite(suite, quick=QUICK, device=DEVICE, budget=bench.parse_bytes(BUDGET), max_len=MAX_L,
                     timeout_s=TIMEOUT_S)
-rows = pd.concat([pd.read_csv(path) for path in sorted(paths.results().glob("bench_*.csv"))], ignore_index=True)
-rows = rows[rows.quick == QUICK]
+rows = bench.all_results(quick=QUICK)
 rows.groupby(["device_name", "suite", "status"]).size().unstack(fill_value=0)
 
 # %% [markdown]
@@ -56,22 +52,12 @@ rows.groupby(["device_name", "suite", "status"]).size().unstack(fill_value=0)
 
 # %%
 for device, part in rows[rows.suite == "attention"].groupby("device"):
-    name = part.device_name.iloc[0]
     fig = plot_memory_time(part, x="L", xlabel="input length L (tokens)",
-                           title=f"One causal attention layer, B=1 H=12 d=64, {part.dtype.iloc[0]}, {name} "
-                                 f"({part.threads.iloc[0]} threads), torch {part.torch_version.iloc[0]}; "
-                                 f"memory: {part.mem_method.iloc[0]}")
+                           title=f"One causal attention layer, B=1 H=12 d=64, {part.dtype.iloc[0]}, "
+                                 f"{part.device_name.iloc[0]} ({part.threads.iloc[0]} threads), "
+                                 f"torch {part.torch_version.iloc[0]}; memory: {part.mem_method.iloc[0]}")
     save_figure(fig, "04_attention_memory_time" if device == "cpu" else f"04_attention_memory_time_{device}")
-    reach = longest_fitting(part)
-    print(f"Caption ({name}): longest input that ran (fwd+bwd, budget {BUDGET}): "
-          + ", ".join(f"{label} {length}" for label, length in reach.items()))
-    for column, what in (("peak_bytes", "memory"), ("median_s", "time")):
-        ratio = ratio_at(part, numerator="topk k=128 C=1024", denominator="chunked C=1024", column=column, pass_="fwd+bwd")
-        if len(ratio):
-            print(f"  top-k (k=128) / chunked {what}, fwd+bwd: " + ", ".join(f"L={int(l)}: {r:.2f}x" for l, r in ratio.items()))
-        sdpa = ratio_at(part, numerator="topk k=128 C=1024", denominator="sdpa", column=column, pass_="fwd+bwd")
-        if len(sdpa):
-            print(f"  top-k (k=128) / SDPA {what}, fwd+bwd: " + ", ".join(f"L={int(l)}: {r:.2f}x" for l, r in sdpa.items()))
+    print(bench.attention_caption(part, budget=BUDGET))
 
 # %% [markdown]
 # ## Chunk size, feed-forward width, and a 12-layer model
@@ -90,13 +76,7 @@ for suite, (x, xlabel, figure, title, pairs) in panels.items():
     for device, part in rows[rows.suite == suite].groupby("device"):
         fig = plot_memory_time(part, x=x, xlabel=xlabel, title=f"{title} ({part.device_name.iloc[0]})")
         save_figure(fig, figure if device == "cpu" else f"{figure}_{device}")
-        print(f"Caption ({suite}, {part.device_name.iloc[0]}), fwd+bwd:")
-        for numerator, denominator in pairs:
-            for column, what in (("peak_bytes", "memory"), ("median_s", "time")):
-                ratio = ratio_at(part, numerator=numerator, denominator=denominator, column=column, pass_="fwd+bwd", x=x)
-                if len(ratio):  # quick mode uses other k and C: no such lines
-                    print(f"  {numerator} / {denominator} {what}: "
-                          + ", ".join(f"{x}={int(v)}: {r:.2f}x" for v, r in ratio.items()))
+        print(bench.ratio_caption(part, suite=suite, pairs=pairs, x=x))
 
 # %% [markdown]
 # **Reading the figures.** Each figure has memory panels (top) and time panels (bottom), one

@@ -55,13 +55,14 @@ FT_N_TEST = 256  # test emails evaluated (a fixed sample of the test split)
 # %%
 import time
 
-import pandas as pd
 import torch
 
 from topk_lib import data
 from topk_lib.data import listops
-from topk_lib.experiments.training import train
 from topk_lib.plots.style import save_figure
+from topk_lib.experiments.training import finetune, summaries
+from topk_lib.experiments.training import listops as listops_training
+from topk_lib.plots import training as plots
 
 if QUICK:
     SEEDS = [0]
@@ -87,8 +88,7 @@ started = time.perf_counter()
 data_kw = dict(n_train=LISTOPS_SIZES[0], n_val=LISTOPS_SIZES[1], n_test=LISTOPS_SIZES[2],
                min_length=LISTOPS_LENGTH[0], max_length=LISTOPS_LENGTH[1], seed=0)
 splits = listops.listops_splits(**data_kw)
-majority_label = int(splits["train"].label.mode()[0])
-majority_acc = float((splits["test"].label == majority_label).mean())
+majority_label, majority_acc = listops_training.majority_baseline(splits)
 print(f"lengths (tokens): train {splits['train'].length.min()}-{splits['train'].length.max()}, "
       f"mean {splits['train'].length.mean():.0f}; majority label {majority_label} is "
       f"{majority_acc:.1%} of the test split")
@@ -104,36 +104,24 @@ splits["train"].head(3)
 train_kw = dict(steps=LISTOPS_STEPS, batch_size=LISTOPS_BATCH, lr=LISTOPS_LR, eval_every=LISTOPS_EVAL_EVERY,
                 n_eval=LISTOPS_N_EVAL, model_kw=LISTOPS_MODEL)
 t0 = time.perf_counter()
-curves, listops_results = train.listops_sweep(ks=LISTOPS_KS, seeds=SEEDS, data_kw=data_kw, train_kw=train_kw)
+curves, listops_results = listops_training.listops_sweep(ks=LISTOPS_KS, seeds=SEEDS, data_kw=data_kw, train_kw=train_kw)
 listops_minutes = (time.perf_counter() - t0) / 60
-listops_table = train.mean_std_table(listops_results, by="k", value="test_acc")
-listops_table
+summaries.mean_std_table(listops_results, by="k", value="test_acc")
 
 # %%
 references = [(0.364, "LRA paper, vanilla Transformer (36.4 %)"),
               (majority_acc, "majority class")]
-fig = train.plot_learning_curves(curves, references=references,
+fig = plots.plot_learning_curves(curves, references=references,
                                  title=f"ListOps ({LISTOPS_LENGTH[0]}-{LISTOPS_LENGTH[1]} tokens): validation accuracy")
 save_figure(fig, "05_listops_curves")
 
 # %%
-fig = train.plot_accuracy_vs_k(listops_results, references=references,
-                               title=f"ListOps test accuracy vs k ({len(SEEDS)} seed{'s' if len(SEEDS) > 1 else ''})")
+fig = plots.plot_test_accuracy_vs_k(listops_results, references=references,
+                                    title=f"ListOps test accuracy vs k ({len(SEEDS)} seed{'s' if len(SEEDS) > 1 else ''})")
 save_figure(fig, "05_listops_accuracy_vs_k")
 
 # %%
-full = listops_table.loc["full"]
-topk_rows = listops_table.drop(index="full")
-gap = (topk_rows["mean"] - full["mean"]).abs()
-final = curves[curves.step == curves.step.max()].groupby("k").val_acc.mean()
-print(f"Exact attention: test accuracy {full['mean']:.1%} ± {full['std']:.1%} over {int(full['n'])} seed(s); "
-      f"majority baseline {majority_acc:.1%}.")
-print(f"Top-k: from {topk_rows['mean'].min():.1%} (k={topk_rows['mean'].idxmin()}) to "
-      f"{topk_rows['mean'].max():.1%} (k={topk_rows['mean'].idxmax()}); the largest gap to exact is "
-      f"{gap.max():.1%} at k={gap.idxmax()}, against a seed std of up to {listops_table['std'].max():.1%}.")
-print(f"Final validation accuracy per k: " + ", ".join(f"{k}: {v:.1%}" for k, v in final.items()))
-print(f"Seconds per training step (mean over seeds): "
-      + ", ".join(f"k={k}: {v:.3f}" for k, v in listops_results.groupby("k").seconds_per_step.mean().items()))
+print(summaries.listops_summary(listops_results, curves, majority_acc=majority_acc))
 
 # %% [markdown]
 # **Reading the ListOps figures.** Each curve is the mean over seeds (band ± 1 std) of the
@@ -156,7 +144,7 @@ print(f"Seconds per training step (mean over seeds): "
 
 # %%
 emails = data.spam_assassin(fetch=True)
-split_df = train.spam_split(emails)
+split_df = finetune.spam_split(emails)
 split_df.groupby("split").y.agg(n="size", spam_fraction="mean").round(3)
 
 # %%
@@ -164,28 +152,18 @@ settings = [(k, None) for k in FT_ATTN_KS] + [(None, None)] + [(None, k) for k i
 ft_kw = dict(steps=FT_STEPS, batch_size=FT_BATCH, lr=FT_LR, max_length=FT_MAX_LENGTH, eval_every=FT_STEPS,
              n_val=0, n_test=FT_N_TEST)
 t0 = time.perf_counter()
-ft_curves, ft_results = train.finetune_sweep(settings=settings, seeds=SEEDS, split_df=split_df, train_kw=ft_kw,
-                                             swap_attn_ks=FT_ATTN_KS, swap_ff_ks=FT_SWAP_FF_KS)
+ft_curves, ft_results = finetune.finetune_sweep(settings=settings, seeds=SEEDS, split_df=split_df, train_kw=ft_kw,
+                                                swap_attn_ks=FT_ATTN_KS, swap_ff_ks=FT_SWAP_FF_KS)
 finetune_minutes = (time.perf_counter() - t0) / 60
-ft_table = pd.concat({m: train.mean_std_table(ft_results, by=["mode", "attn_k", "ff_k"], value=m)["mean ± std"]
-                      for m in ("acc", "f1")}, axis=1)
-ft_table
+summaries.finetune_table(ft_results)
 
 # %%
-fig = train.plot_finetune_vs_k(ft_results, title=f"MiniLM fine-tuned on SpamAssassin ({len(SEEDS)} seed{'s' if len(SEEDS) > 1 else ''}, "
+fig = plots.plot_finetune_vs_k(ft_results, title=f"MiniLM fine-tuned on SpamAssassin ({len(SEEDS)} seed{'s' if len(SEEDS) > 1 else ''}, "
                                                  f"{FT_STEPS} steps, {FT_MAX_LENGTH} tokens)")
 save_figure(fig, "05_finetune_accuracy_vs_k")
 
 # %%
-vanilla = train.mean_std_table(ft_results[(ft_results["mode"] == "trained") & (ft_results.attn_k == "full")
-                                         & (ft_results.ff_k == "full")], by="mode", value="acc").iloc[0]
-print(f"Vanilla fine-tuning: test accuracy {vanilla['mean']:.1%} ± {vanilla['std']:.1%} on {FT_N_TEST} test emails.")
-comparison = train.swap_vs_trained(ft_results, attn_ks=FT_ATTN_KS, ff_ks=FT_SWAP_FF_KS)
-for setting, r in comparison.iterrows():
-    line = f"{setting}: swap {r.swap:.1%} ± {r.swap_std:.1%} ({r.swap - r.vanilla:+.1%} vs vanilla)"
-    if pd.notna(r.trained):
-        line += f", trained with top-k {r.trained:.1%} ± {r.trained_std:.1%} ({r.trained - r.swap:+.1%} vs swap: {r.verdict})"
-    print(line)
+print(summaries.finetune_summary(ft_results, attn_ks=FT_ATTN_KS, ff_ks=FT_SWAP_FF_KS, n_test=FT_N_TEST))
 
 # %% [markdown]
 # **Reading the fine-tuning figure.** Left: attention top-k, right: feed-forward top-k
@@ -202,26 +180,6 @@ for setting, r in comparison.iterrows():
 # Rows are attention k (top) and feed-forward k (bottom); "full" is exact attention.
 
 # %%
-listops_col = listops_table["mean ± std"].rename("ListOps, trained from scratch")
-spam_trained = ft_results[(ft_results["mode"] == "trained") & (ft_results.ff_k == "full")]
-spam_swap = pd.concat([ft_results[(ft_results["mode"] == "swap") & (ft_results.ff_k == "full")],
-                       ft_results[(ft_results["mode"] == "trained") & (ft_results.attn_k == "full")
-                                  & (ft_results.ff_k == "full")]])
-spam_col = train.mean_std_table(spam_trained, by="attn_k", value="acc")["mean ± std"].rename(
-    "SpamAssassin, fine-tuned with top-k")
-swap_col = train.mean_std_table(spam_swap, by="attn_k", value="acc")["mean ± std"].rename(
-    "SpamAssassin, vanilla fine-tuned, top-k at test")
-closing = pd.concat([listops_col, spam_col, swap_col], axis=1)
-closing = closing.loc[train.k_order(closing.index)]
-ff_rows = ft_results[(ft_results.attn_k == "full") & (ft_results.ff_k != "full")]
-ff_closing = pd.concat({
-    "SpamAssassin, fine-tuned with top-k": train.mean_std_table(ff_rows[ff_rows["mode"] == "trained"], by="ff_k",
-                                                                value="acc")["mean ± std"],
-    "SpamAssassin, vanilla fine-tuned, top-k at test": train.mean_std_table(ff_rows[ff_rows["mode"] == "swap"],
-                                                                            by="ff_k", value="acc")["mean ± std"],
-}, axis=1)
-ff_closing.index = [f"feed-forward k={k}" for k in ff_closing.index]
-closing = pd.concat([closing, ff_closing]).rename_axis("k").fillna("–")
 print(f"ListOps sweep {listops_minutes:.1f} min, fine-tuning sweep {finetune_minutes:.1f} min, "
       f"notebook {(time.perf_counter() - started) / 60:.1f} min (cached runs cost nothing)")
-closing
+summaries.closing_table(listops_results, ft_results)

@@ -6,7 +6,11 @@ import time
 import pytest
 import torch
 
-from topk_lib.bench import harness as bench
+from topk_lib import bench
+from topk_lib.bench import suites
+from topk_lib.bench.__main__ import main as bench_main
+from topk_lib.bench.workloads import model_config
+from topk_lib.nn import Transformer
 from topk_lib.kernels import baselines
 
 MB = 1e6
@@ -87,8 +91,8 @@ def test_cpu_memory_matches_an_analytic_count_of_vanilla_attention():
 
 def test_merge_is_idempotent_and_replaces_by_key(tmp_path):
     out = tmp_path / "bench_cpu.csv"
-    a = bench._row_template(_spec(L=64))
-    b = bench._row_template(_spec(L=128))
+    a = bench.row_template(_spec(L=64))
+    b = bench.row_template(_spec(L=128))
     a.update(status="ok", median_s=0.5, peak_bytes=1000)
     b.update(status="timeout")
     bench.merge_rows(out, [a, b])
@@ -110,7 +114,7 @@ def test_suite_reruns_merge_into_one_set_of_rows(tmp_path, capsys):
     out = tmp_path / "bench_cpu.csv"
     rows = bench.run_suite("product", quick=True, out=out, budget=1 << 30, timeout_s=120, progress=False)
     assert {r["status"] for r in rows} == {"ok"}, [r["note"] for r in rows if r["status"] != "ok"]
-    assert bench.main(["product", "--quick", "--budget", "1GiB", "--out", str(out)]) == 0  # the CLI, again
+    assert bench_main(["product", "--quick", "--budget", "1GiB", "--out", str(out)]) == 0  # the CLI, again
     saved = bench.read_rows(out)
     assert len(saved) == len(rows) == 2 * 7  # 2 lengths x 7 methods
     printed = capsys.readouterr().out
@@ -156,11 +160,22 @@ def test_tiny_transformer_attention_choices_agree_when_exact():
     outs = []
     for attention in ("vanilla", "sdpa", "chunked", "topk"):
         torch.manual_seed(1)
-        model = bench.TinyTransformer(n_layers=2, d=32, heads=4, d_ff=64, attention=attention, topk=16,
-                                      chunk_size=4)
+        model = Transformer(model_config(dict(n_layers=2, d=32, H=4, d_ff=64, method=attention, k=16, C=4)))
         outs.append(model(x))
     for o in outs[1:]:  # topk=16 >= L: exact too
         torch.testing.assert_close(o, outs[0], rtol=1e-4, atol=1e-5)
+
+
+def test_model12_workload_is_the_model_it_was():
+    """Output of the benchmark's model as computed before it moved to topk_lib.nn (seeded init and input)."""
+    torch.manual_seed(1)
+    model = Transformer(model_config(dict(n_layers=2, d=32, H=4, d_ff=64, method="topk", k=3, ff_k=8, C=4)))
+    torch.manual_seed(2)
+    x = torch.randn(1, 16, 32)  # [B, L, d]
+    with torch.no_grad():
+        out = model(x).double()
+    assert out.sum().item() == pytest.approx(4.860673449933529, rel=1e-6)
+    assert out.abs().sum().item() == pytest.approx(441.27193250507116, rel=1e-6)
 
 
 def test_kernel_targets_read_ratios():
@@ -198,9 +213,9 @@ def test_bad_arguments_are_named():
 
 def test_attention_suite_starts_at_min_len(monkeypatch, tmp_path):
     def fake_point(spec, **kw):
-        return {**bench._row_template(spec), "status": "ok", "median_s": 0.1}
+        return {**bench.row_template(spec), "status": "ok", "median_s": 0.1}
 
-    monkeypatch.setattr(bench, "run_point", fake_point)
+    monkeypatch.setattr(suites, "run_point", fake_point)
     rows = bench.run_suite("attention", quick=True, min_len=256, max_len=512, out=tmp_path / "b.csv", progress=False)
     assert sorted({r["L"] for r in rows}) == [256, 512]
 
@@ -208,7 +223,7 @@ def test_attention_suite_starts_at_min_len(monkeypatch, tmp_path):
 def test_measured_suites_reads_the_device_csv(monkeypatch, tmp_path):
     monkeypatch.setenv("TOPK_LAB_RESULTS", str(tmp_path))
     assert bench.measured_suites("cpu") == set()
-    bench.merge_rows(tmp_path / "bench_cpu.csv", [{**bench._row_template(_spec()), "status": "ok"}])
+    bench.merge_rows(tmp_path / "bench_cpu.csv", [{**bench.row_template(_spec()), "status": "ok"}])
     assert bench.measured_suites("cpu") == {_spec()["suite"]}
 
 
@@ -223,3 +238,33 @@ def test_topk_feedforward_forward_peak_is_chunk_bounded():
     assert dense["peak_bytes"] > 1.5 * dense_hidden  # the reference really materialises the hidden layer
     # RSS also counts BLAS and thread buffers outside PyTorch's allocator: 5-7 chunk buffers measured here
     assert topk["peak_bytes"] < 0.6 * dense["peak_bytes"], topk["peak_bytes"] / dense["peak_bytes"]
+
+
+def test_forkserver_context_is_multiprocessings_own():
+    from topk_lib.bench import harness
+
+    ctx = harness.forkserver_context()
+    assert ctx.get_start_method() == "forkserver" and harness.forkserver_context() is ctx
+
+
+def test_captions_name_the_ratios_measured():
+    import pandas as pd
+
+    rows = pd.DataFrame([
+        dict(suite="attention", method=m, k=k, C=c, ff_k=None, L=n, status="ok", peak_bytes=mem * n, median_s=t * n,
+             device_name="cpu x2", **{"pass": "fwd+bwd"})
+        for n in (1024, 2048)
+        for m, k, c, mem, t in (("topk", 128, 1024, 1.0, 2.0), ("chunked", None, 1024, 2.0, 1.0), ("sdpa", None, None, 4.0, 0.5))
+    ])
+    assert bench.attention_caption(rows, budget="16GiB").splitlines() == [
+        "Caption (cpu x2): longest input that ran (fwd+bwd, budget 16GiB): chunked C=1024 2048, sdpa 2048, "
+        "topk k=128 C=1024 2048",
+        "  top-k (k=128) / chunked memory, fwd+bwd: L=1024: 0.50x, L=2048: 0.50x",
+        "  top-k (k=128) / SDPA memory, fwd+bwd: L=1024: 0.25x, L=2048: 0.25x",
+        "  top-k (k=128) / chunked time, fwd+bwd: L=1024: 2.00x, L=2048: 2.00x",
+        "  top-k (k=128) / SDPA time, fwd+bwd: L=1024: 4.00x, L=2048: 4.00x",
+    ]
+    text = bench.ratio_caption(rows, suite="attention", pairs=[("topk k=128 C=1024", "sdpa"), ("nope", "sdpa")], x="L")
+    assert text.splitlines() == ["Caption (attention, cpu x2), fwd+bwd:",
+                                 "  topk k=128 C=1024 / sdpa memory: L=1024: 0.25x, L=2048: 0.25x",
+                                 "  topk k=128 C=1024 / sdpa time: L=1024: 4.00x, L=2048: 4.00x"]

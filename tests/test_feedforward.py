@@ -2,9 +2,8 @@
 
 import pytest
 import torch
-import torch.nn.functional as F
 
-from topk_lib.kernels.feedforward import ACTIVATIONS, topk_feedforward
+from topk_lib.kernels.feedforward import topk_feedforward
 from reference import dense_topk_feedforward
 
 

@@ -10,7 +10,6 @@ from transformers import BertConfig, BertModel, LlamaConfig, LlamaForCausalLM, T
 
 from topk_lib import load_model, use_topk
 from topk_lib.hf import loading as models
-from topk_lib.infra import paths
 from topk_lib.tasks.retrieval import embed
 
 

@@ -8,7 +8,13 @@ import pytest
 import torch
 
 from topk_lib.data import listops
-from topk_lib.experiments.training import train
+from topk_lib.experiments.training import finetune, summaries
+from topk_lib.experiments.training import listops as listops_training
+from topk_lib.experiments.training.loop import run_record
+from topk_lib.infra import paths
+from topk_lib.infra.cache import config_key
+from topk_lib.nn import SelfAttention, Transformer, TransformerConfig
+from topk_lib.plots import training as plots
 
 
 @pytest.fixture(autouse=True)
@@ -31,7 +37,7 @@ def tiny_splits(tmp_path_factory):
 
 def test_encoder_shapes_and_padding_invariance():
     torch.manual_seed(0)
-    model = train.TopkEncoder(vocab_size=17, n_classes=10, max_len=32, d_model=16, n_heads=2, n_layers=2, topk=4)
+    model = Transformer(TransformerConfig(vocab_size=17, n_classes=10, max_len=32, d_model=16, n_heads=2, n_layers=2, topk=4))
     model.eval()
     ids, mask = listops.encode(["[MAX 2 9 [MIN 4 7 ] 0 ]", "[SM 1 2 ]"])
     padded, pmask = listops.encode(["[MAX 2 9 [MIN 4 7 ] 0 ]", "[SM 1 2 ]"], pad_to=20)
@@ -45,7 +51,7 @@ def test_encoder_shapes_and_padding_invariance():
 @pytest.mark.parametrize("pool", ["mean", "cls"])
 def test_exact_k_equals_none(pool):
     torch.manual_seed(0)
-    model = train.TopkEncoder(vocab_size=17, n_classes=10, max_len=32, d_model=16, n_heads=2, pool=pool)
+    model = Transformer(TransformerConfig(vocab_size=17, n_classes=10, max_len=32, d_model=16, n_heads=2, pool=pool))
     ids, mask = listops.encode(["[MAX 2 9 [MIN 4 7 ] 0 ]", "[SM 1 2 ]"])
     with torch.no_grad():
         exact = model(ids, mask)
@@ -58,11 +64,11 @@ def test_exact_k_equals_none(pool):
 
 def test_gradients_flow_through_topk_attention():
     torch.manual_seed(0)
-    attn = train.TopkSelfAttention(8, 2, topk=3).double()
+    attn = SelfAttention(TransformerConfig(d_model=8, n_heads=2, topk=3)).double()
     x = torch.randn(2, 6, 8, dtype=torch.float64, requires_grad=True)  # [B, L, D]
     mask = torch.tensor([[True] * 6, [True] * 4 + [False] * 2])
     assert torch.autograd.gradcheck(lambda t: attn(t, mask), (x,), eps=1e-6, atol=1e-5)
-    model = train.TopkEncoder(vocab_size=17, n_classes=10, max_len=32, d_model=16, n_heads=2, topk=3)
+    model = Transformer(TransformerConfig(vocab_size=17, n_classes=10, max_len=32, d_model=16, n_heads=2, topk=3))
     ids, m = listops.encode(["[MAX 2 9 [MIN 4 7 ] 0 ]", "[SM 1 2 ]"])
     torch.nn.functional.cross_entropy(model(ids, m), torch.tensor([9, 3])).backward()
     for name, p in model.named_parameters():
@@ -73,12 +79,12 @@ def test_gradients_flow_through_topk_attention():
 
 def test_encoder_bad_arguments():
     with pytest.raises(ValueError, match="topk"):
-        train.TopkEncoder(vocab_size=17, n_classes=10, max_len=8, topk=0)
+        Transformer(TransformerConfig(vocab_size=17, n_classes=10, max_len=8, topk=0))
     with pytest.raises(ValueError, match="pool"):
-        train.TopkEncoder(vocab_size=17, n_classes=10, max_len=8, pool="max")
+        Transformer(TransformerConfig(vocab_size=17, n_classes=10, max_len=8, pool="max"))
     with pytest.raises(ValueError, match="n_heads"):
-        train.TopkEncoder(vocab_size=17, n_classes=10, max_len=8, d_model=10, n_heads=4)
-    model = train.TopkEncoder(vocab_size=17, n_classes=10, max_len=4)
+        Transformer(TransformerConfig(vocab_size=17, n_classes=10, max_len=8, d_model=10, n_heads=4))
+    model = Transformer(TransformerConfig(vocab_size=17, n_classes=10, max_len=4))
     ids, mask = listops.encode(["[SM 1 2 3 4 ]"])
     with pytest.raises(ValueError, match="max_len"):
         model(ids, mask)
@@ -89,7 +95,7 @@ def test_encoder_bad_arguments():
 
 @pytest.mark.parametrize("k", [None, 4])
 def test_listops_tiny_training_reduces_loss(tiny_splits, k):
-    rec = train.train_listops(splits=tiny_splits, k=k, seed=0, steps=60, batch_size=16, lr=3e-3, eval_every=20,
+    rec = listops_training.train_listops(splits=tiny_splits, k=k, seed=0, steps=60, batch_size=16, lr=3e-3, eval_every=20,
                               model_kw={"d_model": 32, "n_heads": 2}, progress=False)
     losses = [p["train_loss"] for p in rec["curve"]]
     assert [p["step"] for p in rec["curve"]] == [20, 40, 60]
@@ -101,11 +107,11 @@ def test_listops_tiny_training_reduces_loss(tiny_splits, k):
 def test_listops_training_is_deterministic(tiny_splits):
     kw = dict(splits=tiny_splits, k=4, seed=1, steps=10, batch_size=8, eval_every=5, progress=False,
               model_kw={"d_model": 16, "n_heads": 2})
-    a, b = train.train_listops(**kw), train.train_listops(**kw)
+    a, b = listops_training.train_listops(**kw), listops_training.train_listops(**kw)
     assert a["curve"] == b["curve"] and a["test_acc"] == b["test_acc"]
 
 
-def test_cached_run_skips_recomputation(tmp_path):
+def test_run_record_skips_recomputation(tmp_path):
     calls = []
 
     def compute():
@@ -113,21 +119,68 @@ def test_cached_run_skips_recomputation(tmp_path):
         return {"test_acc": 0.5}
 
     kw = dict(task="t", name="k8_seed0", config={"k": 8, "seed": 0}, compute=compute, root=tmp_path)
-    first = train.cached_run(**kw)
-    second = train.cached_run(**kw)
+    first = run_record(**kw)
+    second = run_record(**kw)
     assert len(calls) == 1 and first == second and first["test_acc"] == 0.5
     files = list((tmp_path / "t").glob("*.json"))
     assert len(files) == 1 and files[0].name.startswith("k8_seed0_")
     assert not list((tmp_path / "t").glob(".*"))  # no temporary files left
-    train.cached_run(**{**kw, "config": {"k": 8, "seed": 0, "steps": 2}})  # another config: recomputed
+    run_record(**{**kw, "config": {"k": 8, "seed": 0, "steps": 2}})  # another config: recomputed
     assert len(calls) == 2
+
+
+def test_listops_run_with_a_fixed_seed_reproduces_the_earlier_model(tiny_splits):
+    """Numbers computed with the encoder and loop as they were before the model moved to topk_lib.nn:
+    the same initialisation, module order and numerics give the same run."""
+    rec = listops_training.train_listops(splits=tiny_splits, k=4, seed=3, steps=20, batch_size=16, eval_every=10,
+                                         progress=False, model_kw={"d_model": 16, "n_heads": 2})
+    assert [p["step"] for p in rec["curve"]] == [10, 20]
+    losses = [p["train_loss"] for p in rec["curve"]]
+    assert losses == pytest.approx([2.300615978240967, 2.269734287261963], rel=1e-6)
+    assert [p["val_acc"] for p in rec["curve"]] == [0.140625, 0.140625] and rec["test_acc"] == 0.140625
+
+
+def test_committed_listops_cache_names_are_the_config_keys():
+    path = paths.ROOT / "data" / "results" / "training" / "listops" / "k16_seed0_e5c13c0d72.json"
+    rec = json.loads(path.read_text())
+    assert (rec["task"], rec["name"]) == ("listops", "k16_seed0")
+    assert config_key(rec["config"]) == "e5c13c0d72"
+
+
+def test_run_record_reads_the_committed_file(tmp_path):
+    path = paths.ROOT / "data" / "results" / "training" / "listops" / "k16_seed0_e5c13c0d72.json"
+    committed = json.loads(path.read_text())
+
+    def boom():
+        raise AssertionError("recomputed although the committed record exists")
+
+    rec = run_record("listops", "k16_seed0", config=committed["config"], compute=boom,
+                     root=paths.ROOT / "data" / "results" / "training")
+    assert rec == committed
+    copy = run_record("listops", "k16_seed0", config=committed["config"], root=tmp_path,
+                      compute=lambda: {k: v for k, v in committed.items() if k not in ("task", "name", "config")})
+    assert (tmp_path / "listops" / path.name).read_text() == path.read_text() and copy == committed
+
+
+def test_listops_sweep_of_notebook_05_reads_the_committed_caches(monkeypatch):
+    committed = json.loads((paths.ROOT / "data" / "results" / "training" / "listops" / "k16_seed0_e5c13c0d72.json")
+                           .read_text())["config"]
+
+    def boom(**kw):
+        raise AssertionError("trained although the committed cache exists")
+
+    monkeypatch.setattr(listops_training, "train_listops", boom)
+    _, results = listops_training.listops_sweep(ks=[8, 16, 32, 64, None], seeds=[0, 1, 2], data_kw=committed["data"],
+                                                train_kw=committed["train"], root=paths.ROOT / "data" / "results" / "training",
+                                                progress=False)
+    assert len(results) == 15
 
 
 def test_listops_sweep_caches_and_resumes(tmp_path, monkeypatch):
     monkeypatch.setenv("TOPK_LAB_RESULTS", str(tmp_path))
     data_kw = dict(n_train=64, n_val=16, n_test=16, min_length=8, max_length=20)
     train_kw = dict(steps=4, batch_size=8, eval_every=2, model_kw={"d_model": 16, "n_heads": 2})
-    curves, results = train.listops_sweep(ks=[None, 4], seeds=[0], data_kw=data_kw, train_kw=train_kw,
+    curves, results = listops_training.listops_sweep(ks=[None, 4], seeds=[0], data_kw=data_kw, train_kw=train_kw,
                                           progress=False)
     assert list(results.k) == ["full", "4"] and len(curves) == 4
     assert len(list((tmp_path / "training" / "listops").glob("*.json"))) == 2
@@ -136,8 +189,8 @@ def test_listops_sweep_caches_and_resumes(tmp_path, monkeypatch):
     def boom(**kw):
         raise AssertionError("trained again although cached")
 
-    monkeypatch.setattr(train, "train_listops", boom)
-    curves2, results2 = train.listops_sweep(ks=[None, 4], seeds=[0], data_kw=data_kw, train_kw=train_kw,
+    monkeypatch.setattr(listops_training, "train_listops", boom)
+    curves2, results2 = listops_training.listops_sweep(ks=[None, 4], seeds=[0], data_kw=data_kw, train_kw=train_kw,
                                             progress=False)
     pd.testing.assert_frame_equal(results, results2)
     pd.testing.assert_frame_equal(curves, curves2)
@@ -145,11 +198,11 @@ def test_listops_sweep_caches_and_resumes(tmp_path, monkeypatch):
 
 def test_train_listops_bad_arguments(tiny_splits):
     with pytest.raises(ValueError, match="k must"):
-        train.train_listops(splits=tiny_splits, k=0, steps=1)
+        listops_training.train_listops(splits=tiny_splits, k=0, steps=1)
     with pytest.raises(ValueError, match="steps"):
-        train.train_listops(splits=tiny_splits, steps=0)
+        listops_training.train_listops(splits=tiny_splits, steps=0)
     with pytest.raises(ValueError, match="splits"):
-        train.train_listops(splits={"train": tiny_splits["train"]}, steps=1)
+        listops_training.train_listops(splits={"train": tiny_splits["train"]}, steps=1)
 
 
 # --------------------------------------------------------------------------- SpamAssassin
@@ -167,23 +220,23 @@ def fake_emails(n=60):
 
 def test_spam_split_is_deterministic_and_order_free():
     df = fake_emails(200)
-    a = train.spam_split(df)
-    b = train.spam_split(df.sample(frac=1.0, random_state=3)).loc[a.index]
+    a = finetune.spam_split(df)
+    b = finetune.spam_split(df.sample(frac=1.0, random_state=3)).loc[a.index]
     assert (a.split == b.split).all()
     assert set(a.split) == {"train", "val", "test"}
     assert a.y.tolist() == [1 if l == "spam" else 0 for l in df.label]
     dup = pd.concat([df.iloc[:5], df.iloc[:5]], ignore_index=True)
-    s = train.spam_split(dup)
+    s = finetune.spam_split(dup)
     assert (s.split.iloc[:5].to_numpy() == s.split.iloc[5:].to_numpy()).all()  # duplicates share a split
     with pytest.raises(ValueError, match="test_frac"):
-        train.spam_split(df, test_frac=0.0)
+        finetune.spam_split(df, test_frac=0.0)
     with pytest.raises(ValueError, match="column"):
-        train.spam_split(df.drop(columns="subject"))
+        finetune.spam_split(df.drop(columns="subject"))
 
 
 def test_spam_text_keeps_subject_only():
-    assert train.spam_text("Hello", "body") == "Hello\n\nbody"
-    assert train.spam_text("", "body") == "body"
+    assert finetune.spam_text("Hello", "body") == "Hello\n\nbody"
+    assert finetune.spam_text("", "body") == "body"
 
 
 def _spam_fetched():
@@ -202,7 +255,7 @@ SPLIT_SIZES = {"train": 4219, "val": 609, "test": 1218}  # spam rate 31.7 %, 29.
 def test_spam_split_on_the_corpus():
     from topk_lib import data
 
-    split = train.spam_split(data.spam_assassin())
+    split = finetune.spam_split(data.spam_assassin())
     assert len(split) == 6046
     frac = split.split.value_counts(normalize=True)
     assert abs(frac["test"] - 0.2) < 0.03 and abs(frac["val"] - 0.1) < 0.03
@@ -210,6 +263,24 @@ def test_spam_split_on_the_corpus():
     assert spam_rate.max() - spam_rate.min() < 0.06  # the hash split is close to stratified
     # the split is fixed: pin its sizes so a change in the recipe is noticed
     assert split.split.value_counts().to_dict() == SPLIT_SIZES
+
+
+@pytest.mark.skipif(not _spam_fetched(), reason="SpamAssassin not fetched: python -m topk_lib.data spam")
+def test_finetune_sweep_of_notebook_05_reads_the_committed_caches(monkeypatch):
+    from topk_lib.data import sources as data
+
+    root = paths.ROOT / "data" / "results" / "training"
+    committed = json.loads(next((root / "finetune").glob("attn8_fffull_seed0_*.json")).read_text())["config"]
+
+    def boom(**kw):
+        raise AssertionError("fine-tuned although the committed cache exists")
+
+    monkeypatch.setattr(finetune, "finetune_spam", boom)
+    settings = [(8, None), (16, None), (32, None), (None, None), (None, 64), (None, 256)]
+    _, results = finetune.finetune_sweep(settings=settings, seeds=[0, 1, 2], split_df=finetune.spam_split(data.spam_assassin()),
+                                         train_kw=committed["train"], swap_attn_ks=[8, 16, 32], swap_ff_ks=[64, 256],
+                                         root=root, progress=False)
+    assert (results["mode"] == "trained").sum() == 18
 
 
 @pytest.fixture(scope="module")
@@ -232,8 +303,8 @@ def tiny_bert(tmp_path_factory):
 
 
 def test_finetune_tiny_bert_learns_and_swaps(tiny_bert):
-    split = train.spam_split(fake_emails(80))
-    rec = train.finetune_spam(split_df=split, attn_k=4, seed=0, steps=30, batch_size=8, lr=1e-3, max_length=24,
+    split = finetune.spam_split(fake_emails(80))
+    rec = finetune.finetune_spam(split_df=split, attn_k=4, seed=0, steps=30, batch_size=8, lr=1e-3, max_length=24,
                               eval_every=10, n_val=None, model=tiny_bert, swap_attn_ks=[2], swap_ff_ks=[16],
                               progress=False)
     losses = [p["train_loss"] for p in rec["curve"]]
@@ -245,11 +316,11 @@ def test_finetune_tiny_bert_learns_and_swaps(tiny_bert):
 
 def test_finetune_sweep_caches_and_reports_modes(tiny_bert, tmp_path, monkeypatch):
     monkeypatch.setenv("TOPK_LAB_RESULTS", str(tmp_path))
-    split = train.spam_split(fake_emails(40))
+    split = finetune.spam_split(fake_emails(40))
     kw = dict(settings=[(None, None), (4, None), (None, 16)], seeds=[0], split_df=split, swap_attn_ks=[4],
               swap_ff_ks=[16], train_kw=dict(steps=3, batch_size=4, max_length=16, n_val=0, model=tiny_bert),
               progress=False)
-    curves, results = train.finetune_sweep(**kw)
+    curves, results = finetune.finetune_sweep(**kw)
     trained = results[results["mode"] == "trained"]
     swapped = results[results["mode"] == "swap"]
     assert list(zip(trained.attn_k, trained.ff_k)) == [("full", "full"), ("4", "full"), ("full", "16")]
@@ -260,14 +331,14 @@ def test_finetune_sweep_caches_and_reports_modes(tiny_bert, tmp_path, monkeypatc
     def boom(**kw):
         raise AssertionError("fine-tuned again although cached")
 
-    monkeypatch.setattr(train, "finetune_spam", boom)
-    _, again = train.finetune_sweep(**kw)
+    monkeypatch.setattr(finetune, "finetune_spam", boom)
+    _, again = finetune.finetune_sweep(**kw)
     pd.testing.assert_frame_equal(results, again)
 
 
 def test_mean_std_table():
     df = pd.DataFrame({"k": ["8", "8", "full"], "acc": [0.5, 0.7, 0.9]})
-    table = train.mean_std_table(df, by="k", value="acc")
+    table = summaries.mean_std_table(df, by="k", value="acc")
     assert table.loc["8", "n"] == 2 and abs(table.loc["8", "mean"] - 0.6) < 1e-12
     assert table.loc["full", "std"] == 0.0
     assert table.loc["8", "mean ± std"] == "0.600 ± 0.141"
@@ -276,14 +347,14 @@ def test_mean_std_table():
 def test_plots_return_figures():
     curves = pd.DataFrame({"k": ["8", "8", "full", "full"], "seed": [0, 0, 0, 0], "step": [1, 2, 1, 2],
                            "val_acc": [0.1, 0.2, 0.1, 0.3], "train_loss": [2.0, 1.9, 2.0, 1.8]})
-    fig = train.plot_learning_curves(curves, title="t", references=[(0.364, "LRA"), (0.15, "majority")])
+    fig = plots.plot_learning_curves(curves, title="t", references=[(0.364, "LRA"), (0.15, "majority")])
     assert fig.axes
     results = pd.DataFrame({"k": ["8", "full", "16"], "seed": [0, 0, 0], "test_acc": [0.2, 0.3, 0.25]})
-    assert train.plot_accuracy_vs_k(results, title="t").axes
+    assert plots.plot_test_accuracy_vs_k(results, title="t").axes
     ft = pd.DataFrame({"mode": ["trained", "trained", "swap", "trained"], "attn_k": ["full", "8", "8", "full"],
                        "ff_k": ["full", "full", "full", "64"], "seed": [0] * 4, "acc": [0.9, 0.8, 0.7, 0.85],
                        "f1": [0.9, 0.8, 0.7, 0.85]})
-    assert len(train.plot_finetune_vs_k(ft, title="t").axes) == 2
+    assert len(plots.plot_finetune_vs_k(ft, title="t").axes) == 2
 
 
 def test_swap_vs_trained_compares_against_the_seed_spread():
@@ -296,12 +367,12 @@ def test_swap_vs_trained_compares_against_the_seed_spread():
                  dict(mode="swap", attn_k="16", ff_k="full", seed=seed, acc=swap16),
                  dict(mode="trained", attn_k="16", ff_k="full", seed=seed, acc=trained16),
                  dict(mode="swap", attn_k="full", ff_k="64", seed=seed, acc=0.5)]
-    table = train.swap_vs_trained(pd.DataFrame(rows), attn_ks=[8, 16], ff_ks=[64])
+    table = summaries.swap_vs_trained(pd.DataFrame(rows), attn_ks=[8, 16], ff_ks=[64])
     assert table.loc["attention k=8", "verdict"] == "training with top-k helps"  # +0.05, std 0.014
     assert table.loc["attention k=16", "verdict"] == "training with top-k hurts"
     assert table.loc["feed-forward k=64", "verdict"] == "not fine-tuned with top-k"
     assert abs(table.loc["attention k=8", "vanilla"] - 0.91) < 1e-12
-    one_seed = train.swap_vs_trained(pd.DataFrame(rows[:6]), attn_ks=[8])
+    one_seed = summaries.swap_vs_trained(pd.DataFrame(rows[:6]), attn_ks=[8])
     assert one_seed.loc["attention k=8", "verdict"] == "one seed, no spread to compare with"
     rows[2]["acc"] = 0.81  # seed 0 trained k=8: mean gap 0.03 is within the 0.042 std
-    assert train.swap_vs_trained(pd.DataFrame(rows), attn_ks=[8]).loc["attention k=8", "verdict"] == "within the seed spread"
+    assert summaries.swap_vs_trained(pd.DataFrame(rows), attn_ks=[8]).loc["attention k=8", "verdict"] == "within the seed spread"

@@ -1,35 +1,50 @@
 """Memory and time benchmarks, one isolated process per point, results merged into CSVs."""
 
 from topk_lib.bench.harness import (  # noqa: F401
-    SUITES,
-    COLUMNS,
-    KEY_COLUMNS,
+    row_template,
     run_point,
-    run_suite,
-    measured_suites,
-    merge_rows,
-    results_path,
-    device_slug,
-    parse_bytes,
+)
+from topk_lib.bench.meters import parse_bytes  # noqa: F401
+from topk_lib.bench.report import (  # noqa: F401
+    attention_caption,
     format_table,
     kernel_targets,
-    TinyTransformer,
-    main,
+    longest_fitting,
+    method_label,
+    ratio_at,
+    ratio_caption,
 )
+from topk_lib.bench.store import (  # noqa: F401
+    COLUMNS,
+    KEY_COLUMNS,
+    all_results,
+    device_slug,
+    measured_suites,
+    merge_rows,
+    read_rows,
+    results_path,
+)
+from topk_lib.bench.suites import SUITES, run_suite  # noqa: F401
 
 __all__ = [
     "SUITES",
     "COLUMNS",
     "KEY_COLUMNS",
     "run_point",
+    "row_template",
     "run_suite",
     "measured_suites",
     "merge_rows",
+    "read_rows",
     "results_path",
+    "all_results",
     "device_slug",
     "parse_bytes",
     "format_table",
     "kernel_targets",
-    "TinyTransformer",
-    "main",
+    "method_label",
+    "longest_fitting",
+    "ratio_at",
+    "attention_caption",
+    "ratio_caption",
 ]

@@ -32,14 +32,13 @@ last marks a complete cache, so an interrupted run regenerates instead of readin
 from __future__ import annotations
 
 import json
-import os
 import random
-import tempfile
 from pathlib import Path
 
 import torch
 
 from topk_lib.infra import paths
+from topk_lib.infra.cache import atomic_write
 
 __all__ = [
     "OPERATORS",
@@ -210,17 +209,6 @@ def _split_dir(root, *, n_train, n_val, n_test, min_length, max_length, max_dept
     return root / name
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def listops_splits(*, n_train: int, n_val: int, n_test: int, min_length: int, max_length: int,
                    max_depth: int = 10, max_args: int = 10, seed: int = 0, root=None,
                    progress: bool = True) -> dict:
@@ -248,8 +236,8 @@ def listops_splits(*, n_train: int, n_val: int, n_test: int, min_length: int, ma
         folder.mkdir(parents=True, exist_ok=True)
         for split, (a, b) in bounds.items():
             lines = ["expr\tlabel"] + [f"{e}\t{y}" for e, y in pairs[a:b]]
-            _write_atomic(folder / f"{split}.tsv", "\n".join(lines) + "\n")
-        _write_atomic(manifest, json.dumps({"generator": "lra-listops-v1", **spec}, indent=1) + "\n")
+            atomic_write(folder / f"{split}.tsv", "\n".join(lines) + "\n")
+        atomic_write(manifest, json.dumps({"generator": "lra-listops-v1", **spec}, indent=1) + "\n")
     out = {}
     for split in _SPLITS:
         df = pd.read_csv(folder / f"{split}.tsv", sep="\t", dtype={"expr": str, "label": int})

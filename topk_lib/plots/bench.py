@@ -11,24 +11,13 @@ import textwrap
 import matplotlib.pyplot as plt
 import pandas as pd
 
+from topk_lib.bench.report import method_label
 from topk_lib.plots.style import styled
 
 # One colour per method in every figure; top-k variants (k, C, ff_k) take the TOPK colours in order.
 METHOD_COLORS = {"vanilla": "tab:brown", "dense": "tab:brown", "sdpa": "tab:green", "performer": "tab:orange",
                  "chunked": "tab:blue"}
 TOPK_COLORS = ("tab:red", "tab:purple", "tab:pink", "tab:olive")
-
-
-def method_label(row) -> str:
-    """``topk k=64``, ``chunked C=1024``, ``sdpa``: what distinguishes the lines of a panel."""
-    label = str(row["method"])
-    if label.startswith("topk") and pd.notna(row.get("k")):
-        label += f" k={int(row['k'])}"
-    if row.get("suite") != "chunk" and label.startswith(("chunked", "topk")) and pd.notna(row.get("C")):
-        label += f" C={int(row['C'])}"
-    if pd.notna(row.get("ff_k")) and row["method"] != "dense":
-        label += f" ff_k={int(row['ff_k'])}"
-    return label
 
 
 @styled
@@ -74,21 +63,4 @@ def _palette(df) -> dict:
     return {label: METHOD_COLORS.get(label.split()[0]) or next(topk, "tab:gray") for label in labels}
 
 
-def longest_fitting(rows: pd.DataFrame, *, x: str = "L", pass_: str = "fwd+bwd") -> pd.Series:
-    """The largest ``x`` at which each method ran (status ok) for one pass."""
-    df = rows[(rows["pass"] == pass_) & (rows.status == "ok")].copy()
-    df["label"] = df.apply(method_label, axis=1)
-    return df.groupby("label")[x].max().astype(int).sort_values()
-
-
-def ratio_at(rows: pd.DataFrame, *, numerator: str, denominator: str, column: str, pass_: str, x: str = "L") -> pd.Series:
-    """``column`` of one method over another at each ``x`` both ran at (labels as :func:`method_label`)."""
-    df = rows[(rows["pass"] == pass_) & (rows.status == "ok")].copy()
-    df["label"] = df.apply(method_label, axis=1)
-    table = df.pivot_table(index=x, columns="label", values=column)
-    if numerator not in table or denominator not in table:
-        return pd.Series(dtype=float)
-    return (table[numerator] / table[denominator]).dropna()
-
-
-__all__ = ["method_label", "plot_memory_time", "longest_fitting", "ratio_at"]
+__all__ = ["plot_memory_time"]

@@ -1,3 +1,3 @@
-"""Training with top-k: ListOps from scratch and MiniLM fine-tuning."""
+"""Training with top-k: ListOps from scratch, MiniLM fine-tuning on SpamAssassin, and their tables."""
 
-__all__ = ["train"]
+__all__ = ["loop", "listops", "finetune", "summaries"]

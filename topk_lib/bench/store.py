@@ -1,0 +1,144 @@
+"""The benchmark rows: one CSV per device, merged by key, rewritten atomically.
+
+Results go to ``data/results/bench_<device>.csv`` (:func:`results_path`; ``<device>`` is ``cpu``
+or a slug of the CUDA device name). A rerun replaces rows with the same key (suite, device,
+dtype, threads, method, pass and sizes: :data:`KEY_COLUMNS`), other rows are kept. The file is
+rewritten atomically after every point under a lock on its folder, so an interrupted suite
+keeps what it measured and two suites running at once lose no rows.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import io
+import math
+import os
+import platform
+import re
+from pathlib import Path
+
+import torch
+
+from topk_lib.infra import paths
+from topk_lib.infra.cache import atomic_write
+
+__all__ = ["COLUMNS", "KEY_COLUMNS", "results_path", "device_slug", "device_name", "merge_rows", "read_rows",
+           "measured_suites", "all_results"]
+
+# Every row has these columns, in this order; the key decides which rows a rerun replaces.
+KEY_COLUMNS = (
+    "suite", "device_name", "dtype", "threads", "method", "pass",
+    "B", "L", "H", "d", "C", "k", "ff_k", "d_ff", "n_layers", "quick",
+)
+COLUMNS = (
+    "suite", "method", "pass", "B", "L", "H", "d", "C", "k", "ff_k", "d_ff", "n_layers",
+    "status", "median_s", "min_s", "peak_bytes", "mem_method", "budget_bytes",
+    "warmup", "repeats", "device", "device_name", "dtype", "threads", "torch_version",
+    "quick", "note", "host", "timestamp",
+)
+
+
+def device_slug(device: str) -> str:
+    """``cpu`` or the CUDA device name as a file-name slug (``nvidia-h100-80gb-hbm3``)."""
+    if not str(device).startswith("cuda"):
+        return "cpu"
+    name = torch.cuda.get_device_name(torch.device(device))
+    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-") or "cuda"
+
+
+def device_name(device: str) -> str:
+    """The CUDA device name, or the CPU model with its core count (``... x2``)."""
+    if str(device).startswith("cuda"):
+        return torch.cuda.get_device_name(torch.device(device))
+    model = platform.processor() or platform.machine() or "cpu"
+    with contextlib.suppress(OSError):
+        with open("/proc/cpuinfo") as fh:
+            model = next((ln.split(":", 1)[1].strip() for ln in fh if ln.startswith("model name")), model)
+    return f"{model} x{os.cpu_count()}"
+
+
+def results_path(device: str, *, quick: bool = False) -> Path:
+    """``data/results/bench_<device>.csv``; quick runs go to ``data/results/quick/`` (git-ignored).
+
+    ``TOPK_LAB_RESULTS`` (set by the notebook runner, read at call time) overrides the folder.
+    """
+    root = paths.results()
+    if quick and "TOPK_LAB_RESULTS" not in os.environ:
+        root = root / "quick"  # where the runner's quick mode puts results
+    return root / f"bench_{device_slug(device)}.csv"
+
+
+def _fmt(v) -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return ""
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, float):
+        return repr(v)
+    return str(v)
+
+
+def _key(row: dict) -> tuple:
+    return tuple(_fmt(row.get(c)) for c in KEY_COLUMNS)
+
+
+@contextlib.contextmanager
+def _locked(path: Path):
+    """Exclusive lock on the CSV's folder (no lock file left behind): two suites lose no rows."""
+    import fcntl
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def merge_rows(path, rows) -> Path:
+    """Merge ``rows`` into the CSV at ``path``: same key replaces, others are kept; atomic rewrite."""
+    path = Path(path)
+    with _locked(path):
+        existing, columns = [], list(COLUMNS)
+        if path.exists():
+            with open(path, newline="") as fh:
+                reader = csv.DictReader(fh)
+                columns += [c for c in (reader.fieldnames or []) if c not in columns]
+                existing = list(reader)
+        merged = {_key(r): r for r in existing}  # dicts keep order: replaced rows stay in place
+        for r in rows:
+            columns += [c for c in r if c not in columns]
+            text = {k: _fmt(v) for k, v in r.items()}
+            merged[_key(text)] = text
+        out = io.StringIO(newline="")
+        writer = csv.DictWriter(out, fieldnames=columns, extrasaction="ignore")
+        writer.writeheader()
+        for r in merged.values():
+            writer.writerow({c: r.get(c, "") for c in columns})
+        atomic_write(path, out.getvalue().encode())  # bytes: the csv module's \r\n line ends as written
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(path, 0o666 & ~umask)  # the temporary file was 0600; a results file is meant to be shared
+    return path
+
+
+def read_rows(path) -> list[dict]:
+    """The rows of a benchmark CSV, every value a string."""
+    with open(path, newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+def measured_suites(device: str, *, quick: bool = False) -> set[str]:
+    """Suites with rows in this device's CSV (a notebook skips them unless asked to re-measure)."""
+    path = results_path(device, quick=quick)
+    return {row["suite"] for row in read_rows(path)} if path.exists() else set()
+
+
+def all_results(*, quick: bool = False):
+    """Every device's rows (``paths.results()/bench_*.csv``) as one DataFrame, quick runs or full ones."""
+    import pandas as pd
+
+    rows = pd.concat([pd.read_csv(path) for path in sorted(paths.results().glob("bench_*.csv"))], ignore_index=True)
+    return rows[rows.quick == quick]

@@ -1,0 +1,60 @@
+"""What both training experiments share: the learning-rate schedule, seeded batches, progress bars,
+the "full" label for exact settings, and the cached record of one run.
+
+Every finished run is one small JSON file ``paths.results() / "training" / task / f"{name}_{hash}.json"``
+(:func:`topk_lib.infra.cache.cached_record`); the hash covers the run's whole configuration, so a
+changed setting never reuses an old result, and an interrupted sweep resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from topk_lib.infra import paths
+from topk_lib.infra.cache import cached_record
+
+__all__ = ["k_label", "lr_at", "batches", "progress_bar", "run_record"]
+
+
+def k_label(k) -> str:
+    """``"full"`` for exact/dense (``None``), else ``str(k)``: the label tables and figures use."""
+    return "full" if k is None else str(k)
+
+
+def lr_at(step: int, *, steps: int, warmup: int, lr: float) -> float:
+    """Linear warm-up over ``warmup`` steps, then linear decay to zero at ``steps``."""
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    return lr * max(0.0, (steps - step) / max(1, steps - warmup))
+
+
+def batches(n: int, batch_size: int, steps: int, generator: torch.Generator):
+    """``steps`` index batches, reshuffling every epoch (deterministic in ``generator``)."""
+    order = torch.randperm(n, generator=generator)
+    pos = 0
+    for _ in range(steps):
+        if pos + batch_size > n:
+            order, pos = torch.randperm(n, generator=generator), 0
+        yield order[pos : pos + batch_size]
+        pos += batch_size
+
+
+def progress_bar(total: int, desc: str, enabled: bool):
+    """A tqdm bar over training steps that disappears when done."""
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit="step", leave=False, disable=not enabled)
+
+
+def run_record(task: str, name: str, *, config: dict, compute, root=None) -> dict:
+    """The cached record of one run, or ``compute()`` it and cache it.
+
+    The record is ``{"task", "name", "config", **compute()}`` in
+    ``root / task / f"{name}_{config_key(config)}.json"``; ``root`` defaults to
+    ``paths.results() / "training"`` (read at call time).
+    """
+    root = paths.results() / "training" if root is None else Path(root)
+    return cached_record(root / task / name, config=config,
+                         compute=lambda: {"task": task, "name": name, "config": config, **compute()})
