@@ -61,6 +61,16 @@ def test_every_subpackage_has_all():
         assert "__all__" in names, f"{init.relative_to(PACKAGE.parent)} has no __all__"
 
 
+def test_every_name_in_all_exists():
+    import importlib
+
+    for init in sorted(PACKAGE.rglob("__init__.py")):
+        package = importlib.import_module(dotted(init))
+        for name in package.__all__:
+            present = hasattr(package, name) or (init.parent / f"{name}.py").exists() or (init.parent / name).is_dir()
+            assert present, f"{package.__name__}.__all__ names {name!r}, which is neither a module nor an attribute"
+
+
 def test_imports_point_down_the_layers_and_never_reach_private_names():
     problems = []
     for path in modules():

@@ -41,6 +41,9 @@ def test_missing_parameters_cell_is_reported(tmp_path):
 
 
 MAX_CELL_LINES = 25
+# The parameters cell holds one commented literal per line, so a notebook with many knobs
+# needs a few more lines there; it may hold nothing but such assignments.
+MAX_PARAMETER_LINES = 30
 DEFINITIONS = (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef, ast.Lambda)
 
 
@@ -50,13 +53,38 @@ def definitions(code: str) -> list[str]:
             if isinstance(node, DEFINITIONS)]
 
 
+def non_literals(code: str) -> list[str]:
+    """Statements of a parameters cell that are not ``NAME = <literal>``."""
+    found = []
+    for node in ast.parse(code).body:
+        ok = isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name)
+        try:
+            ok and ast.literal_eval(node.value)
+        except ValueError:
+            ok = False
+        if not ok:
+            found.append(f"line {node.lineno}")
+    return found
+
+
 def long_cells(source) -> list[str]:
-    """The cells of a jupytext source longer than ``MAX_CELL_LINES`` lines."""
+    """The code cells of a jupytext source longer than their limit (parameters: ``MAX_PARAMETER_LINES``)."""
     import jupytext
 
-    cells = jupytext.read(source).cells
-    return [f"cell {i} ({n} lines)" for i, cell in enumerate(cells)
-            if (n := len(cell.source.splitlines())) > MAX_CELL_LINES]
+    found = []
+    for i, cell in enumerate(jupytext.read(source).cells):
+        if cell.cell_type != "code":
+            continue  # prose may run as long as it needs
+        limit = MAX_PARAMETER_LINES if "parameters" in cell.metadata.get("tags", []) else MAX_CELL_LINES
+        if (n := len(cell.source.splitlines())) > limit:
+            found.append(f"cell {i} ({n} lines)")
+    return found
+
+
+def parameters_cell(source) -> str:
+    import jupytext
+
+    return next(c.source for c in jupytext.read(source).cells if "parameters" in c.metadata.get("tags", []))
 
 
 @pytest.mark.parametrize("source", SOURCES, ids=[s.stem for s in SOURCES])
@@ -68,7 +96,14 @@ def test_notebooks_define_no_functions_classes_or_lambdas(source):
 @pytest.mark.parametrize("source", SOURCES, ids=[s.stem for s in SOURCES])
 def test_notebook_cells_are_short(source):
     found = long_cells(source)
-    assert not found, f"{source.name}: {found} are over {MAX_CELL_LINES} lines; split them or move logic into topk_lib"
+    assert not found, (f"{source.name}: {found} are over {MAX_CELL_LINES} lines ({MAX_PARAMETER_LINES} for the "
+                       "parameters cell); split them or move logic into topk_lib")
+
+
+@pytest.mark.parametrize("source", SOURCES, ids=[s.stem for s in SOURCES])
+def test_parameters_cells_hold_only_literals(source):
+    found = non_literals(parameters_cell(source))
+    assert not found, f"{source.name}: the parameters cell has statements other than NAME = literal at {found}"
 
 
 @pytest.mark.parametrize("code", ["def f():\n    pass\n", "class C:\n    pass\n", "f = lambda x: x\n",
@@ -83,6 +118,14 @@ def test_long_cells_are_caught(tmp_path):
     assert long_cells(nb) == [f"cell 1 ({MAX_CELL_LINES + 1} lines)"]
     nb.write_text('# %% tags=["parameters"]\nQUICK = False\n\n# %%\n' + "x = 1\n" * MAX_CELL_LINES)
     assert long_cells(nb) == []
+    nb.write_text('# %% tags=["parameters"]\n' + "x = 1\n" * (MAX_PARAMETER_LINES + 1))
+    assert long_cells(nb) == [f"cell 0 ({MAX_PARAMETER_LINES + 1} lines)"]
+
+
+@pytest.mark.parametrize("code, bad", [("A = 1  # one\nB = [1, 2]\nC = {1: 'x'}\n", []),
+                                       ("A = f(1)\n", ["line 1"]), ("A = 1\nprint(A)\n", ["line 2"])])
+def test_non_literal_parameters_are_caught(code, bad):
+    assert non_literals(code) == bad
 
 
 def test_quick_flag_is_injected(tmp_path):

@@ -7,7 +7,7 @@ import zlib
 
 import numpy as np
 import pandas as pd
-import pytest
+
 
 from topk_lib.infra import paths
 from topk_lib.plots.analysis import plot_error_vs_k

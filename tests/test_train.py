@@ -267,7 +267,7 @@ def test_spam_split_on_the_corpus():
 
 @pytest.mark.skipif(not _spam_fetched(), reason="SpamAssassin not fetched: python -m topk_lib.data spam")
 def test_finetune_sweep_of_notebook_05_reads_the_committed_caches(monkeypatch):
-    from topk_lib.data import sources as data
+    from topk_lib import data
 
     root = paths.ROOT / "data" / "results" / "training"
     committed = json.loads(next((root / "finetune").glob("attn8_fffull_seed0_*.json")).read_text())["config"]
