@@ -13,6 +13,7 @@ import pandas as pd
 import seaborn as sns
 
 from topk_lib.experiments.training.summaries import k_order
+from topk_lib.plots.style import styled
 
 __all__ = ["plot_learning_curves", "plot_test_accuracy_vs_k", "plot_finetune_vs_k"]
 
@@ -24,6 +25,7 @@ def _references(ax, references):
         ax.axhline(value, color="grey", ls=ls, lw=1, label=label)
 
 
+@styled
 def plot_learning_curves(curves, *, title: str, references=()):
     """Validation accuracy against step, one line per k (mean over seeds, band: ± 1 std).
 
@@ -48,6 +50,7 @@ def _k_axis(ax, order):
     ax.set_xlabel("k (keys kept per query; full = exact)")
 
 
+@styled
 def plot_test_accuracy_vs_k(results, *, title: str, y="test_acc", ylabel="test accuracy", references=()):
     """Mean test accuracy per k with ± 1 std error bars over seeds, and the single seeds as dots."""
     order = k_order(results.k)
@@ -71,6 +74,7 @@ _STYLES = {("trained", "acc"): ("o-", "C0"), ("swap", "acc"): ("s--", "C1"),
 _MODE_LABELS = {"trained": "fine-tuned with top-k", "swap": "fine-tuned vanilla, top-k at test"}
 
 
+@styled
 def plot_finetune_vs_k(results, *, title: str):
     """Accuracy and F1 against attention k (left) and feed-forward k (right), trained vs swapped.
 

@@ -103,3 +103,17 @@ def test_importing_plots_changes_no_settings_and_plotting_applies_the_style(tmp_
     monkeypatch.setenv("TOPK_LAB_FIGURES", str(tmp_path))
     save_figure(fig, "styled")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["styled.pdf", "styled.png"]  # no temporary left behind
+
+
+def test_every_plot_function_applies_the_style():
+    """A plot function that skipped ``use_style`` would draw with matplotlib's defaults and change the figures."""
+    import importlib
+    import inspect
+
+    from topk_lib import plots
+
+    for module_name in plots.__all__:
+        module = importlib.import_module(f"topk_lib.plots.{module_name}")
+        for name, fn in inspect.getmembers(module, inspect.isfunction):
+            if name.startswith("plot_") and fn.__module__ == module.__name__:
+                assert hasattr(fn, "__wrapped__"), f"{module.__name__}.{name} is not decorated with @styled"
