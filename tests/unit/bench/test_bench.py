@@ -325,17 +325,25 @@ def test_a_did_not_fit_under_a_larger_budget_is_not_replaced_by_a_smaller_budget
     assert bench.merge_rows(out, [{**unlimited, "status": "error"}]).replaced == 1
 
 
-def test_rows_without_a_budget_or_status_column_are_read_as_unknown(tmp_path):
+def test_rows_without_a_budget_column_are_read_as_unknown(tmp_path):
     out = tmp_path / "bench_cpu.csv"
     row = _committed_row()
+    failed = {**row, "L": 4096, "status": "did not fit", "median_s": None}
+    bench.merge_rows(out, [row, failed])
     columns = [c for c in bench.COLUMNS if c != "budget_bytes"]
-    with open(out, "w", newline="") as fh:  # an older file without the budget column
+    old = bench.read_rows(out)
+    with open(out, "w", newline="") as fh:  # as an older file without the budget column would be
         writer = csv.DictWriter(fh, fieldnames=columns, extrasaction="ignore")
         writer.writeheader()
-        writer.writerow({c: "" if row.get(c) is None else row[c] for c in columns})
+        writer.writerows(old)
+    before = out.read_bytes()
     assert bench.merge_rows(out, [{**row, "status": "error", "budget_bytes": 0}]).kept == 1
-    (kept,) = bench.read_rows(out)
-    assert (kept["status"], kept["budget_bytes"]) == ("ok", "")
+    assert out.read_bytes() == before  # nothing landed: the old file stays as it was
+    merged = bench.merge_rows(out, [{**failed, "status": "timeout", "budget_bytes": 64 << 20}])
+    assert merged.replaced == 1  # an unknown budget is not larger: the latest failure lands
+    by_len = {r["L"]: r for r in bench.read_rows(out)}
+    assert (by_len["2048"]["status"], by_len["2048"]["budget_bytes"]) == ("ok", "")  # the column is added, empty
+    assert by_len["4096"]["status"] == "timeout"
 
 
 def test_the_committed_csvs_keep_their_ok_rows_against_a_failed_rerun(tmp_path):
