@@ -27,7 +27,7 @@ MiB = 1024**2
 DEFAULT_BUDGET = 16 * 1024**3
 # A point's process holds tens of MB of address space of its own (thread stacks, allocator arenas, the
 # BLAS and OpenMP pools) that the CPU budget counts (see meters): under 64 MiB points fail on that, not on
-# the kernel. The quick suites' points fit in 64 MiB.
+# the kernel (a quick attention or product point fits in 64 MiB).
 MIN_BUDGET = 64 * MiB
 # A point's timeout covers its child's start-up (about 1 s forked, 1-3 s as a fresh python importing
 # torch, more with a CUDA context) and building its inputs: under 10 s it times out the start, not the kernel.

@@ -418,7 +418,10 @@ def _cuda_names():
     return ["cpu"] + [f"cuda:{i}" for i in range(torch.cuda.device_count())]
 
 
-@pytest.mark.parametrize("device", ["tpu", "cuda:7", "mps", "", "cuda:x"] + ([] if torch.cuda.is_available() else ["cuda"]))
+ABSENT_GPU = f"cuda:{torch.cuda.device_count() if torch.cuda.is_available() else 7}"  # one past the last
+
+
+@pytest.mark.parametrize("device", ["tpu", ABSENT_GPU, "mps", "", "cuda:x"] + ([] if torch.cuda.is_available() else ["cuda"]))
 def test_cli_refuses_an_unusable_device_before_any_point(monkeypatch, tmp_path, capsys, device):
     _no_points(monkeypatch)
     monkeypatch.setenv("TOPK_LAB_RESULTS", str(tmp_path))
@@ -431,7 +434,7 @@ def test_cli_refuses_an_unusable_device_before_any_point(monkeypatch, tmp_path, 
     assert list(tmp_path.iterdir()) == []  # nothing written
 
 
-@pytest.mark.parametrize("device", ["tpu", "cuda:7"] + ([] if torch.cuda.is_available() else ["cuda"]))
+@pytest.mark.parametrize("device", ["tpu", ABSENT_GPU] + ([] if torch.cuda.is_available() else ["cuda"]))
 def test_run_suite_refuses_an_unusable_device(monkeypatch, tmp_path, device):
     _no_points(monkeypatch)
     with pytest.raises(ValueError, match=r"device must be one of .*cpu.*got '" + device):
