@@ -17,6 +17,7 @@ from topk_lib.bench.report import (  # noqa: F401
 from topk_lib.bench.store import (  # noqa: F401
     COLUMNS,
     KEY_COLUMNS,
+    Merged,
     all_results,
     device_slug,
     measured_suites,
@@ -30,6 +31,7 @@ __all__ = [
     "SUITES",
     "COLUMNS",
     "KEY_COLUMNS",
+    "Merged",
     "run_point",
     "row_template",
     "run_suite",

@@ -9,11 +9,14 @@ Command line::
     python -m topk_lib.bench model12      # 12-layer model vs L, forward+backward
     python -m topk_lib.bench product      # sparse weights x V and torch.topk micro-benchmark
     options: --quick --budget 16GiB --timeout 900 --warmup 1 --repeats 3 --device cpu|cuda
-             --dtype float32 --threads N --min-L N --max-L N --out PATH --no-save --isolation forkserver|subprocess
+             --dtype float32 --threads N --min-L N --max-L N --out PATH --no-save --replace
+             --isolation forkserver|subprocess
 
 Each point runs in a process of its own under a memory budget (:mod:`topk_lib.bench.harness`);
 peak memory is measured as :mod:`topk_lib.bench.meters` describes; rows are merged into
-``data/results/bench_<device>.csv`` (:mod:`topk_lib.bench.store`).
+``data/results/bench_<device>.csv`` (:mod:`topk_lib.bench.store`), where a failed point never
+replaces an ``ok`` row of the same point unless ``--replace``. ``--device``, ``--budget`` and
+``--timeout`` are checked before any point runs.
 """
 
 from __future__ import annotations
@@ -25,11 +28,11 @@ from pathlib import Path
 
 import torch
 
-from topk_lib.bench.harness import DEFAULT_TIMEOUT_S, point_main
+from topk_lib.bench.harness import DEFAULT_TIMEOUT_S, check_device, point_main
 from topk_lib.bench.meters import parse_bytes
 from topk_lib.bench.report import format_table, kernel_targets
 from topk_lib.bench.store import results_path
-from topk_lib.bench.suites import SUITES, run_suite
+from topk_lib.bench.suites import MIN_TIMEOUT_S, SUITES, check_budget, check_timeout, run_suite
 
 __all__ = ["main"]
 
@@ -42,9 +45,11 @@ def _parser():
     p.add_argument("--quick", action="store_true", help="tiny sizes (CI smoke run, under a minute)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda[:i]")
     p.add_argument("--dtype", default="float32", choices=("float32", "float16", "bfloat16", "float64"))
-    p.add_argument("--budget", default="16GiB", help="memory budget per point over its inputs (default 16GiB)")
+    p.add_argument("--budget", default="16GiB", help="memory budget per point over its inputs (default 16GiB; "
+                   "0 = unlimited; else at least 64MiB, what a point's process holds of its own)")
     p.add_argument("--reserve", default="1GiB", help="kill a point when the machine has less available")
-    p.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT_S, help="seconds per point (default 900)")
+    p.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT_S,
+                   help=f"seconds per point, start-up included (default 900, at least {MIN_TIMEOUT_S:g})")
     p.add_argument("--warmup", type=int, default=1, help="untimed calls before the timed ones (default 1)")
     p.add_argument("--repeats", type=int, default=None,
                    help="timed calls per point (default 3; product 5; --quick 1)")
@@ -57,7 +62,24 @@ def _parser():
     p.add_argument("--isolation", choices=("forkserver", "subprocess"), default="forkserver",
                    help="fork points from a server that imported torch once (fast) or start a fresh python")
     p.add_argument("--no-save", action="store_true", help="print only, write no CSV")
+    p.add_argument("--replace", action="store_true", help="let failed points (error, timeout, did not fit) replace "
+                   "ok rows of the same point; by default an ok row is kept and counted as kept")
     return p
+
+
+def _checked(parser, args):
+    """The suite's arguments, each checked before any point runs; a bad one exits naming its option."""
+
+    def check(option, read):
+        try:
+            return read()
+        except ValueError as exc:
+            parser.error(str(exc) if option in str(exc) else f"{option}: {exc}")
+
+    return (check("--device", lambda: check_device(args.device, "--device")),
+            check("--budget", lambda: check_budget(parse_bytes(args.budget), "--budget")),
+            check("--timeout", lambda: check_timeout(args.timeout, "--timeout")),
+            check("--reserve", lambda: parse_bytes(args.reserve)))
 
 
 def main(argv=None) -> int:
@@ -66,14 +88,16 @@ def main(argv=None) -> int:
         if len(argv) != 2:
             raise SystemExit("usage: python -m topk_lib.bench _point '<json spec>'")
         return point_main(argv[1])
-    args = _parser().parse_args(argv)
-    out = Path(args.out) if args.out else results_path(args.device, quick=args.quick)
+    parser = _parser()
+    args = parser.parse_args(argv)
+    device, budget, timeout_s, reserve = _checked(parser, args)
+    out = Path(args.out) if args.out else results_path(device, quick=args.quick)
     t0 = time.monotonic()
-    rows = run_suite(args.suite, quick=args.quick, device=args.device, dtype=args.dtype,
-                     budget=parse_bytes(args.budget), timeout_s=args.timeout, warmup=args.warmup,
+    rows = run_suite(args.suite, quick=args.quick, device=device, dtype=args.dtype,
+                     budget=budget, timeout_s=timeout_s, warmup=args.warmup,
                      repeats=args.repeats, threads=args.threads, out=out, save=not args.no_save,
-                     max_len=args.max_len, min_len=args.min_len, reserve_bytes=parse_bytes(args.reserve),
-                     isolation=args.isolation)
+                     max_len=args.max_len, min_len=args.min_len, reserve_bytes=reserve,
+                     isolation=args.isolation, replace=args.replace)
     print(f"\n{args.suite}{' (--quick: tiny sizes)' if args.quick else ''}: {SUITES[args.suite]}")
     print(format_table(rows, args.suite))
     if args.suite == "kernels":
@@ -81,8 +105,13 @@ def main(argv=None) -> int:
         for name, measured, met in kernel_targets(rows):
             verdict = {True: "MET", False: "MISSED", None: "n/a"}[met]
             print(f"  {verdict:<7} {name}: {measured}")
+    merged = rows.merged
     print(f"\n{len(rows)} points in {time.monotonic() - t0:.0f} s"
-          + ("" if args.no_save else f"; rows merged into {out}"))
+          + ("" if args.no_save else f"; rows merged into {out}: {merged.added} added, {merged.replaced} replaced, "
+             f"{merged.kept} kept"))
+    if merged.kept:
+        print(f"  {merged.kept} row(s) kept: a failed point replaces no ok row, nor a 'did not fit' under a larger "
+              "budget (--replace to overwrite)")
     return 0
 
 

@@ -41,7 +41,7 @@ from topk_lib.infra import paths
 from topk_lib.infra.cache import atomic_write
 
 __all__ = ["PASSES", "DEFAULT_TIMEOUT_S", "DEFAULT_RESERVE", "run_point", "row_template", "point_main",
-           "forkserver_context"]
+           "forkserver_context", "available_devices", "check_device"]
 
 GiB = 1024**3
 DEFAULT_TIMEOUT_S = 900.0
@@ -66,6 +66,34 @@ def _classify(exc) -> tuple[str, str]:
     if isinstance(exc, MemoryError) or (isinstance(exc, RuntimeError) and _is_oom(str(exc))):
         return "did not fit", msg  # torch.OutOfMemoryError is a RuntimeError
     return "error", msg
+
+
+def available_devices() -> list[str]:
+    """The devices a point can run on here: ``cpu``, and ``cuda``, ``cuda:0`` .. when torch sees GPUs."""
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    return ["cpu"] + (["cuda"] + [f"cuda:{i}" for i in range(count)] if count else [])
+
+
+def check_device(device, arg: str = "device") -> str:
+    """``device`` as a string when a point can run there; else an error naming ``arg`` and what is available.
+
+    Checked before any point runs: a point on an unusable device would only fail in its child, and a
+    whole suite of such rows used to reach the CSV.
+    """
+    if isinstance(device, torch.device):
+        device = str(device)
+    if not isinstance(device, str):
+        raise TypeError(f"{arg} must be a device string such as 'cpu' or 'cuda:0', got {device!r} "
+                        f"({type(device).__name__})")
+    available = available_devices()
+    if device in available:
+        return device
+    why = " (points run and measure memory on the CPU or a CUDA GPU only)"
+    if device.startswith("cuda"):
+        why = (f" (this torch {torch.__version__} is built without CUDA)" if torch.version.cuda is None
+               else " (torch sees no CUDA device)" if len(available) == 1
+               else f" (torch sees {len(available) - 2} CUDA device(s))")
+    raise ValueError(f"{arg} must be one of {', '.join(map(repr, available))}{why}, got {device!r}")
 
 
 # --------------------------------------------------------------------------- the child
@@ -231,6 +259,7 @@ def _check_point(spec, timeout_s, isolation):
         raise ValueError(f"kind must be one of {sorted(workloads.KINDS)}, got {spec['kind']!r}")
     if spec["pass"] not in PASSES:
         raise ValueError(f"pass must be one of {PASSES}, got {spec['pass']!r}")
+    check_device(spec["device"], "spec['device']")
     if isolation not in ISOLATIONS:
         raise ValueError(f"isolation must be 'forkserver' or 'subprocess', got {isolation!r}")
     if not timeout_s or timeout_s <= 0:

@@ -1,16 +1,21 @@
 """The benchmark rows: one CSV per device, merged by key, rewritten atomically.
 
 Results go to ``data/results/bench_<device>.csv`` (:func:`results_path`; ``<device>`` is ``cpu``
-or a slug of the CUDA device name). A rerun replaces rows with the same key (suite, device,
-dtype, threads, method, pass and sizes: :data:`KEY_COLUMNS`), other rows are kept. The file is
-rewritten atomically after every point under a lock on its folder, so an interrupted suite
-keeps what it measured and two suites running at once lose no rows.
+or a slug of the CUDA device name). Rows with the same key are the same point (suite, device
+name, dtype, threads, method, pass, sizes and quick: :data:`KEY_COLUMNS`; not the budget, the
+repeats or the versions, which a rerun may change). A new row replaces the old one of its point
+except where that would lose a measurement (:func:`merge_rows`): a row that is not ``ok`` never
+replaces an ``ok`` row, and a failure never replaces a ``did not fit`` measured under a larger
+budget, unless ``replace=True`` (``--replace``). Other rows are kept. The file is rewritten
+atomically after every point under a lock on its folder, so an interrupted suite keeps what it
+measured and two suites running at once lose no rows.
 """
 
 from __future__ import annotations
 
 import contextlib
 import csv
+import dataclasses
 import io
 import math
 import os
@@ -23,8 +28,8 @@ import torch
 from topk_lib.infra import paths
 from topk_lib.infra.cache import atomic_write
 
-__all__ = ["COLUMNS", "KEY_COLUMNS", "results_path", "device_slug", "device_name", "merge_rows", "read_rows",
-           "measured_suites", "all_results"]
+__all__ = ["COLUMNS", "KEY_COLUMNS", "Merged", "results_path", "device_slug", "device_name", "merge_rows",
+           "read_rows", "measured_suites", "all_results"]
 
 # Every row has these columns, in this order; the key decides which rows a rerun replaces.
 KEY_COLUMNS = (
@@ -97,9 +102,60 @@ def _locked(path: Path):
         os.close(fd)  # releases the lock
 
 
-def merge_rows(path, rows) -> Path:
-    """Merge ``rows`` into the CSV at ``path``: same key replaces, others are kept; atomic rewrite."""
+@dataclasses.dataclass(frozen=True)
+class Merged:
+    """What a merge did with its rows: ``added`` (new points), ``replaced`` (old rows overwritten),
+    ``kept`` (old rows that stayed because the new row would have lost a measurement)."""
+
+    path: Path
+    added: int = 0
+    replaced: int = 0
+    kept: int = 0
+
+    def __add__(self, other: "Merged") -> "Merged":
+        return Merged(other.path, self.added + other.added, self.replaced + other.replaced, self.kept + other.kept)
+
+
+def _budget(row: dict) -> float | None:
+    """The row's memory budget in bytes; ``0`` (no budget) is infinite, an empty or missing cell unknown."""
+    try:
+        value = float(row.get("budget_bytes") or "")
+    except ValueError:
+        return None
+    return math.inf if value == 0 else value
+
+
+def _keeps(old: dict, new: dict) -> bool:
+    """Whether ``old`` stays when ``new`` (both as text) arrives for the same point.
+
+    An ``ok`` row always lands: a rerun updates the numbers. A failure (``error``, ``timeout``,
+    ``did not fit``, a skipped point) never replaces an ``ok`` row, whatever the budgets: under a
+    smaller or equal budget it says nothing against the measurement, and under a larger one (or
+    none) it is as likely a short ``--timeout``, a busy machine or the memory reserve as the
+    kernel (confirm with ``--replace``). A failure replaces a failure, the latest attempt, unless
+    the old one is a ``did not fit`` under a larger budget: "needs more than 16 GiB" says more
+    than any failure under 64 MiB. An unknown old budget (no ``budget_bytes`` cell) is not larger.
+    """
+    if new.get("status") == "ok":
+        return False
+    if old.get("status") == "ok":
+        return True
+    old_budget, new_budget = _budget(old), _budget(new)
+    return (old.get("status") == "did not fit" and old_budget is not None
+            and new_budget is not None and old_budget > new_budget)
+
+
+def merge_rows(path, rows, *, replace: bool = False) -> Merged:
+    """Merge ``rows`` into the CSV at ``path`` and rewrite it atomically; returns the counts.
+
+    A row replaces the old row of its point (same :data:`KEY_COLUMNS`) unless that would lose a
+    measurement (a failure over an ``ok`` row, see the module docstring); ``replace=True`` lets
+    every row replace its old one. Rows of other points are kept as they are.
+    """
+    if not isinstance(replace, bool):
+        raise TypeError(f"replace must be True or False, got {replace!r} ({type(replace).__name__})")
     path = Path(path)
+    added = replaced = kept = 0
     with _locked(path):
         existing, columns = [], list(COLUMNS)
         if path.exists():
@@ -109,9 +165,19 @@ def merge_rows(path, rows) -> Path:
                 existing = list(reader)
         merged = {_key(r): r for r in existing}  # dicts keep order: replaced rows stay in place
         for r in rows:
-            columns += [c for c in r if c not in columns]
             text = {k: _fmt(v) for k, v in r.items()}
-            merged[_key(text)] = text
+            key = _key(text)
+            if key not in merged:
+                added += 1
+            elif not replace and _keeps(merged[key], text):
+                kept += 1
+                continue
+            else:
+                replaced += 1
+            merged[key] = text
+            columns += [c for c in text if c not in columns]
+        if path.exists() and not (added or replaced):
+            return Merged(path, added, replaced, kept)  # nothing lands: the file stays byte for byte
         out = io.StringIO(newline="")
         writer = csv.DictWriter(out, fieldnames=columns, extrasaction="ignore")
         writer.writeheader()
@@ -121,7 +187,7 @@ def merge_rows(path, rows) -> Path:
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(path, 0o666 & ~umask)  # the temporary file was 0600; a results file is meant to be shared
-    return path
+    return Merged(path, added, replaced, kept)
 
 
 def read_rows(path) -> list[dict]:

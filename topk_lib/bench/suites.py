@@ -11,17 +11,54 @@ every suite to a smoke run.
 
 from __future__ import annotations
 
+import math
+import numbers
 import sys
 from pathlib import Path
 
-import torch
+from topk_lib.bench.harness import (DEFAULT_RESERVE, DEFAULT_TIMEOUT_S, PASSES, check_device, row_template,
+                                    run_point)
+from topk_lib.bench.store import Merged, merge_rows, results_path
 
-from topk_lib.bench.harness import DEFAULT_RESERVE, DEFAULT_TIMEOUT_S, PASSES, row_template, run_point
-from topk_lib.bench.store import merge_rows, results_path
+__all__ = ["SUITES", "DEFAULT_BUDGET", "MIN_BUDGET", "MIN_TIMEOUT_S", "SuiteRows", "check_budget", "check_timeout",
+           "run_suite"]
 
-__all__ = ["SUITES", "DEFAULT_BUDGET", "run_suite"]
-
+MiB = 1024**2
 DEFAULT_BUDGET = 16 * 1024**3
+# A point's process holds tens of MB of address space of its own (thread stacks, allocator arenas, the
+# BLAS and OpenMP pools) that the CPU budget counts (see meters): under 64 MiB points fail on that, not on
+# the kernel (a quick attention or product point fits in 64 MiB).
+MIN_BUDGET = 64 * MiB
+# A point's timeout covers its child's start-up (about 1 s forked, 1-3 s as a fresh python importing
+# torch, more with a CUDA context) and building its inputs: under 10 s it times out the start, not the kernel.
+MIN_TIMEOUT_S = 10.0
+
+
+class SuiteRows(list):
+    """The rows of a suite run, in order, and ``merged``: what merging them into the CSV did."""
+
+    merged: Merged
+
+
+def check_budget(budget, arg: str = "budget") -> int:
+    """A memory budget in bytes: ``0`` (unlimited) or at least :data:`MIN_BUDGET`."""
+    if not isinstance(budget, numbers.Integral) or isinstance(budget, bool):
+        raise TypeError(f"{arg} must be an int number of bytes (0 = unlimited; parse_bytes('16GiB') reads a size), "
+                        f"got {budget!r} ({type(budget).__name__})")
+    if budget != 0 and budget < MIN_BUDGET:
+        raise ValueError(f"{arg} must be 0 (unlimited) or at least 64 MiB ({MIN_BUDGET} bytes): a point's process "
+                         f"holds tens of MB of its own, so every point would fail before its kernel; got {budget}")
+    return int(budget)
+
+
+def check_timeout(timeout_s, arg: str = "timeout_s") -> float:
+    """Seconds per point: at least :data:`MIN_TIMEOUT_S` (start-up and inputs count)."""
+    if not isinstance(timeout_s, numbers.Real) or isinstance(timeout_s, bool):
+        raise TypeError(f"{arg} must be a number of seconds, got {timeout_s!r} ({type(timeout_s).__name__})")
+    if math.isnan(timeout_s) or timeout_s < MIN_TIMEOUT_S:
+        raise ValueError(f"{arg} must be at least {MIN_TIMEOUT_S:g} s: it covers the point's start-up and inputs, "
+                         f"so a shorter one times out every point before its kernel; got {timeout_s!r}")
+    return float(timeout_s)
 
 
 def _kernels_specs(common, quick, cuda):
@@ -155,14 +192,23 @@ def _attention_suite(common, quick, cuda, max_len, measure, min_len=None):
 def run_suite(suite: str, *, quick=False, device="cpu", dtype="float32", budget=DEFAULT_BUDGET,
               timeout_s=DEFAULT_TIMEOUT_S, warmup=1, repeats=None, threads=None, out=None, save=True,
               max_len=None, min_len=None, reserve_bytes=DEFAULT_RESERVE, isolation="forkserver",
-              progress=True) -> list[dict]:
-    """Run every point of ``suite``, merging each row into ``out`` as it lands; returns the rows."""
+              progress=True, replace=False) -> SuiteRows:
+    """Run every point of ``suite``, merging each row into ``out`` as it lands; returns the rows.
+
+    ``budget`` is bytes per point over its inputs (0 = unlimited, else at least 64 MiB); ``timeout_s``
+    at least 10 s. A failed point's row never replaces an ``ok`` row of the same point in ``out``
+    unless ``replace=True`` (:func:`topk_lib.bench.store.merge_rows`); the returned rows' ``merged``
+    counts what was added, replaced and kept. Arguments are checked before any point runs.
+    """
     from tqdm.auto import tqdm
 
     if suite not in SUITES:
         raise ValueError(f"suite must be one of {sorted(SUITES)}, got {suite!r}")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError("device cuda asked for but torch.cuda.is_available() is False; use --device cpu")
+    device = check_device(device)
+    budget = check_budget(budget)
+    timeout_s = check_timeout(timeout_s)
+    if not isinstance(replace, bool):
+        raise TypeError(f"replace must be True or False, got {replace!r} ({type(replace).__name__})")
     if repeats is None:  # quick mode is a smoke run: one timed call
         repeats = 1 if quick else 5 if suite == "product" else 3
     for name, value in (("min_len", min_len), ("max_len", max_len)):
@@ -176,7 +222,8 @@ def run_suite(suite: str, *, quick=False, device="cpu", dtype="float32", budget=
     out = Path(out) if out else results_path(device, quick=quick)
     common = dict(suite=suite, device=device, dtype=dtype, warmup=warmup, repeats=repeats,
                   budget_bytes=int(budget), threads=threads, quick=bool(quick))
-    rows = []
+    rows = SuiteRows()
+    rows.merged = Merged(out)
     total = None if suite == "attention" else len(list(_FIXED_SPECS[suite](common, quick, cuda)))
     bar = tqdm(total=total, desc=suite, unit="point", disable=not progress, file=sys.stderr)
 
@@ -187,7 +234,7 @@ def run_suite(suite: str, *, quick=False, device="cpu", dtype="float32", budget=
                                                                     isolation=isolation)
         rows.append(row)
         if save:
-            merge_rows(out, [row])
+            rows.merged += merge_rows(out, [row], replace=replace)
         bar.update(1)
         return row
 

@@ -268,3 +268,216 @@ def test_captions_name_the_ratios_measured():
     assert text.splitlines() == ["Caption (attention, cpu x2), fwd+bwd:",
                                  "  topk k=128 C=1024 / sdpa memory: L=1024: 0.25x, L=2048: 0.25x",
                                  "  topk k=128 C=1024 / sdpa time: L=1024: 4.00x, L=2048: 4.00x"]
+
+
+# --------------------------------------------------------------------------- failures never replace ok rows
+
+
+def _committed_row(**over):
+    """A row as the committed bench_cpu.csv holds it: ok, measured under the 16 GiB default budget."""
+    row = bench.row_template(_spec(L=2048, budget_bytes=16 << 30))
+    row.update(status="ok", median_s=0.33, min_s=0.32, peak_bytes=616513536)
+    row.update(over)
+    return row
+
+
+@pytest.mark.parametrize("status, budget", [("error", 16 << 30), ("timeout", 16 << 30), ("did not fit", 64 << 20),
+                                            ("did not fit", 16 << 30), ("timeout", 0), ("did not fit", 32 << 30)])
+def test_a_failed_point_never_replaces_an_ok_row(tmp_path, status, budget):
+    out = tmp_path / "bench_cpu.csv"
+    bench.merge_rows(out, [_committed_row()])
+    failed = {**_committed_row(), "status": status, "median_s": None, "min_s": None, "peak_bytes": None,
+              "budget_bytes": budget, "note": "killed", "timestamp": "later"}
+    merged = bench.merge_rows(out, [failed])
+    (row,) = bench.read_rows(out)
+    assert (row["status"], row["median_s"], row["budget_bytes"]) == ("ok", "0.33", str(16 << 30))
+    assert (merged.added, merged.replaced, merged.kept) == (0, 0, 1)
+    merged = bench.merge_rows(out, [failed], replace=True)  # asked for: the failure replaces it
+    (row,) = bench.read_rows(out)
+    assert (row["status"], row["median_s"], row["note"]) == (status, "", "killed")
+    assert (merged.added, merged.replaced, merged.kept) == (0, 1, 0)
+
+
+def test_ok_rows_replace_ok_and_failed_rows(tmp_path):
+    out = tmp_path / "bench_cpu.csv"
+    bench.merge_rows(out, [_committed_row(), _committed_row(L=4096, status="did not fit", median_s=None)])
+    merged = bench.merge_rows(out, [_committed_row(median_s=0.25, budget_bytes=1 << 30),  # a rerun's new numbers
+                                    _committed_row(L=4096, median_s=0.9),  # now fits
+                                    _committed_row(L=8192)])
+    assert (merged.added, merged.replaced, merged.kept) == (1, 2, 0)
+    by_len = {r["L"]: r for r in bench.read_rows(out)}
+    assert [by_len[n]["status"] for n in ("2048", "4096", "8192")] == ["ok", "ok", "ok"]
+    assert (by_len["2048"]["median_s"], by_len["4096"]["median_s"]) == ("0.25", "0.9")
+
+
+def test_a_did_not_fit_under_a_larger_budget_is_not_replaced_by_a_smaller_budgets_failure(tmp_path):
+    out = tmp_path / "bench_cpu.csv"
+    big = _committed_row(status="did not fit", median_s=None, budget_bytes=16 << 30)
+    bench.merge_rows(out, [big])
+    small = {**big, "budget_bytes": 64 << 20, "status": "timeout"}
+    assert bench.merge_rows(out, [small]).kept == 1
+    assert bench.read_rows(out)[0]["budget_bytes"] == str(16 << 30)
+    unlimited = {**big, "budget_bytes": 0}  # 0 = no budget: says more than any budget
+    assert bench.merge_rows(out, [unlimited]).replaced == 1
+    assert bench.read_rows(out)[0]["budget_bytes"] == "0"
+    assert bench.merge_rows(out, [big]).kept == 1
+    # a failure replaces a failure under an equal or smaller budget: the latest attempt is the state
+    assert bench.merge_rows(out, [{**unlimited, "status": "error"}]).replaced == 1
+
+
+def test_rows_without_a_budget_column_are_read_as_unknown(tmp_path):
+    out = tmp_path / "bench_cpu.csv"
+    row = _committed_row()
+    failed = {**row, "L": 4096, "status": "did not fit", "median_s": None}
+    bench.merge_rows(out, [row, failed])
+    columns = [c for c in bench.COLUMNS if c != "budget_bytes"]
+    old = bench.read_rows(out)
+    with open(out, "w", newline="") as fh:  # as an older file without the budget column would be
+        writer = csv.DictWriter(fh, fieldnames=columns, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(old)
+    before = out.read_bytes()
+    assert bench.merge_rows(out, [{**row, "status": "error", "budget_bytes": 0}]).kept == 1
+    assert out.read_bytes() == before  # nothing landed: the old file stays as it was
+    merged = bench.merge_rows(out, [{**failed, "status": "timeout", "budget_bytes": 64 << 20}])
+    assert merged.replaced == 1  # an unknown budget is not larger: the latest failure lands
+    by_len = {r["L"]: r for r in bench.read_rows(out)}
+    assert (by_len["2048"]["status"], by_len["2048"]["budget_bytes"]) == ("ok", "")  # the column is added, empty
+    assert by_len["4096"]["status"] == "timeout"
+
+
+def test_the_committed_csvs_keep_their_ok_rows_against_a_failed_rerun(tmp_path):
+    from topk_lib.infra import paths
+
+    for committed in sorted(paths.results().glob("bench_*.csv")):
+        out = tmp_path / committed.name
+        out.write_bytes(committed.read_bytes())
+        before = bench.read_rows(out)
+        failures = [{**r, "status": "error", "median_s": "", "peak_bytes": "", "note": "boom"} for r in before]
+        merged = bench.merge_rows(out, failures)
+        ok = sum(r["status"] == "ok" for r in before)
+        assert (merged.kept, merged.replaced, merged.added) == (ok, len(before) - ok, 0)
+        after = bench.read_rows(out)
+        assert [r for r in after if r["status"] == "ok"] == [r for r in before if r["status"] == "ok"]
+
+
+def test_suite_passes_replace_on_and_counts_what_it_kept(monkeypatch, tmp_path):
+    out = tmp_path / "bench_cpu.csv"
+    statuses = iter(["ok"] * 14 + ["error"] * 14 + ["error"] * 14)
+
+    def fake_point(spec, **kw):
+        status = next(statuses)
+        return {**bench.row_template(spec), "status": status, "median_s": 0.1 if status == "ok" else None}
+
+    monkeypatch.setattr(suites, "run_point", fake_point)
+    first = bench.run_suite("product", quick=True, out=out, progress=False)
+    assert (first.merged.added, first.merged.replaced, first.merged.kept) == (14, 0, 0)
+    second = bench.run_suite("product", quick=True, out=out, progress=False)
+    assert (second.merged.added, second.merged.replaced, second.merged.kept) == (0, 0, 14)
+    assert {r["status"] for r in bench.read_rows(out)} == {"ok"}
+    third = bench.run_suite("product", quick=True, out=out, progress=False, replace=True)
+    assert (third.merged.replaced, third.merged.kept) == (14, 0)
+    assert {r["status"] for r in bench.read_rows(out)} == {"error"}
+
+
+def test_cli_reports_kept_and_replaced_rows(monkeypatch, tmp_path, capsys):
+    out = tmp_path / "bench_cpu.csv"
+    bench.merge_rows(out, [{**bench.row_template(_spec()), "suite": "product", "status": "ok"}])
+
+    def fake_point(spec, **kw):
+        return {**bench.row_template(spec), "status": "error", "note": "boom"}
+
+    monkeypatch.setattr(suites, "run_point", fake_point)
+    assert bench_main(["product", "--quick", "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "14 added, 0 replaced, 0 kept" in text
+    assert bench_main(["product", "--quick", "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "0 added, 14 replaced, 0 kept" in text  # failures over failures: the latest attempt
+    monkeypatch.setattr(suites, "run_point", lambda spec, **kw: {**bench.row_template(spec), "status": "ok"})
+    assert bench_main(["product", "--quick", "--out", str(out)]) == 0
+    monkeypatch.setattr(suites, "run_point", fake_point)
+    assert bench_main(["product", "--quick", "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "0 added, 0 replaced, 14 kept" in text and "--replace" in text
+    assert bench_main(["product", "--quick", "--out", str(out), "--replace"]) == 0
+    assert "0 added, 14 replaced, 0 kept" in capsys.readouterr().out
+
+
+# --------------------------------------------------------------------------- unusable arguments fail before any point
+
+
+def _no_points(monkeypatch):
+    def no_point(spec, **kw):
+        raise AssertionError("a point ran")
+
+    monkeypatch.setattr(suites, "run_point", no_point)
+
+
+def _cuda_names():
+    return ["cpu"] + [f"cuda:{i}" for i in range(torch.cuda.device_count())]
+
+
+ABSENT_GPU = f"cuda:{torch.cuda.device_count() if torch.cuda.is_available() else 7}"  # one past the last
+
+
+@pytest.mark.parametrize("device", ["tpu", ABSENT_GPU, "mps", "", "cuda:x"] + ([] if torch.cuda.is_available() else ["cuda"]))
+def test_cli_refuses_an_unusable_device_before_any_point(monkeypatch, tmp_path, capsys, device):
+    _no_points(monkeypatch)
+    monkeypatch.setenv("TOPK_LAB_RESULTS", str(tmp_path))
+    with pytest.raises(SystemExit) as exc:
+        bench_main(["kernels", "--device", device, "--quick"])
+    assert exc.value.code != 0
+    err = capsys.readouterr().err
+    assert "--device" in err and repr(device) in err
+    assert all(name in err for name in _cuda_names())  # what is available
+    assert list(tmp_path.iterdir()) == []  # nothing written
+
+
+@pytest.mark.parametrize("device", ["tpu", ABSENT_GPU] + ([] if torch.cuda.is_available() else ["cuda"]))
+def test_run_suite_refuses_an_unusable_device(monkeypatch, tmp_path, device):
+    _no_points(monkeypatch)
+    with pytest.raises(ValueError, match=r"device must be one of .*cpu.*got '" + device):
+        bench.run_suite("kernels", quick=True, device=device, out=tmp_path / "b.csv", progress=False)
+    with pytest.raises(TypeError, match="device"):
+        bench.run_suite("kernels", quick=True, device=0, out=tmp_path / "b.csv", progress=False)
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("argv, option", [(["--budget", "16"], "--budget"), (["--budget", "63MiB"], "--budget"),
+                                          (["--budget", "lots"], "--budget"), (["--timeout", "0.5"], "--timeout"),
+                                          (["--timeout", "0"], "--timeout"), (["--timeout", "nan"], "--timeout"),
+                                          (["--reserve", "lots"], "--reserve")])
+def test_cli_refuses_budgets_and_timeouts_below_their_floors(monkeypatch, tmp_path, capsys, argv, option):
+    _no_points(monkeypatch)
+    with pytest.raises(SystemExit) as exc:
+        bench_main(["product", "--quick", "--out", str(tmp_path / "b.csv"), *argv])
+    assert exc.value.code != 0
+    assert option in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_run_suite_refuses_budgets_and_timeouts_below_their_floors(monkeypatch, tmp_path):
+    _no_points(monkeypatch)
+    kw = dict(quick=True, out=tmp_path / "b.csv", progress=False)
+    with pytest.raises(ValueError, match=r"budget must be 0 \(unlimited\) or at least 64 MiB.*got 16"):
+        bench.run_suite("product", budget=16, **kw)
+    with pytest.raises(TypeError, match="budget"):
+        bench.run_suite("product", budget="16GiB", **kw)
+    with pytest.raises(ValueError, match=r"timeout_s must be at least 10 s.*got 0.5"):
+        bench.run_suite("product", timeout_s=0.5, **kw)
+    with pytest.raises(TypeError, match="timeout_s"):
+        bench.run_suite("product", timeout_s="900", **kw)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_budget_zero_is_unlimited_and_documented(monkeypatch, tmp_path, capsys):
+    seen = []
+    monkeypatch.setattr(suites, "run_point", lambda spec, **kw: seen.append(spec["budget_bytes"])
+                        or {**bench.row_template(spec), "status": "ok"})
+    assert bench_main(["product", "--quick", "--budget", "0", "--out", str(tmp_path / "b.csv")]) == 0
+    assert set(seen) == {0}
+    with pytest.raises(SystemExit):
+        bench_main(["--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert "0 = unlimited" in help_text and "--replace" in help_text
