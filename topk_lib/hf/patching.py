@@ -235,6 +235,9 @@ def use_topk(model, attn_k=None, ff_k=None, chunk_size=1024):
     A dict value of None means exact/dense for that layer or head. ``k >= L`` (or ``>= d_ff``)
     is exact. Layers and heads not named keep what they had, so contexts nest: the inner one
     overrides what it names. The model is restored on exit, also when the block raises.
+    Nested contexts (also the statistics captures) exit in the reverse order of entry; one
+    that exits before the contexts opened inside it closes them too and raises a
+    ``RuntimeError`` (:func:`topk_lib.hf.registry.intercept`), leaving the model restored.
 
     Returns:
         A context manager that yields ``model``.
