@@ -418,7 +418,8 @@ def vanilla_attention(query, key, value, *, attn_mask=None, is_causal=False, sca
         TypeError, ValueError: as :func:`chunked_attention`.
 
     Semantics:
-        A row with no allowed key returns zeros.
+        A row with no allowed key returns zeros (zero weights times V), with zero gradients;
+        NaN and infinite inputs propagate as in SDPA.
 
     Backward:
         Plain autograd: it saves the full Lq x Lk scores and probabilities of every head, the
@@ -436,5 +437,8 @@ def vanilla_attention(query, key, value, *, attn_mask=None, is_causal=False, sca
     if is_causal:
         pos = torch.arange(lk - lq, lk, device=s.device)  # [Lq] absolute query positions
         s = s.masked_fill(torch.arange(lk, device=s.device)[None, :] > pos[:, None], float("-inf"))
-    p = torch.softmax(s, dim=-1).nan_to_num(0.0)  # fully masked rows -> zeros  [..., Hq, Lq, Lk]
+    # A row whose scores are all -inf has no key: zero weights and zero gradients. It is found
+    # from the scores, not by clearing NaN afterwards, so NaN and inf inputs propagate as in SDPA.
+    empty = (s == float("-inf")).all(-1, keepdim=True)  # [..., Hq, Lq, 1]
+    p = torch.softmax(s.masked_fill(empty, 0.0), dim=-1).masked_fill(empty, 0.0)  # [..., Hq, Lq, Lk]
     return torch.matmul(p, value)  # [..., Hq, Lq, dv]

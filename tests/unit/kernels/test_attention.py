@@ -128,6 +128,46 @@ def test_fewer_allowed_keys_than_k_and_fully_masked_rows(product):
     assert torch.equal(topk_attention(q2, k2, v2, topk=2, product=product, is_causal=True)[..., :2, :], torch.zeros(2, 4, 2, 6, dtype=q2.dtype))
 
 
+@pytest.mark.parametrize("where", ["query", "key", "value_inf", "mask"])
+def test_nan_and_inf_propagate_like_sdpa_and_fully_masked_rows_stay_zero(where):
+    """vanilla_attention and the kernels agree with SDPA on non-finite inputs; a row with no key is zeros."""
+    q, k, v = make_qkv(lq=5, lk=7)
+    m = torch.ones(5, 7, dtype=torch.bool)
+    m[3] = False  # a fully masked row
+    m[1, 2] = False
+    if where == "query":
+        q[0, 1, 2, 0] = float("nan")
+    elif where == "key":
+        k[1, 0, 4, 3] = float("nan")  # every row of the query heads reading KV head 0 that may see key 4
+    elif where == "value_inf":
+        v[0, 1, 5, 2] = float("inf")
+    kw = {"attn_mask": torch.where(m, 0.0, float("-inf")).to(q.dtype)} if where == "mask" else {"attn_mask": m}
+    if where == "mask":
+        kw["attn_mask"][0, 0] = float("nan")
+    ref = sdpa(q, k, v, **kw)
+    assert not torch.isfinite(ref).all()
+    rows = [0, 1, 2, 4]  # SDPA on CPU lets a NaN score reach the fully masked row; masked keys never count here
+    for out in (vanilla_attention(q, k, v, **kw), chunked_attention(q, k, v, chunk_size=2, **kw)):
+        assert not torch.isfinite(out).all()
+        torch.testing.assert_close(out[..., rows, :], ref[..., rows, :], equal_nan=True)
+        if where == "value_inf":  # zero weights times an infinite value are NaN, in SDPA too
+            torch.testing.assert_close(out[..., 3, :], ref[..., 3, :], equal_nan=True)
+        else:
+            assert torch.equal(out[..., 3, :], torch.zeros_like(out[..., 3, :]))
+
+
+def test_vanilla_fully_masked_rows_have_zero_finite_gradients():
+    q, k, v = make_qkv(lq=3, lk=4, grad=True)
+    m = torch.ones(3, 4, dtype=torch.bool)
+    m[1] = False
+    out = vanilla_attention(q, k, v, attn_mask=m)
+    gq, gk, gv = torch.autograd.grad(out.square().sum(), (q, k, v))
+    assert all(torch.isfinite(g).all() for g in (gq, gk, gv)) and gq[..., 1, :].abs().max() == 0
+    ref = torch.autograd.grad(sdpa(q, k, v, attn_mask=m).square().sum(), (q, k, v))
+    for a, b in zip((gq, gk, gv), ref):
+        torch.testing.assert_close(a, b)
+
+
 def test_decode_step_matches_full_causal_pass():
     """One query over a KV cache equals the last row of the full causal pass."""
     q, k, v = make_qkv(lq=12, lk=12)
