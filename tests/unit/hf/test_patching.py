@@ -3,6 +3,8 @@
 Every test compares model outputs, never top-k indices (ties differ across devices).
 """
 
+import re
+
 import pytest
 import torch
 from tiny_models import D_FF, tiny_bert, tiny_llama, tiny_t5
@@ -342,6 +344,69 @@ def test_intercept_restores_what_it_set_before_a_failure():
     with pytest.raises(ValueError, match="name"):
         with intercept(model, attention={attn: None}):
             pass
+
+
+# --------------------------------------------------------------------------- what the kernel does not do
+
+
+@pytest.mark.parametrize("name", ["llama", "bert", "t5"])
+def test_output_attentions_under_topk_raises_naming_the_capture(name):
+    model = ARCHS[name]()
+    batch = inputs(name)
+    ref = run(model, batch)
+    with use_topk(model, attn_k=2):
+        with pytest.raises(ValueError, match="output_attentions.*capture_attention_stats"):
+            model(**batch, output_attentions=True)
+        assert torch.equal(run(model, batch), run(model, batch))  # the context still works
+    assert_restored(model)
+    assert torch.equal(run(model, batch), ref)
+
+
+def our_warnings(fn):
+    """The messages of the warnings use_topk emits while ``fn`` runs."""
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fn()
+    return [str(w.message) for w in caught if str(w.message).startswith("use_topk")]
+
+
+@pytest.mark.parametrize("name, part", [("bert", "attn"), ("t5", "attn"), ("t5", "ff")])
+def test_dropout_skipped_in_training_mode_warns_once_per_context(name, part):
+    model = ARCHS[name]()
+    batch = inputs(name)
+    kw = {"attn_k": 2} if part == "attn" else {"ff_k": 3}
+
+    def two_passes():
+        with use_topk(model, **kw):
+            run(model, batch)
+            run(model, batch)
+
+    model.train()
+    try:
+        first, second = our_warnings(two_passes), our_warnings(two_passes)
+    finally:
+        model.eval()
+    assert len(first) == 1 and len(second) == 1, first + second  # once per context, not per call or layer
+    words = r"training mode.*dropout.*p=0\.1.*skipped.*eval\(\)" if part == "attn" else r"DenseReluDense is in training mode.*T5DenseActDense.dropout.*skipped"
+    assert re.search(words, first[0]), first[0]
+    assert our_warnings(two_passes) == []  # eval mode: no dropout, nothing skipped
+
+
+def test_no_dropout_warning_when_there_is_no_dropout():
+    model = tiny_llama()  # attention_dropout = 0, no MLP dropout
+    batch = inputs("llama")
+
+    def one_pass():
+        with use_topk(model, attn_k=2, ff_k=3):
+            run(model, batch)
+
+    model.train()
+    try:
+        assert our_warnings(one_pass) == []
+    finally:
+        model.eval()
 
 
 # --------------------------------------------------------------------------- masks
