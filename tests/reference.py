@@ -27,11 +27,11 @@ def causal_mask(lq, lk):
     return torch.ones(lq, lk, dtype=torch.bool).tril(lk - lq)
 
 
-def dense_topk_attention(q, k, v, topk, attn_mask=None, is_causal=False):
+def dense_topk_attention(q, k, v, topk, attn_mask=None, is_causal=False, scale=None):
     """Dense reference: full scores, mask, top-k, softmax over kept, weighted sum."""
     rep = q.shape[-3] // k.shape[-3]
     k, v = k.repeat_interleave(rep, -3), v.repeat_interleave(rep, -3)
-    s = q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5
+    s = (q @ k.transpose(-1, -2)) * (q.shape[-1] ** -0.5 if scale is None else scale)
     if attn_mask is not None:
         s = s.masked_fill(~attn_mask, float("-inf")) if attn_mask.dtype == torch.bool else s + attn_mask
     if is_causal:

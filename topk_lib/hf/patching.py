@@ -27,14 +27,18 @@ product runs in :func:`topk_lib.kernels.feedforward.topk_feedforward`.
 Layers are numbered as :func:`topk_lib.hf.layers.describe_layers` lists them; a decoder
 block's self- and cross-attention share its layer number and k.
 
-Not covered: dropout inside patched attention or MLPs is skipped (use in eval mode),
-``output_attentions``, soft-capping and attention sinks raise or are ignored as noted.
+Not covered: the kernels apply no dropout, so in training mode attention dropout and dropout
+inside a replaced MLP (T5's ``DenseReluDense.dropout``) are skipped, with one warning per
+context that names it (use eval mode, or set that dropout to 0); ``output_attentions=True``,
+soft-capping and attention sinks raise ``ValueError`` (the kernel forms no attention matrix:
+:func:`topk_lib.analysis.capture.capture_attention_stats` measures the weights instead).
 """
 
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
+import warnings
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -54,12 +58,37 @@ ATTN_IMPLEMENTATION = "topk_lab"
 # --------------------------------------------------------------------------- attention
 
 
+class _WarnOnce:
+    """A warning given at most once: one per ``use_topk`` context, however many layers and calls."""
+
+    def __init__(self):
+        self.given = False
+
+    def __call__(self, message):
+        if not self.given:
+            self.given = True
+            warnings.warn(message, UserWarning, stacklevel=3)
+
+
+def _dropout_attribute(module, p):
+    """The attribute of an attention module that holds its dropout probability ``p``, for messages."""
+    for attr in ("attention_dropout", "dropout", "dropout_prob", "attn_dropout"):
+        value = getattr(module, attr, None)
+        if isinstance(value, nn.Dropout) and value.p == p:
+            return f"{attr}.p"
+        if isinstance(value, float) and value == p:
+            return attr
+    return "attention dropout"
+
+
 @dataclass(frozen=True)
 class _TopkAttention:
     """The attention handler of one module: top-k with one k (or None, exact) per query head."""
 
     ks: tuple  # one entry per query head: int k or None (exact)
     chunk_size: int
+    name: str = ""  # the module's qualified name, for messages
+    skipped_dropout: _WarnOnce = field(default_factory=_WarnOnce, compare=False)
 
     # The signature of transformers' sdpa_attention_forward (see topk_lib.hf.registry).
     def __call__(
@@ -71,6 +100,20 @@ class _TopkAttention:
             raise ValueError("use_topk: attention soft-capping (softcap) is not supported by the top-k kernel")
         if kwargs.get("s_aux") is not None or kwargs.get("sinks") is not None:
             raise ValueError("use_topk: attention sinks are not supported by the top-k kernel")
+        if kwargs.get("output_attentions"):
+            raise ValueError(
+                "use_topk: output_attentions=True is not supported: the top-k kernel never forms the attention "
+                "matrix, so there are no weights to return. Measure them with "
+                "topk_lib.capture_attention_stats (kept mass, entropy, error per layer and head), or call the "
+                "model without output_attentions"
+            )
+        if dropout:  # transformers passes the module's dropout only in training mode
+            self.skipped_dropout(
+                f"use_topk: {self.name or type(module).__name__} is in training mode with attention dropout "
+                f"p={dropout} ({type(module).__name__}.{_dropout_attribute(module, dropout)}); the top-k kernel "
+                "applies no dropout, so it is skipped in every patched layer (warned once per use_topk context). "
+                "Call model.eval(), or set that dropout to 0 to train without it"
+            )
         if query.shape[1] != len(self.ks):
             raise RuntimeError(
                 f"use_topk: {type(module).__name__} has {query.shape[1]} query heads at run time but {len(self.ks)} "
@@ -143,7 +186,7 @@ def _parse_spec(spec, arg, layers, *, per_head):
     return out
 
 
-def _topk_handler(module, name, entry, chunk_size):
+def _topk_handler(module, name, entry, chunk_size, skipped_dropout):
     """The handler for one attention module: ``entry`` ``{head|None: k}`` over what it had."""
     heads = num_heads(module)
     if heads is None:
@@ -157,7 +200,7 @@ def _topk_handler(module, name, entry, chunk_size):
             if head >= heads:
                 raise ValueError(f"attn_k: head {head} is out of range for {name}, which has {heads} heads")
             ks[head] = k
-    return None if all(k is None for k in ks) else _TopkAttention(tuple(ks), chunk_size)
+    return None if all(k is None for k in ks) else _TopkAttention(tuple(ks), chunk_size, name, skipped_dropout)
 
 
 # --------------------------------------------------------------------------- feed-forward
@@ -183,7 +226,7 @@ def _identity(h):
     return h
 
 
-def _ff_forwards(module, layout, k, chunk_size, arg):
+def _ff_forwards(module, layout, k, chunk_size, arg, name="", skipped_dropout=None):
     """``{module: forward or None}`` that switches one MLP to top-k ``k`` (None: back to its own forward).
 
     The layout says where the projections and the activation are and which module's forward
@@ -201,6 +244,15 @@ def _ff_forwards(module, layout, k, chunk_size, arg):
     select = "value" if w_gate is None and act == "relu" else "magnitude"
 
     def forward(x):
+        if entry.training and skipped_dropout is not None:
+            dropouts = [n for n, m in entry.named_modules() if isinstance(m, nn.Dropout) and m.p > 0]
+            if dropouts:
+                skipped_dropout(
+                    f"use_topk: {name or type(module).__name__} is in training mode with dropout inside the replaced "
+                    f"{type(entry).__name__} ({', '.join(f'{type(entry).__name__}.{n}' for n in dropouts)}); "
+                    "topk_feedforward applies no dropout, so it is skipped in every patched layer (warned once "
+                    "per use_topk context). Call model.eval(), or set that dropout to 0 to train without it"
+                )
         return topk_feedforward(
             x,
             w_in.weight,
@@ -235,6 +287,12 @@ def use_topk(model, attn_k=None, ff_k=None, chunk_size=1024):
     A dict value of None means exact/dense for that layer or head. ``k >= L`` (or ``>= d_ff``)
     is exact. Layers and heads not named keep what they had, so contexts nest: the inner one
     overrides what it names. The model is restored on exit, also when the block raises.
+    Nested contexts (also the statistics captures) exit in the reverse order of entry; one
+    that exits before the contexts opened inside it closes them too and raises a
+    ``RuntimeError`` (:func:`topk_lib.hf.registry.intercept`), leaving the model restored.
+    Inside the block, a forward with ``output_attentions=True`` raises ``ValueError`` (no
+    attention matrix is formed), and in training mode the dropout the kernels skip is warned
+    about once per context.
 
     Returns:
         A context manager that yields ``model``.
@@ -260,14 +318,15 @@ def use_topk(model, attn_k=None, ff_k=None, chunk_size=1024):
             raise ValueError(f"ff_k: layer {layer} has no supported feed-forward module")
 
     # Build every replacement before touching the model, so bad input leaves it untouched.
+    attn_dropout, ff_dropout = _WarnOnce(), _WarnOnce()  # each skipped dropout is reported once per context
     handlers = {
-        module: _topk_handler(module, name, attn_spec[layer], chunk_size)
+        module: _topk_handler(module, name, attn_spec[layer], chunk_size, attn_dropout)
         for layer, name, module in attention
         if layer in attn_spec
     }
     forwards = {}
-    for layer, _, module, layout in mlps:
+    for layer, name, module, layout in mlps:
         if layer in ff_spec:
-            forwards.update(_ff_forwards(module, layout, ff_spec[layer], chunk_size, "ff_k"))
+            forwards.update(_ff_forwards(module, layout, ff_spec[layer], chunk_size, "ff_k", name, ff_dropout))
     with intercept(model, name=ATTN_IMPLEMENTATION, attention=handlers, forwards=forwards):
         yield model

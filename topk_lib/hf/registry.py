@@ -21,6 +21,13 @@ PyTorch SDPA exactly as ``attn_implementation="sdpa"`` would. The handlers live 
 modules themselves (an instance attribute keyed by ``name``), set and restored by the
 intercept: there is no table of active modules outside the model.
 
+Intercepts restore like a stack, so they must exit in the reverse order of entry (a ``with``
+statement or an ``ExitStack`` does). One that exits while intercepts entered after it that
+changed the same objects are still open (manual ``__exit__`` calls, two ``ExitStack`` closed
+in the order they were opened) closes those first, newest first, so the model is restored
+at once and stays restored when they exit later; then it raises a ``RuntimeError`` saying
+so (a warning, when the block is already raising, so that its exception goes on).
+
 This is the only module that touches private transformers attributes (the configs'
 ``_attn_implementation_internal``); each place says why.
 """
@@ -29,6 +36,8 @@ from __future__ import annotations
 
 import contextlib
 import math
+import threading
+import warnings
 from typing import NamedTuple
 
 import torch
@@ -173,15 +182,17 @@ def _configs(model):
 
 
 class _Changes:
-    """What one intercept changed, undone in reverse order."""
+    """What one intercept changed, undone in reverse order, and the ids of the objects it changed."""
 
     def __init__(self):
         self._undo = []
+        self.touched = set()  # ids of the objects whose attributes were set (alive: the undo steps hold them)
 
     def set_attribute(self, obj, name, value):
         """Set (or with ``_MISSING`` remove) an instance attribute, bypassing ``nn.Module``'s registration."""
         old = obj.__dict__.get(name, _MISSING)
         self._undo.append(lambda: _put(obj, name, old))
+        self.touched.add(id(obj))
         _put(obj, name, value)
 
     def on_undo(self, undo):
@@ -197,6 +208,42 @@ def _put(obj, name, value):
         obj.__dict__.pop(name, None)
     else:
         object.__setattr__(obj, name, value)
+
+
+# The open intercepts' changes, oldest first. Each restores what it found on entry, which is
+# right only while no later intercept that changed the same objects is still open.
+_OPEN: list[_Changes] = []
+_OPEN_LOCK = threading.Lock()
+
+
+def _close(changes):
+    """Undo ``changes``, and first every later open intercept that depends on it; returns how many of those.
+
+    A later intercept depends on ``changes`` when it changed one of its objects, or one of an
+    intercept that does. An intercept closed that way finds nothing to undo when it exits.
+    """
+    with _OPEN_LOCK:
+        if not any(c is changes for c in _OPEN):
+            return 0
+        start = next(i for i, c in enumerate(_OPEN) if c is changes)
+        closing, touched = [changes], set(changes.touched)
+        for later in _OPEN[start + 1 :]:
+            if later.touched & touched:
+                closing.append(later)
+                touched |= later.touched
+        for c in reversed(closing):  # newest first: each puts back what it found
+            c.undo()
+        _OPEN[:] = [c for c in _OPEN if all(c is not x for x in closing)]
+    return len(closing) - 1
+
+
+def _out_of_order(model, n_inner):
+    return (
+        f"a context on {type(model).__name__} (use_topk, a statistics capture, record_qkv) exited before "
+        f"{n_inner} context(s) entered after it on the same model; those were closed with it, so the model "
+        "is back to its state before this context. Nested contexts must exit in the reverse order of entry "
+        "(a with statement or one ExitStack does that)"
+    )
 
 
 @contextlib.contextmanager
@@ -219,11 +266,17 @@ def intercept(model, *, name=None, attention=None, forwards=None, pre_hooks=None
 
     Returns:
         A context manager that yields ``model``.
+
+    Raises:
+        RuntimeError: on exit, when intercepts entered after this one on the same objects are
+            still open (they are closed with it first; see the module docstring).
     """
     attention, forwards, pre_hooks = dict(attention or {}), dict(forwards or {}), dict(pre_hooks or {})
     if attention and not name:
         raise ValueError("intercept: attention handlers need the implementation name to register them under")
     changes = _Changes()
+    with _OPEN_LOCK:
+        _OPEN.append(changes)
     try:
         if attention:
             _register(name)
@@ -240,5 +293,11 @@ def intercept(model, *, name=None, attention=None, forwards=None, pre_hooks=None
         for module, hook in pre_hooks.items():
             changes.on_undo(module.register_forward_pre_hook(hook).remove)
         yield model
-    finally:
-        changes.undo()
+    except BaseException:
+        n_inner = _close(changes)
+        if n_inner:  # the block's own exception goes on; the misuse is reported beside it
+            warnings.warn(_out_of_order(model, n_inner), RuntimeWarning, stacklevel=2)
+        raise
+    n_inner = _close(changes)
+    if n_inner:
+        raise RuntimeError(_out_of_order(model, n_inner))

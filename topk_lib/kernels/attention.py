@@ -26,8 +26,9 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 
-from topk_lib.kernels.checks import check_attention_inputs
+from topk_lib.kernels.checks import check_attention_inputs, first_order_only
 from topk_lib.kernels.chunking import causal_end, chunk_scores, flat_rows, grouped_mask
 from topk_lib.kernels.product import KeptMatrix, resolve_product
 from topk_lib.kernels.selection import DEFAULT_SELECTOR, RowSelector
@@ -110,7 +111,7 @@ class _TopkAttention(torch.autograd.Function):
         return out
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
+    @first_order_only("topk_attention")
     def backward(ctx, grad_out):
         query, key, value, attn_mask, idx_all, lse = ctx.saved_tensors
         hq, lq, d = query.shape[-3:]
@@ -200,7 +201,7 @@ class _ChunkedAttention(torch.autograd.Function):
         return out
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
+    @first_order_only("chunked_attention (topk_attention's exact path)")
     def backward(ctx, grad_out):
         query, key, value, attn_mask, out, lse = ctx.saved_tensors
         hq, lq, d = query.shape[-3:]
@@ -258,6 +259,19 @@ class _ChunkedAttention(torch.autograd.Function):
 # --------------------------------------------------------------------------- public API
 
 
+def _scores_of_width_zero(query, key, scale):
+    """``query``, ``key`` and the float scale, with ``d = 0`` made a zero feature of width 1.
+
+    With no features every score is an empty dot product, 0, whatever the scale, so each row
+    averages its allowed values, as SDPA does; one zero feature gives the same scores through
+    shapes the kernels handle, and ``F.pad`` keeps the (empty) gradients of Q and K. The scale
+    is checked already (:func:`~topk_lib.kernels.checks.check_attention_inputs`).
+    """
+    if query.shape[-1] == 0:
+        return F.pad(query, (0, 1)), F.pad(key, (0, 1)), 1.0 if scale is None else float(scale)
+    return query, key, 1.0 / math.sqrt(query.shape[-1]) if scale is None else float(scale)
+
+
 def topk_attention(
     query, key, value, *, topk, chunk_size=1024, attn_mask=None, is_causal=False, scale=None,
     product="auto", selector=None,
@@ -285,7 +299,8 @@ def topk_attention(
         is_causal: query ``i`` sits at absolute position ``Lk - Lq + i`` and attends keys at
             positions <= its own, so decoding with a KV cache (``Lq < Lk``) works. Combines
             with ``attn_mask``.
-        scale: the score scale, a number; ``None`` means ``1 / sqrt(d)``.
+        scale: the score scale, a finite number (zero and negative ones are defined, as in
+            SDPA); ``None`` means ``1 / sqrt(d)``.
         product: the sparse weights x V backend (:mod:`topk_lib.kernels.product`): ``"auto"``
             (CSR kernels on CPU float32/float64, gathers elsewhere), ``"csr"`` or ``"gather"``.
             The result is the same within float rounding.
@@ -299,10 +314,12 @@ def topk_attention(
     Raises:
         TypeError: query, key or value not a floating-point tensor, or of different dtypes; a
             mask neither bool nor of the query dtype; ``topk`` or ``chunk_size`` not an int
-            (``bool`` included); ``scale`` not a number; ``selector`` not a ``RowSelector``.
+            (``bool`` included); ``scale`` not a number (``bool`` included); ``selector`` not a
+            ``RowSelector``.
         ValueError: fewer than 3 dims; mismatched batch dims, head dims or key/value shapes;
             ``Hq % Hkv != 0``; tensors on different devices; a mask that does not broadcast to
-            ``[..., Hq, Lq, Lk]``; ``topk`` or ``chunk_size`` < 1; ``product`` not one of
+            ``[..., Hq, Lq, Lk]``; ``topk`` or ``chunk_size`` < 1; a NaN or infinite ``scale``;
+            ``product`` not one of
             ``"auto"``, ``"csr"``, ``"gather"``, or ``"csr"`` for inputs that are not CPU
             float32/float64.
 
@@ -314,19 +331,27 @@ def topk_attention(
           across devices: outputs are well defined only up to such ties.
         * Scores are scaled before the product (no float16 overflow); the softmax of half
           precision inputs runs in float32.
+        * Empty inputs behave as in SDPA: no batch, rows or value features give an empty
+          output and zero gradients; ``d = 0`` makes every score 0, so each row averages its
+          allowed values (top-k then keeps any k of them: all scores tie).
 
     Backward:
         Saves Q, K, V, the mask, the kept key indices (``[..., Hkv, G, Lq, k]`` int32, -1 = not
         kept) and the row log-sum-exp (``[..., Hkv, G, Lq, 1]``, float32; float64 for float64
         inputs), and recomputes the kept scores from the kept rows of K. No Lq x Lk tensor is
-        saved. The exact path saves what :func:`chunked_attention` saves.
+        saved. The exact path saves what :func:`chunked_attention` saves. Gradients are
+        first order: differentiating them again (``create_graph=True``) raises a
+        ``RuntimeError`` saying it is not supported.
     """
     check_attention_inputs(query, key, value, attn_mask, topk, chunk_size, scale)
     backend = resolve_product(product, query.device, query.dtype)
     if selector is not None and not isinstance(selector, RowSelector):
         raise TypeError(f"selector must be a RowSelector or None, got {type(selector).__name__}")
-    scale = 1.0 / math.sqrt(query.shape[-1]) if scale is None else float(scale)
-    if topk is None or topk >= key.shape[-2]:
+    query, key, scale = _scores_of_width_zero(query, key, scale)
+    # An empty output (no batch, rows or value features) has nothing to select: the exact path
+    # returns it, with zero gradients.
+    empty = math.prod(query.shape[:-1]) == 0 or value.shape[-1] == 0
+    if topk is None or topk >= key.shape[-2] or empty:
         return _ChunkedAttention.apply(query, key, value, attn_mask, int(chunk_size), bool(is_causal), scale)
     selector = DEFAULT_SELECTOR if selector is None else selector
     return _TopkAttention.apply(
@@ -393,7 +418,8 @@ def vanilla_attention(query, key, value, *, attn_mask=None, is_causal=False, sca
         TypeError, ValueError: as :func:`chunked_attention`.
 
     Semantics:
-        A row with no allowed key returns zeros.
+        A row with no allowed key returns zeros (zero weights times V), with zero gradients;
+        NaN and infinite inputs propagate as in SDPA.
 
     Backward:
         Plain autograd: it saves the full Lq x Lk scores and probabilities of every head, the
@@ -402,7 +428,7 @@ def vanilla_attention(query, key, value, *, attn_mask=None, is_causal=False, sca
     check_attention_inputs(query, key, value, attn_mask, None, 1, scale)
     hq, hkv = query.shape[-3], key.shape[-3]
     lq, lk = query.shape[-2], key.shape[-2]
-    scale = 1.0 / math.sqrt(query.shape[-1]) if scale is None else float(scale)
+    query, key, scale = _scores_of_width_zero(query, key, scale)
     key = key.repeat_interleave(hq // hkv, dim=-3)  # [..., Hq, Lk, d]
     value = value.repeat_interleave(hq // hkv, dim=-3)  # [..., Hq, Lk, dv]
     s = torch.matmul(query * scale, key.transpose(-1, -2))  # [..., Hq, Lq, Lk]
@@ -411,5 +437,8 @@ def vanilla_attention(query, key, value, *, attn_mask=None, is_causal=False, sca
     if is_causal:
         pos = torch.arange(lk - lq, lk, device=s.device)  # [Lq] absolute query positions
         s = s.masked_fill(torch.arange(lk, device=s.device)[None, :] > pos[:, None], float("-inf"))
-    p = torch.softmax(s, dim=-1).nan_to_num(0.0)  # fully masked rows -> zeros  [..., Hq, Lq, Lk]
+    # A row whose scores are all -inf has no key: zero weights and zero gradients. It is found
+    # from the scores, not by clearing NaN afterwards, so NaN and inf inputs propagate as in SDPA.
+    empty = (s == float("-inf")).all(-1, keepdim=True)  # [..., Hq, Lq, 1]
+    p = torch.softmax(s.masked_fill(empty, 0.0), dim=-1).masked_fill(empty, 0.0)  # [..., Hq, Lq, Lk]
     return torch.matmul(p, value)  # [..., Hq, Lq, dv]

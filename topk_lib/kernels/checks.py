@@ -1,7 +1,9 @@
-"""Argument checks of the attention kernels, so every bad input fails with a message naming it.
+"""Argument checks of the kernels, so every bad input fails with a message naming it.
 
-Shapes, dtypes, devices and masks are checked here; int arguments through
+Shapes, dtypes, devices, masks and the score scale are checked here; int arguments through
 :mod:`topk_lib._validate` (wrong type -> ``TypeError``, out of range -> ``ValueError``).
+:func:`first_order_only` is the kernels' refusal of what their backward cannot do:
+differentiating a gradient again.
 
 Dimensions
 ----------
@@ -11,13 +13,75 @@ Dimensions
 
 from __future__ import annotations
 
+import functools
+import math
 import numbers
 
 import torch
 
 from topk_lib._validate import optional_k, positive_int
 
-__all__ = ["check_attention_inputs"]
+__all__ = ["check_attention_inputs", "check_scale", "first_order_only"]
+
+
+def check_scale(scale):
+    """Raise unless ``scale`` is ``None`` or a finite real number (``bool`` is not a number here).
+
+    Zero (uniform weights) and negative scales are accepted, as SDPA accepts them: the softmax
+    of ``scale * Q K^T`` is defined for any finite scale. NaN and infinite scales give NaN
+    scores and are refused.
+    """
+    if scale is None:
+        return
+    if isinstance(scale, bool) or not isinstance(scale, numbers.Real):
+        raise TypeError(f"scale must be a float or None (1/sqrt(d)), got {scale!r} ({type(scale).__name__})")
+    if not math.isfinite(scale):
+        raise ValueError(f"scale must be a finite float or None (1/sqrt(d)), got {scale!r}")
+
+
+class _SecondOrderRefused(torch.autograd.Function):
+    """Identity on first-order gradients whose own backward raises ``message``."""
+
+    @staticmethod
+    def forward(ctx, message, *grads):
+        ctx.message = message
+        # copies, not views: autograd may add into a gradient in place, which a view of a leaf forbids
+        return tuple(None if g is None else g.clone() for g in grads)
+
+    @staticmethod
+    def backward(ctx, *_):
+        raise RuntimeError(ctx.message)
+
+
+def first_order_only(what):
+    """Decorate an ``autograd.Function.backward`` that is computed once, without a graph of its own.
+
+    The backward always runs under ``no_grad``. Under ``create_graph=True`` its gradients come
+    back attached to a node that raises a ``RuntimeError`` naming ``what`` when they are
+    differentiated again, instead of gradients that silently lack their second-order terms
+    (``once_differentiable`` returns them detached when the incoming gradient is a constant,
+    and names no function otherwise).
+    """
+    message = (
+        f"{what}: second-order gradients (differentiating a gradient taken with create_graph=True) are not "
+        "supported: its backward is computed once, without a graph; use the dense PyTorch operation "
+        "(scaled_dot_product_attention, nn.Linear layers) where double backward is needed"
+    )
+
+    def decorate(backward):
+        @functools.wraps(backward)
+        def wrapper(ctx, *grad_outputs):
+            with torch.no_grad():
+                grads = backward(ctx, *grad_outputs)
+            if not torch.is_grad_enabled():
+                return grads
+            # a leaf that requires grad makes the refusing node part of the graph
+            leaves = [None if g is None else g.detach().requires_grad_() for g in grads]
+            return _SecondOrderRefused.apply(message, *leaves)
+
+        return wrapper
+
+    return decorate
 
 
 def check_attention_inputs(query, key, value, attn_mask, topk, chunk_size, scale):
@@ -69,8 +133,7 @@ def check_attention_inputs(query, key, value, attn_mask, topk, chunk_size, scale
         )
     optional_k(topk, "topk")
     positive_int(chunk_size, "chunk_size")
-    if scale is not None and not isinstance(scale, numbers.Real):
-        raise TypeError(f"scale must be a float or None (1/sqrt(d)), got {scale!r}")
+    check_scale(scale)
     if attn_mask is not None:
         if not isinstance(attn_mask, torch.Tensor):
             raise TypeError(f"attn_mask must be a torch.Tensor or None, got {type(attn_mask).__name__}")

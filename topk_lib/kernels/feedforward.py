@@ -22,10 +22,13 @@ Dimensions
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
 from topk_lib._validate import optional_k, positive_int
+from topk_lib.kernels.checks import first_order_only
 
 __all__ = ["topk_feedforward", "ACTIVATIONS"]
 
@@ -70,6 +73,11 @@ def _check(x, w_in, w_out, w_gate, b_in, b_out, topk, activation, select, chunk_
     positive_int(chunk_size, "chunk_size")
 
 
+def _rows(t):
+    """``t [..., n]`` as ``[T, n]``; the row count is explicit, so ``n = 0`` or ``T = 0`` reshape too."""
+    return t.reshape(math.prod(t.shape[:-1]), t.shape[-1])
+
+
 def _hidden(xc, w_in, w_gate, b_in, act):
     """Pre-activations and the hidden layer of one token chunk, each ``[c, d_ff]``."""
     a = F.linear(xc, w_in, b_in)  # [c, d_ff]
@@ -85,7 +93,7 @@ class _TopkFeedForward(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, w_in, w_out, w_gate, b_in, b_out, topk, activation, select, chunk_size):
         act = ACTIVATIONS[activation]
-        x_rows = x.reshape(-1, x.shape[-1])  # [T, d]
+        x_rows = _rows(x)  # [T, d]
         n, d_ff = x_rows.shape[0], w_in.shape[0]
         k = min(topk, d_ff)
         y = x_rows.new_empty(n, w_out.shape[0])  # [T, d_out]
@@ -109,12 +117,12 @@ class _TopkFeedForward(torch.autograd.Function):
         return y.view(*x.shape[:-1], w_out.shape[0])
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
+    @first_order_only("topk_feedforward")
     def backward(ctx, grad_y):
         x, w_in, w_out, w_gate, idx_all, a_all, g_all = ctx.saved_tensors
         act = ACTIVATIONS[ctx.activation]
-        x_rows = x.reshape(-1, x.shape[-1])
-        grad_rows = grad_y.reshape(-1, grad_y.shape[-1])  # [T, d_out]
+        x_rows = _rows(x)  # [T, d]
+        grad_rows = _rows(grad_y)  # [T, d_out]
         n, d_ff = x_rows.shape[0], w_in.shape[0]
         need = ctx.needs_input_grad
         dx = torch.zeros_like(x_rows) if need[0] else None  # [T, d]
@@ -214,6 +222,8 @@ def topk_feedforward(
         pre-activations of ``W_in`` (and of ``W_gate``), ``[T, k]`` each; it recomputes ``f``
         on those and scatters into one ``[C, d_ff]`` buffer per chunk. The dense path
         (``topk=None`` or ``topk >= d_ff``) is plain autograd, which saves ``[T, d_ff]``.
+        The top-k path's gradients are first order: differentiating them again
+        (``create_graph=True``) raises a ``RuntimeError`` saying it is not supported.
     """
     _check(x, w_in, w_out, w_gate, b_in, b_out, topk, activation, select, chunk_size)
     if topk is None or topk >= w_in.shape[0]:

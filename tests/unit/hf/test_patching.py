@@ -3,6 +3,8 @@
 Every test compares model outputs, never top-k indices (ties differ across devices).
 """
 
+import re
+
 import pytest
 import torch
 from tiny_models import D_FF, tiny_bert, tiny_llama, tiny_t5
@@ -238,6 +240,95 @@ def test_an_exception_inside_nested_intercepts_restores_the_model():
     assert torch.equal(run(model, batch), ref)
 
 
+def _inner_context(kind, model):
+    from topk_lib.analysis.capture import record_attention_stats
+
+    if kind == "use_topk":
+        return use_topk(model, attn_k=1, ff_k=3)
+    if kind == "capture":
+        return record_attention_stats(model, ks=(1,), progress=False)
+    return use_topk(model.get_encoder(), attn_k=1)  # a submodule's context: it shares the encoder's config
+
+
+@pytest.mark.parametrize("raised", [False, True])
+@pytest.mark.parametrize("inner", ["use_topk", "capture"])
+def test_nested_contexts_exit_in_reverse_order_restore_the_model(inner, raised):
+    model = tiny_llama()
+    batch = inputs("llama")
+    ref, before = run(model, batch), model_state(model)
+    outer, nested = use_topk(model, attn_k=2), _inner_context(inner, model)
+    outer.__enter__()
+    inside = model_state(model)
+    nested.__enter__()
+    error = (RuntimeError, RuntimeError("boom"), None) if raised else (None, None, None)
+    assert not nested.__exit__(*error)
+    assert model_state(model) == inside
+    assert not outer.__exit__(*error)
+    assert model_state(model) == before
+    assert torch.equal(run(model, batch), ref)
+
+
+@pytest.mark.parametrize("raised", [False, True])
+@pytest.mark.parametrize("inner", ["use_topk", "capture"])
+def test_an_out_of_order_exit_raises_and_leaves_the_model_restored(inner, raised):
+    """Enter c1, enter c2, exit c1, exit c2: c1's exit closes c2 too and says so; nothing stays patched."""
+    model = tiny_llama()
+    batch = inputs("llama")
+    ref, before = run(model, batch), model_state(model)
+    outer, nested = use_topk(model, attn_k=2), _inner_context(inner, model)
+    outer.__enter__()
+    nested.__enter__()
+    if raised:  # the block's own exception goes on; the out-of-order exit is a warning beside it
+        boom = RuntimeError("boom")
+        with pytest.warns(RuntimeWarning, match="reverse order"):
+            assert not outer.__exit__(RuntimeError, boom, None)
+    else:
+        with pytest.raises(RuntimeError, match="exited before 1 context.*reverse order"):
+            outer.__exit__(None, None, None)
+    assert model_state(model) == before  # restored at once, not only after the last exit
+    assert torch.equal(run(model, batch), ref)
+    assert not nested.__exit__(*((RuntimeError, boom, None) if raised else (None, None, None)))
+    assert model_state(model) == before
+    assert torch.equal(run(model, batch), ref)
+    with use_topk(model, attn_k=2):  # the model can be switched again as usual
+        assert (run(model, batch) - ref).abs().max() > 1e-3
+    assert model_state(model) == before
+
+
+def test_an_out_of_order_exit_through_exit_stacks_and_a_submodule():
+    """Two ExitStacks closed in the order they were opened; the inner context is on the T5 encoder only."""
+    from contextlib import ExitStack
+
+    model = tiny_t5()
+    batch = inputs("t5")
+    ref, before = run(model, batch), model_state(model)
+    first, second = ExitStack(), ExitStack()
+    first.enter_context(use_topk(model, attn_k=2))
+    second.enter_context(_inner_context("submodule", model))
+    with pytest.raises(RuntimeError, match="reverse order"):
+        first.close()
+    second.close()
+    assert model_state(model) == before
+    assert torch.equal(run(model, batch), ref)
+
+
+def test_contexts_on_separate_models_exit_in_any_order():
+    """Intercepts that change nothing in common are independent: any exit order is fine."""
+    a, b = tiny_llama(), tiny_llama()
+    batch = inputs("llama")
+    ref_a, ref_b = run(a, batch), run(b, batch)
+    ca, cb = use_topk(a, attn_k=2), use_topk(b, attn_k=2)
+    ca.__enter__()
+    cb.__enter__()
+    ca.__exit__(None, None, None)
+    assert torch.equal(run(a, batch), ref_a)
+    assert (run(b, batch) - ref_b).abs().max() > 1e-3  # b's context is still open
+    cb.__exit__(None, None, None)
+    assert torch.equal(run(b, batch), ref_b)
+    assert_restored(a)
+    assert_restored(b)
+
+
 def test_intercept_restores_what_it_set_before_a_failure():
     """A failure while installing (here: a pre-hook on something that is not a module) undoes the changes made."""
     from topk_lib.hf.registry import intercept
@@ -253,6 +344,69 @@ def test_intercept_restores_what_it_set_before_a_failure():
     with pytest.raises(ValueError, match="name"):
         with intercept(model, attention={attn: None}):
             pass
+
+
+# --------------------------------------------------------------------------- what the kernel does not do
+
+
+@pytest.mark.parametrize("name", ["llama", "bert", "t5"])
+def test_output_attentions_under_topk_raises_naming_the_capture(name):
+    model = ARCHS[name]()
+    batch = inputs(name)
+    ref = run(model, batch)
+    with use_topk(model, attn_k=2):
+        with pytest.raises(ValueError, match="output_attentions.*capture_attention_stats"):
+            model(**batch, output_attentions=True)
+        assert torch.equal(run(model, batch), run(model, batch))  # the context still works
+    assert_restored(model)
+    assert torch.equal(run(model, batch), ref)
+
+
+def our_warnings(fn):
+    """The messages of the warnings use_topk emits while ``fn`` runs."""
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fn()
+    return [str(w.message) for w in caught if str(w.message).startswith("use_topk")]
+
+
+@pytest.mark.parametrize("name, part", [("bert", "attn"), ("t5", "attn"), ("t5", "ff")])
+def test_dropout_skipped_in_training_mode_warns_once_per_context(name, part):
+    model = ARCHS[name]()
+    batch = inputs(name)
+    kw = {"attn_k": 2} if part == "attn" else {"ff_k": 3}
+
+    def two_passes():
+        with use_topk(model, **kw):
+            run(model, batch)
+            run(model, batch)
+
+    model.train()
+    try:
+        first, second = our_warnings(two_passes), our_warnings(two_passes)
+    finally:
+        model.eval()
+    assert len(first) == 1 and len(second) == 1, first + second  # once per context, not per call or layer
+    words = r"training mode.*dropout.*p=0\.1.*skipped.*eval\(\)" if part == "attn" else r"DenseReluDense is in training mode.*T5DenseActDense.dropout.*skipped"
+    assert re.search(words, first[0]), first[0]
+    assert our_warnings(two_passes) == []  # eval mode: no dropout, nothing skipped
+
+
+def test_no_dropout_warning_when_there_is_no_dropout():
+    model = tiny_llama()  # attention_dropout = 0, no MLP dropout
+    batch = inputs("llama")
+
+    def one_pass():
+        with use_topk(model, attn_k=2, ff_k=3):
+            run(model, batch)
+
+    model.train()
+    try:
+        assert our_warnings(one_pass) == []
+    finally:
+        model.eval()
 
 
 # --------------------------------------------------------------------------- masks

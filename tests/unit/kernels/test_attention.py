@@ -128,6 +128,46 @@ def test_fewer_allowed_keys_than_k_and_fully_masked_rows(product):
     assert torch.equal(topk_attention(q2, k2, v2, topk=2, product=product, is_causal=True)[..., :2, :], torch.zeros(2, 4, 2, 6, dtype=q2.dtype))
 
 
+@pytest.mark.parametrize("where", ["query", "key", "value_inf", "mask"])
+def test_nan_and_inf_propagate_like_sdpa_and_fully_masked_rows_stay_zero(where):
+    """vanilla_attention and the kernels agree with SDPA on non-finite inputs; a row with no key is zeros."""
+    q, k, v = make_qkv(lq=5, lk=7)
+    m = torch.ones(5, 7, dtype=torch.bool)
+    m[3] = False  # a fully masked row
+    m[1, 2] = False
+    if where == "query":
+        q[0, 1, 2, 0] = float("nan")
+    elif where == "key":
+        k[1, 0, 4, 3] = float("nan")  # every row of the query heads reading KV head 0 that may see key 4
+    elif where == "value_inf":
+        v[0, 1, 5, 2] = float("inf")
+    kw = {"attn_mask": torch.where(m, 0.0, float("-inf")).to(q.dtype)} if where == "mask" else {"attn_mask": m}
+    if where == "mask":
+        kw["attn_mask"][0, 0] = float("nan")
+    ref = sdpa(q, k, v, **kw)
+    assert not torch.isfinite(ref).all()
+    rows = [0, 1, 2, 4]  # SDPA on CPU lets a NaN score reach the fully masked row; masked keys never count here
+    for out in (vanilla_attention(q, k, v, **kw), chunked_attention(q, k, v, chunk_size=2, **kw)):
+        assert not torch.isfinite(out).all()
+        torch.testing.assert_close(out[..., rows, :], ref[..., rows, :], equal_nan=True)
+        if where == "value_inf":  # zero weights times an infinite value are NaN, in SDPA too
+            torch.testing.assert_close(out[..., 3, :], ref[..., 3, :], equal_nan=True)
+        else:
+            assert torch.equal(out[..., 3, :], torch.zeros_like(out[..., 3, :]))
+
+
+def test_vanilla_fully_masked_rows_have_zero_finite_gradients():
+    q, k, v = make_qkv(lq=3, lk=4, grad=True)
+    m = torch.ones(3, 4, dtype=torch.bool)
+    m[1] = False
+    out = vanilla_attention(q, k, v, attn_mask=m)
+    gq, gk, gv = torch.autograd.grad(out.square().sum(), (q, k, v))
+    assert all(torch.isfinite(g).all() for g in (gq, gk, gv)) and gq[..., 1, :].abs().max() == 0
+    ref = torch.autograd.grad(sdpa(q, k, v, attn_mask=m).square().sum(), (q, k, v))
+    for a, b in zip((gq, gk, gv), ref):
+        torch.testing.assert_close(a, b)
+
+
 def test_decode_step_matches_full_causal_pass():
     """One query over a KV cache equals the last row of the full causal pass."""
     q, k, v = make_qkv(lq=12, lk=12)
@@ -234,6 +274,76 @@ def test_fully_masked_rows_have_zero_finite_gradients(product):
     for topk in (None, 2):
         (gq,) = torch.autograd.grad(topk_attention(q, k, v, topk=topk, product=product, attn_mask=m).sum(), (q,))
         assert torch.isfinite(gq).all() and gq[..., 1, :].abs().max() == 0
+
+
+@pytest.mark.parametrize("topk", [None, 3])
+@pytest.mark.parametrize("shape", [dict(batch=(0,)), dict(batch=(2, 0)), dict(lq=0), dict(dv=0)])
+def test_empty_inputs_give_empty_outputs_and_gradients_like_sdpa(product, topk, shape):
+    """No rows, no batch or no value features: SDPA's empty output, and zero (or empty) gradients."""
+    q, k, v = make_qkv(**{"lq": 5, "lk": 7, **shape}, grad=True)
+    mask = torch.ones(q.shape[-2], k.shape[-2], dtype=torch.float64, requires_grad=True)  # [Lq, Lk]
+    out = topk_attention(q, k, v, topk=topk, product=product, chunk_size=2, attn_mask=mask)
+    ref = sdpa(q, k, v, attn_mask=mask)
+    assert out.shape == ref.shape and out.numel() == 0
+    grads = torch.autograd.grad(out.sum(), (q, k, v, mask))
+    ref_grads = torch.autograd.grad(ref.sum(), (q, k, v, mask), allow_unused=True)  # SDPA may skip the mask
+    for a, b, t in zip(grads, ref_grads, (q, k, v, mask)):
+        assert a.shape == t.shape and not a.any()
+        assert b is None or not b.any()
+
+
+@pytest.mark.parametrize("scale", [None, 0.7])
+def test_zero_head_dim_follows_sdpa(product, scale):
+    """d = 0: every score is an empty dot product, 0, so each row averages its allowed values, as SDPA does."""
+    q, k, v = make_qkv(batch=(1,), lq=4, lk=6, d=0, dv=3, grad=True)
+    m = mask_case("bool", q, k)["attn_mask"]
+    ref = sdpa(q, k, v, attn_mask=m, scale=scale)
+    for fn in (lambda *a, **kw: topk_attention(*a, topk=None, **kw), chunked_attention, vanilla_attention):
+        out = fn(q, k, v, attn_mask=m, scale=scale)
+        torch.testing.assert_close(out, ref)
+    out = topk_attention(q, k, v, topk=2, product=product, attn_mask=m, scale=scale)  # ties: any 2 allowed keys
+    assert out.shape == ref.shape and torch.isfinite(out).all()
+    gq, gk, gv = torch.autograd.grad(out.sum(), (q, k, v))
+    assert gq.shape == q.shape and gk.shape == k.shape and gv.shape == v.shape
+    torch.testing.assert_close(gv.sum(), torch.tensor(float(q.shape[-3] * 4 * 3), dtype=torch.float64))
+
+
+@pytest.mark.parametrize("scale", [-0.5, 0.0, 2])
+def test_any_finite_scale_follows_sdpa(scale):
+    """Zero and negative scales are defined (uniform and reversed preference) and SDPA accepts them."""
+    q, k, v = make_qkv()
+    ref = sdpa(q, k, v, scale=scale)
+    for fn in (chunked_attention, vanilla_attention):
+        torch.testing.assert_close(fn(q, k, v, scale=scale), ref)
+    dense = dense_topk_attention(q, k, v, 3, scale=scale) if scale != 0.0 else None
+    if dense is not None:  # scale 0 ties every score
+        torch.testing.assert_close(topk_attention(q, k, v, topk=3, scale=scale), dense)
+
+
+@pytest.mark.parametrize(
+    "scale, exc", [(float("nan"), ValueError), (float("inf"), ValueError), (-float("inf"), ValueError), (True, TypeError)]
+)
+def test_nan_infinite_or_bool_scale_is_refused(scale, exc):
+    q, k, v = make_qkv()
+    for fn in (lambda *a, **kw: topk_attention(*a, topk=3, **kw), chunked_attention, vanilla_attention):
+        with pytest.raises(exc, match="scale"):
+            fn(q, k, v, scale=scale)
+
+
+@pytest.mark.parametrize("topk", [None, 3])
+def test_double_backward_says_it_is_not_supported(product, topk):
+    """create_graph=True gives first-order gradients; differentiating them again fails with a clear message."""
+    q, k, v = make_qkv(batch=(1,), lq=5, lk=7, grad=True)
+    out = topk_attention(q, k, v, topk=topk, product=product, chunk_size=2)
+    gq, gk, gv = torch.autograd.grad(out.square().sum(), (q, k, v), create_graph=True)
+    ref = torch.autograd.grad(topk_attention(q, k, v, topk=topk, product=product).square().sum(), (q, k, v))
+    for a, b in zip((gq, gk, gv), ref):
+        torch.testing.assert_close(a.detach(), b)
+    with pytest.raises(RuntimeError, match="topk_attention.*second-order gradients.*not supported"):
+        (gq.square().sum() + gk.sum()).backward()
+    (gq2,) = torch.autograd.grad(topk_attention(q, k, v, topk=topk).sum(), (q,), create_graph=True)
+    with pytest.raises(RuntimeError, match="not supported"):  # also when the incoming gradient is a constant
+        gq2.sum().backward()
 
 
 # ----------------------------------------------------------------------------- memory

@@ -92,6 +92,34 @@ def test_saves_topk_not_dense_hidden_layer():
     assert torch.int32 in dtypes and torch.int64 not in dtypes
 
 
+@pytest.mark.parametrize("tokens", [(0,), (3, 0)])
+@pytest.mark.parametrize("gated", [False, True])
+def test_empty_token_batch_gives_empty_output_and_zero_gradients(tokens, gated):
+    x, w = make_ff(tokens=tokens, gated=gated, bias=True, grad=True)
+    y = topk_feedforward(x, **w, topk=3, activation="silu", select="magnitude", chunk_size=2)
+    assert y.shape == (*tokens, 5)
+    grads = torch.autograd.grad(y.sum(), (x, *w.values()))
+    for g, t in zip(grads, (x, *w.values())):
+        assert g.shape == t.shape and not g.any()
+
+
+def test_zero_input_features_match_the_dense_layer():
+    """d = 0: every pre-activation is the bias alone, as in the dense layer."""
+    x, w = make_ff(tokens=(4,), d=0, bias=True, grad=True)
+    y = topk_feedforward(x, **w, topk=3, activation="gelu", select="magnitude")
+    torch.testing.assert_close(y, dense_topk_feedforward(x, **w, topk=3, activation="gelu", select="magnitude"))
+
+
+def test_double_backward_says_it_is_not_supported():
+    x, w = make_ff(tokens=(5,), grad=True)
+    y = topk_feedforward(x, **w, topk=3)
+    (gx,) = torch.autograd.grad(y.square().sum(), (x,), create_graph=True)
+    (ref,) = torch.autograd.grad(topk_feedforward(x, **w, topk=3).square().sum(), (x,))
+    torch.testing.assert_close(gx.detach(), ref)
+    with pytest.raises(RuntimeError, match="topk_feedforward.*second-order gradients.*not supported"):
+        gx.square().sum().backward()
+
+
 @pytest.mark.parametrize(
     "kw, exc, words",
     [
