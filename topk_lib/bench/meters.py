@@ -18,8 +18,8 @@ allocator trace peaks at 172, 280 and 885 MB. For Performer (thousands of small 
 RSS reads 1.3-2.7x its allocator peak and varies from run to run.
 
 Check against an analytic count (AMD EPYC, 2 cores, torch 2.13.0, float32):
-``vanilla_attention`` forward at L=4096, H=12 holds the masked scores, the softmax output and its
-``nan_to_num`` copy at once (3 x L*L*H*4 B = 3 x 805.3 MB) plus K and V copied by
+``vanilla_attention`` forward at L=4096, H=12 holds the masked scores, the softmax output and the
+copy that zeroes fully masked rows at once (3 x L*L*H*4 B = 3 x 805.3 MB) plus K and V copied by
 ``repeat_interleave`` (2 x 12.6 MB): 2441.1 MB. ``cpu-rss-hwm`` reads 2441.2 MB (PyTorch's own
 allocator trace, ``torch.profiler(profile_memory=True)``, also peaks at 2441.1 MB). At L=2048:
 616.6 MB analytic, 620.8 MB read. A 200 MB ``torch.ones`` inside the op reads 199.9 MB.

@@ -80,7 +80,7 @@ def test_cpu_memory_method_reads_a_known_allocation():
 
 
 def test_cpu_memory_matches_an_analytic_count_of_vanilla_attention():
-    # Forward at L=1024, H=12: the masked scores, the softmax output and its nan_to_num copy are
+    # Forward at L=1024, H=12: the masked scores, the softmax output and its masked copy are
     # live at once (3 x L*L*H float32) plus K and V copied by repeat_interleave (2 x H*L*d).
     n, h, d = 1024, 12, 64
     analytic = 3 * n * n * h * 4 + 2 * h * n * d * 4  # 157.3 MB
