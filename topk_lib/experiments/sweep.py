@@ -95,7 +95,7 @@ def fingerprint(obj):
     return config_key(obj, length=12, ensure_ascii=False)
 
 
-def run_sweep(task, settings, *, config, compute, progress=True, root=None):
+def run_sweep(task, settings, *, config, compute, progress=True, root=None, required=()):
     """``compute(setting) -> dict`` for every setting, each cached; returns the records in order.
 
     A record is read from ``root / task / f"{setting.name}_{hash}.json"`` when present (``root``
@@ -103,6 +103,8 @@ def run_sweep(task, settings, *, config, compute, progress=True, root=None):
     (:func:`topk_lib.infra.cache.config_key`) covers ``config`` and the setting. A computed
     record holds ``task``, ``name``, ``config``, what ``compute`` returned and ``seconds``
     (wall time); every returned record also has ``computed`` (False when it came from the cache).
+    A cached record that is cut or lacks one of those keys or of ``required`` (the keys the
+    caller reads) is reported with its path and recomputed.
     """
     from tqdm.auto import tqdm
 
@@ -123,7 +125,8 @@ def run_sweep(task, settings, *, config, compute, progress=True, root=None):
             computed.append(True)
             return {"task": task, "name": setting.name, "config": key, **out, "seconds": time.perf_counter() - t0}
 
-        rec = cached_record(root / task / setting.name, config=key, compute=job, key_length=KEY_LENGTH)
+        rec = cached_record(root / task / setting.name, config=key, compute=job, key_length=KEY_LENGTH,
+                            required=("task", "name", "config", *required))
         records.append({**rec, "computed": bool(computed)})
     return records
 

@@ -126,6 +126,30 @@ def test_interrupted_sweep_resumes(tmp_path):
     assert calls == ["vanilla", "attn4", "boom", "attn8"]
 
 
+def test_a_cut_or_incomplete_sweep_record_is_reported_and_recomputed(tmp_path):
+    from topk_lib.infra.cache import CorruptCacheWarning
+
+    calls = []
+
+    def compute(setting):
+        calls.append(setting.name)
+        return {"nll": [[1.0, 2.0]], "correct": [[1, 0]]}
+
+    grid = [Setting("vanilla")]
+    kw = dict(config={"data": 1}, compute=compute, progress=False, root=tmp_path, required=("nll", "correct"))
+    sweep.run_sweep("toy", grid, **kw)
+    (path,) = (tmp_path / "toy").glob("*.json")
+    good = json.loads(path.read_text())
+    path.write_text(path.read_text()[:40])  # a crash mid-write by a tool that does not write atomically
+    with pytest.warns(CorruptCacheWarning, match=path.name):
+        (rec,) = sweep.run_sweep("toy", grid, **kw)
+    assert rec["computed"] and calls == ["vanilla", "vanilla"]
+    path.write_text(json.dumps({k: v for k, v in good.items() if k != "nll"}))  # what the reader needs is gone
+    with pytest.warns(CorruptCacheWarning, match=r"lacks the keys \['nll'\]"):
+        (rec,) = sweep.run_sweep("toy", grid, **kw)
+    assert rec["computed"] and rec["nll"] == [[1.0, 2.0]] and "nll" in json.loads(path.read_text())
+
+
 # --------------------------------------------------------------------------- task sweeps on tiny models
 
 
