@@ -29,14 +29,18 @@ import pandas as pd
 from topk_lib.infra import paths
 
 __all__ = ["atomic_write", "digest", "config_key", "file_sha256", "cached_frame", "cached_record", "read_frame",
-           "read_record", "CorruptCacheError", "CorruptCacheWarning"]
+           "read_record", "CorruptCacheError", "CacheWarning", "CorruptCacheWarning"]
 
 
 class CorruptCacheError(ValueError):
     """A cache file exists but cannot be used (cut, not parseable, or missing what its reader needs)."""
 
 
-class CorruptCacheWarning(UserWarning):
+class CacheWarning(UserWarning):
+    """A present cache file was not used; the message names it and says why."""
+
+
+class CorruptCacheWarning(CacheWarning):
     """A cache file could not be used and is being recomputed; the message names the file."""
 
 
