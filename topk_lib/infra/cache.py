@@ -15,6 +15,7 @@ fails is reported (:class:`CorruptCacheWarning`, with its path and why) and reco
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import hashlib
 import json
@@ -29,7 +30,7 @@ import pandas as pd
 from topk_lib.infra import paths
 
 __all__ = ["atomic_write", "digest", "config_key", "file_sha256", "cached_frame", "cached_record", "read_frame",
-           "read_record", "CorruptCacheError", "CacheWarning", "CorruptCacheWarning"]
+           "read_record", "CorruptCacheError", "CacheWarning", "CorruptCacheWarning", "verify_files", "file_lock"]
 
 
 class CorruptCacheError(ValueError):
@@ -81,6 +82,60 @@ def file_sha256(path: Path | str, *, block: int = 1 << 22) -> str:
         while chunk := f.read(block):
             h.update(chunk)
     return h.hexdigest()
+
+
+def verify_files(folder: Path | str, expected: dict, *, verified: dict | None = None, rehash: bool = False):
+    """``(problem, verified)``: whether every file of ``expected`` is in ``folder`` as recorded, hashing only what changed.
+
+    ``expected`` maps a path relative to ``folder`` to ``(sha256, size)`` (``size`` None when
+    unknown: then the size it last verified with counts). ``verified`` maps the same paths to
+    ``[size, mtime_ns]`` as they were when the file last hashed right (what an earlier call returned): a file that still has them is
+    not read again, so checking an unchanged folder costs one ``stat`` per file; any write
+    changes the size or the modification time and makes the file hash again. ``rehash``
+    ignores ``verified`` and hashes everything. ``problem`` is None when all files are
+    right, else a sentence naming the first that is not; the returned ``verified`` is the
+    record to keep for the next call (equal to the given one when nothing changed).
+    """
+    folder, verified = Path(folder), dict(verified or {})
+    seen = {}
+    for rel, (sha256, size) in sorted(expected.items()):
+        p = folder / rel
+        try:
+            st = p.stat()
+        except FileNotFoundError:
+            return f"{rel} is missing", verified
+        known = size if size is not None else (verified.get(rel) or [None])[0]
+        if known is not None and st.st_size != known:
+            return f"{rel} has {st.st_size} bytes, not the {known} it was written with", verified
+        state = [st.st_size, st.st_mtime_ns]
+        if rehash or verified.get(rel) != state:
+            if file_sha256(p) != sha256:
+                return f"{rel} was modified (its sha256 differs from the one recorded)", verified
+        seen[rel] = state
+    return None, seen
+
+
+@contextlib.contextmanager
+def file_lock(path: Path | str):
+    """Hold an exclusive ``flock`` on ``path`` (created when missing) for the ``with`` block.
+
+    The kernel drops the lock when its holder exits in any way, SIGKILL included, so a
+    temporary file or folder that only a lock holder creates is stale whenever the lock
+    can be taken. Not POSIX: no locking (the atomic renames still protect readers).
+    """
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def _names(value, arg: str) -> tuple[str, ...]:
