@@ -42,7 +42,8 @@ from topk_lib.data.sources import (
     get_source,
 )
 from topk_lib.infra import paths
-from topk_lib.infra.cache import atomic_write, file_lock, file_sha256, verify_files
+from topk_lib.infra.cache import atomic_write, file_lock, file_sha256, file_state, verify_files
+from topk_lib.infra.processes import child_dies_with_parent, terminate_raises
 
 __all__ = ["FetchError", "MANIFEST", "fetch", "fetch_all", "is_fetched", "require", "main"]
 
@@ -81,8 +82,10 @@ def _tree_size(path: Path) -> int:
 def _run(cmd: list[str], *, cwd: Path, name: str) -> subprocess.CompletedProcess:
     """Run a package client; a missing executable or a timeout becomes a FetchError."""
     try:
+        # subprocess.run kills the client on any exception, KeyboardInterrupt included, and
+        # fetch turns SIGTERM into one (terminate_raises); the client dies with us even on SIGKILL.
         return subprocess.run(
-            cmd, cwd=cwd, capture_output=True, text=True, timeout=_CLIENT_TIMEOUT_S
+            cmd, cwd=cwd, capture_output=True, text=True, timeout=_CLIENT_TIMEOUT_S, **child_dies_with_parent()
         )
     except FileNotFoundError as e:
         hint = {
@@ -301,10 +304,9 @@ def _write_manifest(src: Source, out: Path) -> None:
         "archives": {a.filename: a.sha256 for a in src.archives},
         "files": {p.relative_to(out).as_posix(): file_sha256(p) for p in files},
         "sizes": {p.relative_to(out).as_posix(): p.stat().st_size for p in files},
+        # just hashed: the first load only stats them (os.replace of the folder keeps the mtimes)
+        "verified": {p.relative_to(out).as_posix(): file_state(p) for p in files},
     }
-    # The files were just hashed: record their size and mtime so the first load only stats them
-    # (os.replace of the folder keeps both).
-    manifest["verified"] = verify_files(out, _expected(manifest))[1]
     atomic_write(out / MANIFEST, json.dumps(manifest, indent=1, sort_keys=True))
 
 
@@ -373,7 +375,7 @@ def fetch(name: str, *, raw: Path | str | None = None, force: bool = False,
     root = _raw(raw)
     root.mkdir(parents=True, exist_ok=True)
     dest = root / src.name
-    with _lock(root, src.name):
+    with _lock(root, src.name), terminate_raises():
         _clear_stale(root, src.name)
         why = None if force else _verify_tree(src, dest, deep=True)
         if not force and why is None:

@@ -30,7 +30,7 @@ import pandas as pd
 from topk_lib.infra import paths
 
 __all__ = ["atomic_write", "digest", "config_key", "file_sha256", "cached_frame", "cached_record", "read_frame",
-           "read_record", "CorruptCacheError", "CacheWarning", "CorruptCacheWarning", "verify_files", "file_lock"]
+           "read_record", "CorruptCacheError", "CacheWarning", "CorruptCacheWarning", "verify_files", "file_state", "file_lock"]
 
 
 class CorruptCacheError(ValueError):
@@ -84,6 +84,12 @@ def file_sha256(path: Path | str, *, block: int = 1 << 22) -> str:
     return h.hexdigest()
 
 
+def file_state(path: Path | str) -> list[int]:
+    """``[size, mtime_ns]`` of a file: what :func:`verify_files` records for a file that hashed right."""
+    st = Path(path).stat()
+    return [st.st_size, st.st_mtime_ns]
+
+
 def verify_files(folder: Path | str, expected: dict, *, verified: dict | None = None, rehash: bool = False):
     """``(problem, verified)``: whether every file of ``expected`` is in ``folder`` as recorded, hashing only what changed.
 
@@ -101,13 +107,12 @@ def verify_files(folder: Path | str, expected: dict, *, verified: dict | None = 
     for rel, (sha256, size) in sorted(expected.items()):
         p = folder / rel
         try:
-            st = p.stat()
+            state = file_state(p)
         except FileNotFoundError:
             return f"{rel} is missing", verified
         known = size if size is not None else (verified.get(rel) or [None])[0]
-        if known is not None and st.st_size != known:
-            return f"{rel} has {st.st_size} bytes, not the {known} it was written with", verified
-        state = [st.st_size, st.st_mtime_ns]
+        if known is not None and state[0] != known:
+            return f"{rel} has {state[0]} bytes, not the {known} it was written with", verified
         if rehash or verified.get(rel) != state:
             if file_sha256(p) != sha256:
                 return f"{rel} was modified (its sha256 differs from the one recorded)", verified

