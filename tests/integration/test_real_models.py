@@ -134,3 +134,16 @@ def test_smollm2_corrupt_cache_is_rebuilt(tmp_path, monkeypatch, smollm2):
     with torch.no_grad():
         assert torch.equal(model(ids).logits, smollm2[0](ids).logits)
     assert not [p for p in Path(tmp_path, "models").iterdir() if p.name.startswith(".")]  # no temp dirs left
+
+
+@pytest.mark.slow
+def test_packaged_models_have_the_fingerprints_the_committed_sweep_records_carry(minilm, smollm2):
+    import json
+
+    from topk_lib.experiments.sweep import model_fingerprint
+    from topk_lib.infra import paths
+
+    mine = {"minilm-l6": model_fingerprint(minilm[0]), "smollm2-135m": model_fingerprint(smollm2[0])}
+    for path in sorted((paths.ROOT / "data" / "results" / "accuracy").glob("*/*.json")):
+        rec = json.loads(path.read_text())
+        assert rec["model_fingerprint"] == mine[rec["config"]["model"]], path

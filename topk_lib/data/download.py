@@ -20,7 +20,6 @@ Command line: ``python -m topk_lib.data all`` (or some names; ``--force`` refetc
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import shutil
@@ -31,7 +30,7 @@ import tempfile
 import time
 import zipfile
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable
 
 from topk_lib.data.sources import (
     FORTUNE_LANGS,
@@ -43,7 +42,8 @@ from topk_lib.data.sources import (
     get_source,
 )
 from topk_lib.infra import paths
-from topk_lib.infra.cache import atomic_write, file_sha256
+from topk_lib.infra.cache import atomic_write, file_lock, file_sha256, file_state, verify_files
+from topk_lib.infra.processes import child_dies_with_parent, terminate_raises
 
 __all__ = ["FetchError", "MANIFEST", "fetch", "fetch_all", "is_fetched", "require", "main"]
 
@@ -82,8 +82,10 @@ def _tree_size(path: Path) -> int:
 def _run(cmd: list[str], *, cwd: Path, name: str) -> subprocess.CompletedProcess:
     """Run a package client; a missing executable or a timeout becomes a FetchError."""
     try:
+        # subprocess.run kills the client on any exception, KeyboardInterrupt included, and
+        # fetch turns SIGTERM into one (terminate_raises); the client dies with us even on SIGKILL.
         return subprocess.run(
-            cmd, cwd=cwd, capture_output=True, text=True, timeout=_CLIENT_TIMEOUT_S
+            cmd, cwd=cwd, capture_output=True, text=True, timeout=_CLIENT_TIMEOUT_S, **child_dies_with_parent()
         )
     except FileNotFoundError as e:
         hint = {
@@ -107,20 +109,20 @@ def _tail(text: str, n: int = 12) -> str:
     return "\n    ".join(lines[-n:]) if lines else "(no output)"
 
 
-@contextlib.contextmanager
-def _lock(raw: Path, name: str) -> Iterator[None]:
+def _lock(raw: Path, name: str):
     """Serialise concurrent fetches of one source (two notebooks, or make -j)."""
-    try:
-        import fcntl
-    except ImportError:  # not POSIX: no locking, the atomic rename still protects readers
-        yield
-        return
-    with open(raw / f".{name}.lock", "w") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
+    return file_lock(raw / f".{name}.lock")
+
+
+def _clear_stale(raw: Path, name: str) -> None:
+    """Remove temporary directories of earlier fetches of ``name``; call it holding the lock.
+
+    Only a lock holder creates them and removes them before it lets go, so any left when
+    the lock is ours belong to a fetch that was killed (SIGKILL, power loss).
+    """
+    for stale in raw.glob(f".{name}-tmp-*"):
+        if stale.is_dir():
+            shutil.rmtree(stale, ignore_errors=True)
 
 
 
@@ -296,24 +298,32 @@ _EXTRACTORS = {"npm": _extract_npm, "apt": _extract_apt, "pip": _extract_pip}
 
 
 def _write_manifest(src: Source, out: Path) -> None:
-    files = {
-        p.relative_to(out).as_posix(): file_sha256(p)
-        for p in sorted(out.rglob("*"))
-        if p.is_file()
-    }
+    files = sorted(p for p in out.rglob("*") if p.is_file())
     manifest = {
         "source": src.name,
         "archives": {a.filename: a.sha256 for a in src.archives},
-        "files": files,
+        "files": {p.relative_to(out).as_posix(): file_sha256(p) for p in files},
+        "sizes": {p.relative_to(out).as_posix(): p.stat().st_size for p in files},
+        # just hashed: the first load only stats them (os.replace of the folder keeps the mtimes)
+        "verified": {p.relative_to(out).as_posix(): file_state(p) for p in files},
     }
     atomic_write(out / MANIFEST, json.dumps(manifest, indent=1, sort_keys=True))
 
 
-def _verify_tree(src: Source, dest: Path, *, deep: bool) -> str | None:
-    """None when ``dest`` holds a complete fetch of the pinned archives, else the reason.
+def _expected(manifest: dict) -> dict:
+    # Manifests written before sizes were recorded have checksums only.
+    sizes = manifest.get("sizes") or {}
+    return {rel: (digest, sizes.get(rel)) for rel, digest in (manifest.get("files") or {}).items()}
 
-    ``deep`` rehashes every file (what :func:`fetch` does, about 0.3 s for the 45 MB spam
-    corpus); loaders only check the manifest so that reading data stays fast.
+
+def _verify_tree(src: Source, dest: Path, *, deep: bool) -> str | None:
+    """None when ``dest`` holds a complete, unmodified fetch of the pinned archives, else the reason.
+
+    Every file is checked against the manifest's size and sha256. A file is hashed only when
+    its size or modification time differs from those recorded (``verified`` in the manifest)
+    the last time it hashed right, so a load of an unchanged source costs one ``stat`` per
+    file; ``deep`` (what :func:`fetch` does) hashes every file regardless, about 0.3 s for
+    the 45 MB spam corpus. A successful check that hashed something records the new state.
     """
     mpath = dest / MANIFEST
     if not mpath.is_file():
@@ -324,18 +334,25 @@ def _verify_tree(src: Source, dest: Path, *, deep: bool) -> str | None:
         return "manifest unreadable"
     if manifest.get("archives") != {a.filename: a.sha256 for a in src.archives}:
         return "fetched from other pinned archives"
-    if deep:
-        for rel, digest in manifest.get("files", {}).items():
-            p = dest / rel
-            if not p.is_file():
-                return f"{rel} missing"
-            if file_sha256(p) != digest:
-                return f"{rel} modified"
+    problem, verified = verify_files(dest, _expected(manifest), verified=manifest.get("verified"), rehash=deep)
+    if problem is not None:
+        return f"damaged: {problem}"
+    if verified != manifest.get("verified"):
+        try:
+            mode = mpath.stat().st_mode & 0o777
+            atomic_write(mpath, json.dumps({**manifest, "verified": verified}, indent=1, sort_keys=True))
+            os.chmod(mpath, mode)  # others who read the data keep reading it
+        except OSError:
+            pass  # a read-only copy verifies by hashing each time
     return None
 
 
 def is_fetched(name: str, *, raw: Path | str | None = None, deep: bool = False) -> bool:
-    """Whether source ``name`` is present under ``raw`` (default ``paths.raw()``) and intact."""
+    """Whether source ``name`` is present under ``raw`` (default ``paths.raw()``) and intact.
+
+    Every file is checked against the size and checksum its fetch recorded, hashing only
+    files changed since they last verified; ``deep`` hashes all of them.
+    """
     src = get_source(name)
     return _verify_tree(src, _raw(raw) / src.name, deep=deep) is None
 
@@ -358,7 +375,8 @@ def fetch(name: str, *, raw: Path | str | None = None, force: bool = False,
     root = _raw(raw)
     root.mkdir(parents=True, exist_ok=True)
     dest = root / src.name
-    with _lock(root, src.name):
+    with _lock(root, src.name), terminate_raises():
+        _clear_stale(root, src.name)
         why = None if force else _verify_tree(src, dest, deep=True)
         if not force and why is None:
             return dest
@@ -403,7 +421,7 @@ def fetch_all(names: list[str] | None = None, *, raw: Path | str | None = None,
             continue
         src = get_source(name)
         t0 = time.perf_counter()
-        was_there = not force and _verify_tree(src, root / name, deep=False) is None
+        why = "forced" if force else _verify_tree(src, root / name, deep=False)
         try:
             dest = fetch(name, raw=root, force=force, verbose=True)
         except FetchError as e:
@@ -411,7 +429,8 @@ def fetch_all(names: list[str] | None = None, *, raw: Path | str | None = None,
             results[name] = str(e)
             continue
         archive = sum(a.size for a in src.archives)
-        state = "present, verified" if was_there else "fetched"
+        state = ("present, verified" if why is None else "fetched" if why in ("not fetched", "forced")
+                 else f"fetched again ({why})")
         print(f"{prefix} {state}: {_human(_tree_size(dest))} in {dest} "
               f"(archives {_human(archive)}, {time.perf_counter() - t0:.1f} s)", flush=True)
         results[name] = None
@@ -421,8 +440,9 @@ def fetch_all(names: list[str] | None = None, *, raw: Path | str | None = None,
 def require(name: str, raw: Path | str | None, fetch_missing: bool) -> Path:
     """The directory of source ``name`` for a reader: fetched first when ``fetch_missing``, else checked.
 
-    The check reads only the manifest (fast); a missing or stale source raises
-    :class:`FileNotFoundError` naming the command that fetches it.
+    The check stats every file and hashes only those changed since they last verified; a
+    missing, stale or damaged source raises :class:`FileNotFoundError` naming the command
+    that fetches it again.
     """
     src = get_source(name)
     dest = _raw(raw) / src.name
@@ -431,8 +451,8 @@ def require(name: str, raw: Path | str | None, fetch_missing: bool) -> Path:
     why = _verify_tree(src, dest, deep=False)
     if why is not None:
         raise FileNotFoundError(
-            f"{src.title}: {dest} is {why}. Run `{_rerun(name)}` (or `make data`), or call "
-            "the loader with fetch=True."
+            f"{src.title}: {dest} is {why}. Run `{_rerun(name)}` (it fetches again whatever does "
+            "not verify; or `make data`), or call the loader with fetch=True."
         )
     return dest
 

@@ -69,7 +69,8 @@ def lm_sweep(model, tokenizer, text, *, model_name, corpus, settings, window=102
             nll, ok = token_scores(model, windows, progress=progress)
         return {"nll": np.round(nll, 5).tolist(), "correct": ok.astype(int).tolist()}
 
-    records = run_sweep(task, settings, config=config, compute=compute, progress=progress, root=root)
+    records = run_sweep(task, settings, config=config, compute=compute, progress=progress, root=root, model=model,
+                        required=("nll", "correct"))
 
     def rows_of(rec):
         nll_s, counts = block_sums(rec["nll"], block=block)
@@ -98,7 +99,8 @@ def classification_sweep(model, tokenizer, examples, *, model_name, task, templa
                                     content_free=content_free, batch_size=batch_size, progress=progress)
         return out
 
-    records = run_sweep(task, settings, config=config, compute=compute, progress=progress, root=root)
+    records = run_sweep(task, settings, config=config, compute=compute, progress=progress, root=root, model=model,
+                        required=("label", "calibrated", "raw"))
 
     def rows_of(rec):
         gold = np.array(rec["label"])
@@ -128,7 +130,8 @@ def qa_sweep(model, tokenizer, pairs, *, model_name, settings, task="trivia", sy
         scores = [qa.answer_scores(p, a) for p, (_, a) in zip(answers, pairs)]
         return {"answers": answers, "exact": [int(e) for e, _ in scores], "contains": [int(c) for _, c in scores]}
 
-    records = run_sweep(task, settings, config=config, compute=compute, progress=progress, root=root)
+    records = run_sweep(task, settings, config=config, compute=compute, progress=progress, root=root, model=model,
+                        required=("contains", "exact"))
 
     def rows_of(rec):
         return [mean_row("contains", rec["contains"]), mean_row("exact", rec["exact"])]
@@ -160,7 +163,8 @@ def passkey_sweep(model, tokenizer, *, model_name, settings, lengths, depths, n_
         return {"length": [e["length"] for e in examples], "depth": [e["depth"] for e in examples],
                 "tokens": [e["n_tokens"] for e in examples], "correct": correct, "digits": digits}
 
-    records = run_sweep(task, settings, config=config, compute=compute, progress=progress, root=root)
+    records = run_sweep(task, settings, config=config, compute=compute, progress=progress, root=root, model=model,
+                        required=("length", "correct", "digits"))
 
     def rows_of(rec):
         lengths_ = np.array(rec["length"])
@@ -204,7 +208,8 @@ def retrieval_sweep(model, tokenizer, pairs, *, model_name, settings, task="sotu
                + torch.nn.functional.cosine_similarity(d, reference["d"], dim=-1)) / 2  # [N]
         return {"rank": retrieval.retrieval_ranks(q, d).tolist(), "cosine": cos.double().tolist()}
 
-    records = run_sweep(task, settings, config=config, compute=compute, progress=progress, root=root)
+    records = run_sweep(task, settings, config=config, compute=compute, progress=progress, root=root, model=model,
+                        required=("rank", "cosine"))
 
     def rows_of(rec):
         rank = np.array(rec["rank"], dtype=float)

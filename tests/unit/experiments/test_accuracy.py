@@ -126,6 +126,131 @@ def test_interrupted_sweep_resumes(tmp_path):
     assert calls == ["vanilla", "attn4", "boom", "attn8"]
 
 
+def test_a_cut_or_incomplete_sweep_record_is_reported_and_recomputed(tmp_path):
+    from topk_lib.infra.cache import CorruptCacheWarning
+
+    calls = []
+
+    def compute(setting):
+        calls.append(setting.name)
+        return {"nll": [[1.0, 2.0]], "correct": [[1, 0]]}
+
+    grid = [Setting("vanilla")]
+    kw = dict(config={"data": 1}, compute=compute, progress=False, root=tmp_path, required=("nll", "correct"))
+    sweep.run_sweep("toy", grid, **kw)
+    (path,) = (tmp_path / "toy").glob("*.json")
+    good = json.loads(path.read_text())
+    path.write_text(path.read_text()[:40])  # a crash mid-write by a tool that does not write atomically
+    with pytest.warns(CorruptCacheWarning, match=path.name):
+        (rec,) = sweep.run_sweep("toy", grid, **kw)
+    assert rec["computed"] and calls == ["vanilla", "vanilla"]
+    path.write_text(json.dumps({k: v for k, v in good.items() if k != "nll"}))  # what the reader needs is gone
+    with pytest.warns(CorruptCacheWarning, match=r"lacks the keys \['nll'\]"):
+        (rec,) = sweep.run_sweep("toy", grid, **kw)
+    assert rec["computed"] and rec["nll"] == [[1.0, 2.0]] and "nll" in json.loads(path.read_text())
+
+
+def _fingerprint_sweep(model, root, calls):
+    def compute(setting):
+        calls.append(next(model.parameters()).dtype)
+        return {"value": 1.0}
+
+    (rec,) = sweep.run_sweep("toy", [Setting("vanilla")], config={"model": "tiny", "data": 1}, compute=compute,
+                             progress=False, root=root, model=model, required=("value",))
+    return rec
+
+
+def test_a_sweep_record_knows_its_model(tmp_path):
+    import copy
+    import warnings
+
+    import torch
+    from tiny_models import tiny_llama
+
+    from topk_lib.infra.cache import CacheWarning
+
+    torch.manual_seed(0)
+    model = tiny_llama()
+    calls = []
+    first = _fingerprint_sweep(model, tmp_path, calls)
+    (plain,) = (tmp_path / "toy").glob("*.json")
+    assert first["model_fingerprint"]["dtype"] == "float32" and first["model_fingerprint"]["device"] == "cpu"
+    assert json.loads(plain.read_text())["model_fingerprint"] == first["model_fingerprint"]
+
+    reloaded = copy.deepcopy(model)  # the same weights in another object: the record is used
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert not _fingerprint_sweep(reloaded, tmp_path, calls)["computed"] and calls == [torch.float32]
+
+    half = copy.deepcopy(model).to(torch.bfloat16)  # same name, same data, other numbers
+    with pytest.warns(CacheWarning, match=rf"{plain.name} holds the results of another model"):
+        got = _fingerprint_sweep(half, tmp_path, calls)
+    assert got["computed"] and calls == [torch.float32, torch.bfloat16]
+    assert got["model_fingerprint"]["dtype"] == "bfloat16"
+    assert json.loads(plain.read_text()) == {k: v for k, v in first.items() if k != "computed"}  # kept
+    assert len(list((tmp_path / "toy").glob("*.json"))) == 2
+    with pytest.warns(CacheWarning):  # the bfloat16 results are now cached beside the float32 ones
+        assert not _fingerprint_sweep(half, tmp_path, calls)["computed"]
+
+    edited = copy.deepcopy(model)
+    with torch.no_grad():
+        next(edited.parameters())[0, 0] += 1.0
+    with pytest.warns(CacheWarning):
+        assert _fingerprint_sweep(edited, tmp_path, calls)["computed"] and len(calls) == 3
+    assert not _fingerprint_sweep(model, tmp_path, calls)["computed"] and len(calls) == 3
+
+
+def test_a_record_for_another_model_is_rejected_where_it_is_read(tmp_path):
+    """The file a bfloat16 copy's results go to, holding a record of yet another model, is recomputed."""
+    import copy
+
+    import torch
+    from tiny_models import tiny_llama
+
+    from topk_lib.infra.cache import CacheWarning, CorruptCacheWarning
+
+    torch.manual_seed(0)
+    model, calls = tiny_llama(), []
+    _fingerprint_sweep(model, tmp_path, calls)
+    (plain,) = (tmp_path / "toy").glob("*.json")
+    half = copy.deepcopy(model).to(torch.bfloat16)
+    mine = sweep.model_fingerprint(half)
+    alt = plain.with_name(f"{plain.stem}_{sweep.config_key(mine)}.json")
+    alt.write_text(json.dumps({**json.loads(plain.read_text()), "model_fingerprint": {**mine, "weights": "0" * 16}}))
+    with pytest.warns(CacheWarning) as caught:
+        assert _fingerprint_sweep(half, tmp_path, calls)["computed"]
+    rejected = [str(w.message) for w in caught if w.category is CorruptCacheWarning]
+    assert len(rejected) == 1 and f"{alt.name} is rejected: it was computed for another model" in rejected[0]
+    assert json.loads(alt.read_text())["model_fingerprint"] == mine
+
+
+def test_records_without_a_fingerprint_are_used_as_they_are(tmp_path):
+    import torch
+    from tiny_models import tiny_llama
+
+    model, calls = tiny_llama(), []
+    _fingerprint_sweep(model, tmp_path, calls)
+    (plain,) = (tmp_path / "toy").glob("*.json")
+    plain.write_text(json.dumps({k: v for k, v in json.loads(plain.read_text()).items() if k != "model_fingerprint"}))
+    assert not _fingerprint_sweep(model.to(torch.bfloat16), tmp_path, calls)["computed"] and len(calls) == 1
+
+
+def test_model_fingerprint_is_pinned_and_cheap():
+    import time
+
+    import torch
+    from tiny_models import tiny_llama
+
+    torch.manual_seed(0)
+    model = tiny_llama()
+    t0 = time.perf_counter()
+    fp = sweep.model_fingerprint(model)
+    assert time.perf_counter() - t0 < 0.5
+    assert set(fp) == {"dtype", "device", "weights"} and len(fp["weights"]) == 16
+    assert sweep.model_fingerprint(model) == fp
+    assert sweep.model_fingerprint(model.to(torch.float64))["weights"] != fp["weights"]
+
+
 # --------------------------------------------------------------------------- task sweeps on tiny models
 
 
@@ -279,6 +404,20 @@ def test_run_sweep_finds_a_committed_cache_file():
     (got,) = sweep.run_sweep("language_id", [Setting("vanilla")], config=config, compute=compute, progress=False,
                              root=COMMITTED)
     assert not got["computed"] and got["calibrated"] == record["calibrated"]
+
+
+#: model_fingerprint of the packaged models as load_model gives them (float32, CPU); the committed
+#: records were computed with these.
+PACKAGED = {"smollm2-135m": {"dtype": "float32", "device": "cpu", "weights": "36e2d122e40f4264"},
+            "minilm-l6": {"dtype": "float32", "device": "cpu", "weights": "14641f8fdeb77022"}}
+
+
+def test_every_committed_sweep_record_names_the_packaged_model_it_was_computed_with():
+    records = sorted(COMMITTED.glob("*/*.json"))
+    assert len(records) >= 60
+    for path in records:
+        rec = json.loads(path.read_text())
+        assert rec["model_fingerprint"] == PACKAGED[rec["config"]["model"]], path
 
 
 def test_data_fingerprint_is_pinned():

@@ -98,3 +98,54 @@ def test_cache_manifest_detects_partial_and_corrupt_copies(tmp_path):
     assert set(manifest["files"]) == {"config.json", "model.safetensors"}
     source.write_bytes(b"gguf" * 11)  # the package shipped another file: rebuild
     assert not models._cache_is_valid(good, source)
+
+
+def _count_hashes(monkeypatch):
+    from topk_lib.infra import cache
+
+    hashed, original = [], cache.file_sha256
+    monkeypatch.setattr(cache, "file_sha256", lambda p, **kw: hashed.append(p.name) or original(p, **kw))
+    return hashed
+
+
+def test_a_verified_cache_is_checked_by_stat_and_hashed_only_where_it_changed(tmp_path, monkeypatch):
+    source = tmp_path / "model.gguf"
+    source.write_bytes(b"gguf" * 10)
+    good = tmp_path / "good"
+    _fake_cache(good, source)
+    hashed = _count_hashes(monkeypatch)
+    assert models._cache_is_valid(good, source) and hashed == []  # the build recorded what it hashed
+    weights = good / "model.safetensors"
+    weights.write_bytes(weights.read_bytes())  # same bytes, new mtime: hashed once, then trusted again
+    assert models._cache_is_valid(good, source) and hashed == ["model.safetensors"]
+    assert models._cache_is_valid(good, source) and hashed == ["model.safetensors"]
+    weights.write_bytes(b"y" + b"x" * 999)
+    assert not models._cache_is_valid(good, source)
+
+    old = tmp_path / "old"  # a cache written before the state was recorded: hashed once, then recorded
+    _fake_cache(old, source)
+    manifest = json.loads((old / "topk_lab_manifest.json").read_text())
+    del manifest["verified"]
+    (old / "topk_lab_manifest.json").write_text(json.dumps(manifest, indent=1))
+    hashed.clear()
+    assert models._cache_is_valid(old, source) and sorted(hashed) == ["config.json", "model.safetensors"]
+    assert models._cache_is_valid(old, source) and len(hashed) == 2
+
+
+def test_a_killed_build_leaves_nothing_behind_after_the_next_load(tmp_path, monkeypatch):
+    source = tmp_path / "model.gguf"
+    source.write_bytes(b"gguf" * 10)
+    target = tmp_path / "models" / "fake"
+    stale = tmp_path / "models" / ".fake.k1ll3d"  # what a SIGKILL during _build_gguf_cache leaves
+    (stale / "sub").mkdir(parents=True)
+    (stale / "model.safetensors").write_bytes(b"half")
+    other = tmp_path / "models" / ".other.x1"  # another model's build: not ours to remove
+    other.mkdir()
+    builds = []
+    monkeypatch.setattr(models, "_build_gguf_cache", lambda name, src, tgt: builds.append(name) or _fake_cache(tgt, src))
+    models._ensure_cache("fake", source, target)
+    assert builds == ["fake"] and not stale.exists() and other.exists()
+    (stale / "sub").mkdir(parents=True)
+    models._ensure_cache("fake", source, target)  # a valid cache: not rebuilt, the leftover still cleared
+    assert builds == ["fake"] and not stale.exists()
+    assert sorted(p.name for p in target.parent.iterdir()) == [".other.x1", "fake"]

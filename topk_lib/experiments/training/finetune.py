@@ -222,7 +222,8 @@ def finetune_sweep(*, settings, seeds, split_df, train_kw: dict | None = None, s
                                  **swaps, **train_kw)
 
         name = f"attn{k_label(attn_k)}_ff{k_label(ff_k)}_seed{seed}"
-        rec = run_record("finetune", name, config=config, compute=compute, root=root)
+        rec = run_record("finetune", name, config=config, compute=compute, root=root,
+                         required=("train_seconds", "test_acc", "test_f1", "swap", "curve"))
         base = {"seed": seed, "train_seconds": rec["train_seconds"]}
         rows.append({"mode": "trained", "attn_k": k_label(attn_k), "ff_k": k_label(ff_k), "acc": rec["test_acc"],
                      "f1": rec["test_f1"], **base})

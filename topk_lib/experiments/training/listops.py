@@ -133,7 +133,8 @@ def listops_sweep(*, ks, seeds, data_kw: dict, train_kw: dict | None = None, roo
                 splits = listops.listops_splits(**data_kw, progress=progress)
             return train_listops(splits=splits, k=k, seed=seed, progress=progress, **train_kw)
 
-        rec = run_record("listops", f"k{k_label(k)}_seed{seed}", config=config, compute=compute, root=root)
+        rec = run_record("listops", f"k{k_label(k)}_seed{seed}", config=config, compute=compute, root=root,
+                         required=("test_acc", "train_seconds", "seconds_per_step", "curve"))
         rows.append({"k": k_label(k), "seed": seed, "test_acc": rec["test_acc"], "train_seconds": rec["train_seconds"],
                      "seconds_per_step": rec["seconds_per_step"]})
         curve_rows += [{"k": k_label(k), "seed": seed, **point} for point in rec["curve"]]

@@ -57,13 +57,14 @@ def progress_bar(total: int, desc: str, enabled: bool):
     return tqdm(total=total, desc=desc, unit="step", leave=False, disable=not enabled)
 
 
-def run_record(task: str, name: str, *, config: dict, compute, root=None) -> dict:
+def run_record(task: str, name: str, *, config: dict, compute, root=None, required=()) -> dict:
     """The cached record of one run, or ``compute()`` it and cache it.
 
     The record is ``{"task", "name", "config", **compute()}`` in
     ``root / task / f"{name}_{config_key(config)}.json"``; ``root`` defaults to
-    ``paths.results() / "training"`` (read at call time).
+    ``paths.results() / "training"`` (read at call time). A cached record that is cut or lacks
+    one of those keys or of ``required`` (what the caller reads) is reported and recomputed.
     """
     root = paths.results() / "training" if root is None else Path(root)
-    return cached_record(root / task / name, config=config,
+    return cached_record(root / task / name, config=config, required=("task", "name", "config", *required),
                          compute=lambda: {"task": task, "name": name, "config": config, **compute()})
