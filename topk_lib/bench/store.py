@@ -184,9 +184,6 @@ def merge_rows(path, rows, *, replace: bool = False) -> Merged:
         for r in merged.values():
             writer.writerow({c: r.get(c, "") for c in columns})
         atomic_write(path, out.getvalue().encode())  # bytes: the csv module's \r\n line ends as written
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(path, 0o666 & ~umask)  # the temporary file was 0600; a results file is meant to be shared
     return Merged(path, added, replaced, kept)
 
 

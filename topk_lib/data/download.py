@@ -339,9 +339,7 @@ def _verify_tree(src: Source, dest: Path, *, deep: bool) -> str | None:
         return f"damaged: {problem}"
     if verified != manifest.get("verified"):
         try:
-            mode = mpath.stat().st_mode & 0o777
             atomic_write(mpath, json.dumps({**manifest, "verified": verified}, indent=1, sort_keys=True))
-            os.chmod(mpath, mode)  # others who read the data keep reading it
         except OSError:
             pass  # a read-only copy verifies by hashing each time
     return None

@@ -45,12 +45,27 @@ class CorruptCacheWarning(CacheWarning):
     """A cache file could not be used and is being recomputed; the message names the file."""
 
 
+def _new_file_mode(path: Path) -> int:
+    """The mode a rewritten file keeps, or for a new one what ``open`` would give under the umask."""
+    try:
+        return path.stat().st_mode & 0o777
+    except FileNotFoundError:
+        umask = os.umask(0)
+        os.umask(umask)
+        return 0o666 & ~umask
+
+
 def atomic_write(path: Path | str, data: str | bytes) -> Path:
-    """Write ``data`` to ``path`` through a temporary file and ``os.replace``."""
+    """Write ``data`` to ``path`` through a temporary file and ``os.replace``.
+
+    The temporary file gets a unique name, so concurrent writers never collide, and the mode
+    the file had (or a plain new file's mode), not ``mkstemp``'s private 0600.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, _new_file_mode(path))
         with os.fdopen(fd, "wb" if isinstance(data, bytes) else "w", **({} if isinstance(data, bytes) else {"encoding": "utf-8"})) as f:
             f.write(data)
         os.replace(tmp, path)

@@ -151,3 +151,22 @@ def test_every_committed_cache_reads_as_valid():
             assert read_frame(path) is not None, path
         for path in records:
             assert read_record(path, required=("task", "name", "config")) is not None, path
+
+
+def test_atomic_write_keeps_the_mode_of_the_file_it_replaces(tmp_path):
+    import os
+    import stat
+
+    from topk_lib.infra.cache import atomic_write
+
+    umask = os.umask(0o022)
+    try:
+        new = atomic_write(tmp_path / "new.json", "{}")
+        assert stat.S_IMODE(new.stat().st_mode) == 0o644  # what open() gives under umask 022, not mkstemp's 0600
+        old = tmp_path / "shared.csv"
+        old.write_text("a\n")
+        old.chmod(0o664)
+        atomic_write(old, b"b\n")
+        assert stat.S_IMODE(old.stat().st_mode) == 0o664 and old.read_bytes() == b"b\n"
+    finally:
+        os.umask(umask)
