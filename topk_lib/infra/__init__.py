@@ -1,3 +1,3 @@
-"""Plumbing every layer may use: where files go (paths), the atomic result cache, the notebook runner."""
+"""Plumbing every layer may use: where files go (paths), the atomic result cache, notebook parameters, the notebook runner."""
 
-__all__ = ["cache", "paths", "runner"]
+__all__ = ["cache", "parameters", "paths", "runner"]
