@@ -330,6 +330,8 @@ def overrides_for(sources, parameters: dict) -> dict[Path, dict]:
     """Per source, the ``parameters`` its parameters cell declares; a name none declares is a ValueError."""
     if not parameters:
         return {source: {} for source in sources}
+    if "QUICK" in parameters:
+        raise ValueError("QUICK is set by --quick (which also picks the quick output folders), not by -p")
     declared = {source: notebook_parameters(source) for source in sources}
     unknown = [name for name in parameters if not any(name in d for d in declared.values())]
     if unknown:

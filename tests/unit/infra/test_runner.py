@@ -140,6 +140,8 @@ def test_a_bad_parameter_value_stops_main_before_running(monkeypatch, capsys):
     assert "LENGTH must be an int >= 0 (its default is 2048), got -5" in capsys.readouterr().err
     assert runner.main(["-p", "LENGHT=512", "0"]) == 2
     assert "no chosen notebook has a parameter LENGHT; they declare: 00_quickstart: QUICK, SEED, LENGTH" in capsys.readouterr().err
+    assert runner.main(["-p", "QUICK=True", "0"]) == 2
+    assert "QUICK is set by --quick" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("text, expected", [("LENGTH=512", ("LENGTH", 512)), ("KS=[1, 2]", ("KS", [1, 2])),
