@@ -1,6 +1,7 @@
 """Every notebook under notebooks/ runs end to end in quick mode (figures to a temp dir)."""
 
 import ast
+import re
 
 import pytest
 
@@ -159,7 +160,9 @@ def test_a_dead_kernel_is_reported_and_the_next_notebook_runs(tmp_path, monkeypa
     assert "95_kill" in out and "FAILED" in out and "96_after" in out and "total" in out  # the table
     assert "95_kill (FAILED)" in out and "figures written (0)" in out  # the outputs summary
     # cell 0: parameters, 1: injected parameters, 2: x = 1, 3: the kill
-    assert "95_kill.py failed in cell 3 (execution count 4): `import os, signal`: the kernel died — likely out of memory" in err
+    # the kernel may die before it numbers the cell (execute_input not yet sent): then there is no count
+    assert re.search(r"95_kill.py failed in cell 3( \(execution count 4\))?: `import os, signal`: "
+                     "the kernel died — likely out of memory", err), err[-600:]
     executed = runner.run_folder() / "95_kill.ipynb"
     assert f"executed copy up to that cell: {executed}" in err and executed.exists()
 

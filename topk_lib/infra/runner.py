@@ -160,7 +160,7 @@ def checked_parameters(source: Path, *, quick: bool, parameters=None, notebook=N
 
 
 def cell_label(executed: Path, index: int | None = None) -> str:
-    """``cell I (execution count N): first line`` of the executed copy.
+    """``cell I (execution count N): `first line``` of the executed copy.
 
     ``index=None`` picks the last cell that started, i.e. the one a dead kernel was running.
     """
@@ -176,9 +176,12 @@ def cell_label(executed: Path, index: int | None = None) -> str:
         if not started:
             return "its start (before the first cell)"
         index = started[-1]
+    if not 0 <= index < len(cells):
+        return f"cell {index}"
     cell = cells[index]
     first = next((line for line in cell.source.splitlines() if line.strip()), "")
-    return f"cell {index} (execution count {cell.get('execution_count')}): `{first.strip()[:80]}`"
+    count = cell.get("execution_count")  # None when the kernel died before numbering the cell
+    return f"cell {index}{'' if count is None else f' (execution count {count})'}: `{first.strip()[:80]}`"
 
 
 def execute(source: Path, *, quick: bool, out_dir: Path | None = None, progress: bool = True,
