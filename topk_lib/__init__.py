@@ -8,8 +8,9 @@ subpackage     layer  what it holds
 =============  =====  ==================================================================
 ``_validate``  0      argument checks (wrong type -> TypeError, bad value -> ValueError)
 ``infra``      0      ``paths`` (read at call time), ``cache`` (atomic writes, keyed
-                      frames and records), ``runner`` (notebooks headless),
-                      ``processes`` (child processes that die with their parent)
+                      frames and records), ``parameters`` (notebook parameter checks),
+                      ``runner`` (notebooks headless), ``processes`` (child processes that
+                      die with their parent)
 ``kernels``    1      ``attention``, ``feedforward`` and what they are built from:
                       ``chunking``, ``selection``, ``product``, ``checks``, ``baselines``
 ``nn``         2      one small transformer (config dataclass + block) for training and

@@ -1,6 +1,7 @@
 """Every notebook under notebooks/ runs end to end in quick mode (figures to a temp dir)."""
 
 import ast
+import re
 
 import pytest
 
@@ -132,3 +133,58 @@ def test_quick_flag_is_injected(tmp_path):
     nb = tmp_path / "97_flag.py"
     nb.write_text('# %% tags=["parameters"]\nQUICK = False\n\n# %%\nassert QUICK is True\n')
     runner.execute(nb, quick=True, out_dir=tmp_path / "executed", progress=False)
+
+
+KILLER = ('# %% tags=["parameters"]\nQUICK = False\n\n# %%\nx = 1\n\n'
+          '# %%\nimport os, signal\nos.kill(os.getpid(), signal.SIGKILL)\n\n# %%\nnever = True\n')
+
+
+def test_a_dead_kernel_is_reported_and_the_next_notebook_runs(tmp_path, monkeypatch, capsys):
+    """A kernel killed by the OS (here: by itself) fails its notebook like a failing cell; the run goes on."""
+    from topk_lib.infra import paths
+
+    folder = tmp_path / "notebooks"
+    folder.mkdir()
+    (folder / "95_kill.py").write_text(KILLER)
+    marker = tmp_path / "second_ran"
+    (folder / "96_after.py").write_text(f'# %% tags=["parameters"]\nQUICK = False\n\n# %%\nopen({str(marker)!r}, "w").close()\n')
+    monkeypatch.setattr(paths, "NOTEBOOKS", folder)
+    monkeypatch.setattr(runner, "BUILD", tmp_path / "build")
+    monkeypatch.setenv("TOPK_LAB_FIGURES", str(tmp_path / "figures"))
+    monkeypatch.setenv("TOPK_LAB_RESULTS", str(tmp_path / "results"))
+    for key, value in runner.quick_environment(True).items():
+        monkeypatch.setenv(key, value)
+    assert runner.main(["--quick"]) == 1
+    out, err = capsys.readouterr()
+    assert marker.exists(), "the notebook after the dead kernel did not run"
+    assert "95_kill" in out and "FAILED" in out and "96_after" in out and "total" in out  # the table
+    assert "95_kill (FAILED)" in out and "figures written (0)" in out  # the outputs summary
+    # cell 0: parameters, 1: injected parameters, 2: x = 1, 3: the kill
+    # the kernel may die before it numbers the cell (execute_input not yet sent): then there is no count
+    assert re.search(r"95_kill.py failed in cell 3( \(execution count 4\))?: `import os, signal`: "
+                     "the kernel died — likely out of memory", err), err[-600:]
+    executed = runner.run_folder() / "95_kill.ipynb"
+    assert f"executed copy up to that cell: {executed}" in err and executed.exists()
+
+
+def test_the_error_points_to_this_runs_executed_copy(tmp_path, monkeypatch):
+    monkeypatch.setattr(runner, "BUILD", tmp_path / "build")
+    bad = tmp_path / "99_broken.py"
+    bad.write_text('# %% tags=["parameters"]\nQUICK = False\n\n# %%\nraise ValueError("boom")\n')
+    with pytest.raises(runner.NotebookError) as info:
+        runner.execute(bad, quick=True, progress=False)
+    executed = runner.run_folder() / "99_broken.ipynb"
+    assert executed.parent.parent == tmp_path / "build"
+    assert "failed in cell 2 (execution count 3): `raise ValueError(\"boom\")`: ValueError: boom" in str(info.value)
+    assert f"executed copy with the traceback: {executed}" in str(info.value) and "boom" in executed.read_text()
+
+
+def test_a_bad_injected_value_names_the_parameter_before_any_cell_runs(tmp_path):
+    nb = tmp_path / "94_params.py"
+    marker = tmp_path / "ran"
+    nb.write_text(f'# %% tags=["parameters"]\nQUICK = False\nLENGTH = 2048\n\n# %%\nopen({str(marker)!r}, "w").close()\n')
+    with pytest.raises(runner.NotebookError, match=r"94_params.py: bad parameter: LENGTH must be an int .*got 'abc'"):
+        runner.execute(nb, quick=True, out_dir=tmp_path / "executed", progress=False, parameters={"LENGTH": "abc"})
+    assert not marker.exists()
+    runner.execute(nb, quick=True, out_dir=tmp_path / "executed", progress=False, parameters={"LENGTH": 16})
+    assert marker.exists()

@@ -1,4 +1,3 @@
-"""Plumbing every layer may use: where files go (paths), the atomic result cache, the notebook runner,
-child processes that die with their parent (processes)."""
+"""Plumbing every layer may use: where files go, the atomic result cache, notebook parameters, the runner, child processes."""
 
-__all__ = ["cache", "paths", "processes", "runner"]
+__all__ = ["cache", "parameters", "paths", "processes", "runner"]

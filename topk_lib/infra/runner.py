@@ -1,13 +1,26 @@
-"""Run the notebooks headless: ``python -m topk_lib.infra.runner [--quick] [NAME ...]``.
+"""Run the notebooks headless: ``python -m topk_lib.infra.runner [--quick] [-p NAME=VALUE ...] [NAME ...]``.
 
 Reads the jupytext percent sources in ``notebooks/``, executes each with papermill
-(injecting ``QUICK`` into the cell tagged ``parameters``), shows progress, and
-prints a table of time per notebook. On failure it names the notebook and the
-failing cell. Executed copies go to ``build/notebooks/`` (git-ignored), never next
-to the sources.
+(injecting ``QUICK`` and the ``-p`` values after the cell tagged ``parameters``), shows
+progress, and prints a table of time per notebook. A notebook is named by its number
+(``0``, ``00``), its stem (``00_quickstart``) or its topic (``quickstart``).
+
+Every injected value is checked against the type of the notebook's default literal before
+any cell runs (:mod:`topk_lib.infra.parameters`), so a bad value names the parameter; a
+``-p`` name that none of the chosen notebooks declares is an error, and each notebook gets
+the ``-p`` values it declares.
+
+On failure it names the notebook and the failing cell (index, execution count, first line);
+a kernel that dies (out of memory, a crash in native code) is reported the same way and the
+remaining notebooks still run. Each run writes its executed copies to its own folder
+``build/notebooks/<YYYYmmdd-HHMMSS>-<pid>/`` (git-ignored), so an error points to this run's
+copy even while another run is going; the newest ``KEEP_RUNS`` run folders are kept (and any
+of a process still running), older ones are deleted when a run starts.
 
 Quick mode writes figures to ``figures/quick/`` and results to ``data/results/quick/``
-so a smoke run never overwrites the published figures and result caches.
+so a smoke run never overwrites the published figures and result caches; a run with ``-p``
+values writes to a ``custom/`` folder below those (unless ``TOPK_LAB_FIGURES`` /
+``TOPK_LAB_RESULTS`` say otherwise), since only default parameters make published figures.
 
 After the table it prints, per notebook, which figures it (re)wrote — new, changed, or
 rewritten with the same bytes (SHA-256 before and after) — and which result caches under
@@ -21,7 +34,10 @@ a run would be attributed to the notebook running at the time.
 from __future__ import annotations
 
 import argparse
+import ast
+import functools
 import os
+import shutil
 import sys
 import time
 from dataclasses import dataclass, field
@@ -29,8 +45,10 @@ from pathlib import Path
 
 from topk_lib.infra import paths
 from topk_lib.infra.cache import file_sha256
+from topk_lib.infra.parameters import cell_defaults, check_parameters
 
 BUILD = paths.ROOT / "build" / "notebooks"
+KEEP_RUNS = 10  # run folders kept under BUILD (the newest, plus any whose process still runs)
 
 
 @dataclass
@@ -56,37 +74,130 @@ class NotebookError(RuntimeError):
 
 
 def notebook_sources(names=None, folder: Path | None = None) -> list[Path]:
-    """The ``NN_topic.py`` sources, sorted; ``names`` picks by stem or prefix (``01``)."""
+    """The ``NN_topic.py`` sources, sorted; ``names`` picks by number, stem or topic.
+
+    A number matches the ``NN`` prefix as a number (``0`` and ``00`` both pick ``00_*``);
+    otherwise a name matches the stem, the file name, or the topic after the number.
+    """
     folder = folder or paths.NOTEBOOKS
     found = sorted(p for p in folder.glob("[0-9][0-9]_*.py"))
     if not names:
         return found
     picked = []
     for name in names:
-        hits = [p for p in found if p.stem == name or p.stem.startswith(name) or p.name == name]
+        name = str(name)
+        if name.isdigit():
+            hits = [p for p in found if int(p.stem[:2]) == int(name)]
+        else:
+            hits = [p for p in found if name in (p.stem, p.name, p.stem.split("_", 1)[1])]
         if not hits:
-            raise SystemExit(f"no notebook matches {name!r}; have: {', '.join(p.stem for p in found)}")
+            raise SystemExit(f"no notebook matches {name!r}: give a number (0 or 00), a stem (00_quickstart) "
+                             f"or a topic (quickstart); have: {', '.join(p.stem for p in found) or 'none'}")
         picked += [h for h in hits if h not in picked]
     return picked
 
 
-def quick_environment(quick: bool) -> dict[str, str]:
-    """Environment for the kernels: offline hub, headless plots, quick-mode output folders."""
+def quick_environment(quick: bool, custom: bool = False) -> dict[str, str]:
+    """Environment for the kernels: offline hub, headless plots, the quick/custom output folders."""
     env = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "MPLBACKEND": "Agg"}
-    if quick:
-        env["TOPK_LAB_FIGURES"] = os.environ.get("TOPK_LAB_FIGURES", str(paths.figures() / "quick"))
-        env["TOPK_LAB_RESULTS"] = os.environ.get("TOPK_LAB_RESULTS", str(paths.results() / "quick"))
+    if quick or custom:
+        sub = Path("quick" if quick else "") / ("custom" if custom else "")
+        env["TOPK_LAB_FIGURES"] = os.environ.get("TOPK_LAB_FIGURES", str(paths.figures() / sub))
+        env["TOPK_LAB_RESULTS"] = os.environ.get("TOPK_LAB_RESULTS", str(paths.results() / sub))
     return env
 
 
-def execute(source: Path, *, quick: bool, out_dir: Path = BUILD, progress: bool = True) -> Path:
-    """Execute one jupytext source with papermill; returns the executed .ipynb path."""
+@functools.cache
+def _run_id() -> str:
+    return f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's process
+    return True
+
+
+def run_folder() -> Path:
+    """This process's folder for executed copies, ``BUILD/<YYYYmmdd-HHMMSS>-<pid>``.
+
+    Made on first use, which also deletes all but the newest ``KEEP_RUNS`` run folders
+    (never one whose process is still running).
+    """
+    folder = BUILD / _run_id()
+    if folder.is_dir():
+        return folder
+    folder.mkdir(parents=True)
+    runs = sorted(p for p in BUILD.iterdir() if p.is_dir() and p.name[:8].isdigit() and "-" in p.name)
+    for old in runs[:-KEEP_RUNS]:
+        pid = old.name.rsplit("-", 1)[-1]
+        if not (pid.isdigit() and _alive(int(pid))):
+            shutil.rmtree(old, ignore_errors=True)
+    return folder
+
+
+def notebook_parameters(source: Path, notebook=None) -> dict:
+    """The defaults of ``source``'s ``parameters`` cell (``notebook``: it, already read by jupytext)."""
+    import jupytext
+
+    notebook = notebook if notebook is not None else jupytext.read(source)
+    cells = [c for c in notebook.cells if "parameters" in c.get("metadata", {}).get("tags", [])]
+    if not cells:
+        raise NotebookError(f"{source.name}: no cell tagged 'parameters' (add `# %% tags=[\"parameters\"]`)")
+    return cell_defaults(cells[0].source)
+
+
+def checked_parameters(source: Path, *, quick: bool, parameters=None, notebook=None) -> dict:
+    """``QUICK`` and ``parameters`` for ``source``, checked against its defaults (NotebookError if bad)."""
+    try:
+        return check_parameters(notebook_parameters(source, notebook), {"QUICK": quick, **(parameters or {})})
+    except (TypeError, ValueError) as err:
+        raise NotebookError(f"{source.name}: bad parameter: {err}") from None
+
+
+def cell_label(executed: Path, index: int | None = None) -> str:
+    """``cell I (execution count N): `first line``` of the executed copy.
+
+    ``index=None`` picks the last cell that started, i.e. the one a dead kernel was running.
+    """
+    import nbformat
+
+    try:
+        cells = [c for c in nbformat.read(executed, as_version=4).cells  # without papermill's error banners
+                 if "papermill-error-cell-tag" not in c.get("metadata", {}).get("tags", [])]
+    except (OSError, ValueError):
+        return f"cell {index if index is not None else '?'} (the executed copy could not be read)"
+    if index is None:
+        started = [i for i, c in enumerate(cells) if c.get("metadata", {}).get("papermill", {}).get("start_time")]
+        if not started:
+            return "its start (before the first cell)"
+        index = started[-1]
+    if not 0 <= index < len(cells):
+        return f"cell {index}"
+    cell = cells[index]
+    first = next((line for line in cell.source.splitlines() if line.strip()), "")
+    count = cell.get("execution_count")  # None when the kernel died before numbering the cell
+    return f"cell {index}{'' if count is None else f' (execution count {count})'}: `{first.strip()[:80]}`"
+
+
+def execute(source: Path, *, quick: bool, out_dir: Path | None = None, progress: bool = True,
+            parameters: dict | None = None) -> Path:
+    """Execute one jupytext source with papermill; returns the executed .ipynb path.
+
+    ``out_dir`` defaults to this run's :func:`run_folder`; ``parameters`` are injected
+    beside ``QUICK`` after being checked against the notebook's defaults.
+    """
     import jupytext
     import papermill as pm
+    from nbclient.exceptions import DeadKernelError
 
     notebook = jupytext.read(source)
-    if not any("parameters" in c.get("metadata", {}).get("tags", []) for c in notebook.cells):
-        raise NotebookError(f"{source.name}: no cell tagged 'parameters' (add `# %% tags=[\"parameters\"]`)")
+    values = checked_parameters(source, quick=quick, parameters=parameters, notebook=notebook)
+    out_dir = out_dir if out_dir is not None else run_folder()
     out_dir.mkdir(parents=True, exist_ok=True)
     unexecuted = out_dir / f"{source.stem}.source.ipynb"
     executed = out_dir / f"{source.stem}.ipynb"
@@ -95,7 +206,7 @@ def execute(source: Path, *, quick: bool, out_dir: Path = BUILD, progress: bool 
         pm.execute_notebook(
             str(unexecuted),
             str(executed),
-            parameters={"QUICK": quick},
+            parameters=values,
             kernel_name="python3",
             language="python",
             cwd=str(source.parent),
@@ -104,8 +215,13 @@ def execute(source: Path, *, quick: bool, out_dir: Path = BUILD, progress: bool 
         )
     except pm.PapermillExecutionError as err:
         raise NotebookError(
-            f"{source.name} failed in cell {err.cell_index} (execution count {err.exec_count}): "
+            f"{source.name} failed in {cell_label(executed, err.cell_index)}: "
             f"{err.ename}: {err.evalue}\n  executed copy with the traceback: {executed}"
+        ) from None
+    except DeadKernelError:
+        raise NotebookError(
+            f"{source.name} failed in {cell_label(executed)}: the kernel died — likely out of memory "
+            f"(or a crash in native code)\n  executed copy up to that cell: {executed}"
         ) from None
     finally:
         unexecuted.unlink(missing_ok=True)
@@ -213,21 +329,41 @@ def output_folders(quick: bool) -> tuple[Path, Path, list[Path]]:
     return figures, results, exclude
 
 
-def run_all(sources, *, quick: bool, execute_fn=None) -> list[NotebookResult]:
-    """Execute ``sources`` in order; each result carries what the notebook wrote and read."""
+def overrides_for(sources, parameters: dict) -> dict[Path, dict]:
+    """Per source, the ``parameters`` its parameters cell declares; a name none declares is a ValueError."""
+    if not parameters:
+        return {source: {} for source in sources}
+    if "QUICK" in parameters:
+        raise ValueError("QUICK is set by --quick (which also picks the quick output folders), not by -p")
+    declared = {source: notebook_parameters(source) for source in sources}
+    unknown = [name for name in parameters if not any(name in d for d in declared.values())]
+    if unknown:
+        listing = "; ".join(f"{s.stem}: {', '.join(d)}" for s, d in declared.items())
+        raise ValueError(f"no chosen notebook has a parameter {', '.join(unknown)}; they declare: {listing}")
+    return {s: {k: v for k, v in parameters.items() if k in d} for s, d in declared.items()}
+
+
+def run_all(sources, *, quick: bool, execute_fn=None, parameters: dict | None = None) -> list[NotebookResult]:
+    """Execute ``sources`` in order; each result carries what the notebook wrote and read.
+
+    A failing notebook (a failing cell, a dead kernel, a bad parameter) is recorded and the
+    next one runs. ``parameters`` (``-p`` values) go to the notebooks that declare them.
+    """
     from tqdm.auto import tqdm
 
     execute_fn = execute_fn or execute
     results = []
-    os.environ.update(quick_environment(quick))
+    per_source = overrides_for(sources, parameters or {})
+    os.environ.update(quick_environment(quick, custom=bool(parameters)))
     figures, results_folder, exclude = output_folders(quick)
     for source in tqdm(sources, desc="notebooks", unit="nb"):
         fig_before = snapshot_figures(figures)
         tracked = arm_read_tracking(results_folder, exclude=exclude)
         res_before = snapshot_results(results_folder, exclude=exclude)
         start = time.perf_counter()
+        given = {"parameters": per_source[source]} if per_source[source] else {}
         try:
-            execute_fn(source, quick=quick)
+            execute_fn(source, quick=quick, **given)
             result = NotebookResult(source.stem, time.perf_counter() - start, True)
         except NotebookError as err:
             result = NotebookResult(source.stem, time.perf_counter() - start, False, str(err))
@@ -245,16 +381,38 @@ def format_table(results: list[NotebookResult]) -> str:
     return "\n".join(lines)
 
 
+def parse_assignment(text: str) -> tuple[str, object]:
+    """``NAME=VALUE`` -> ``(NAME, value)``: a Python literal, else the text itself (``-p DECODER=gemma3-270m``)."""
+    name, sep, raw = text.partition("=")
+    if not sep or not name.strip().isidentifier():
+        raise argparse.ArgumentTypeError(f"-p takes NAME=VALUE (e.g. -p LENGTH=512), got {text!r}")
+    try:
+        value = ast.literal_eval(raw.strip())
+    except (ValueError, SyntaxError):
+        value = raw
+    return name.strip(), value
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m topk_lib.infra.runner", description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="small models and lengths (CI smoke run)")
-    parser.add_argument("names", nargs="*", help="notebooks to run (stem or number prefix); default all")
+    parser.add_argument("-p", "--param", action="append", default=[], type=parse_assignment, metavar="NAME=VALUE",
+                        help="set a parameter (a Python literal, else text) in the notebooks that declare it; "
+                             "checked against its default's type; outputs go to a custom/ folder")
+    parser.add_argument("names", nargs="*", help="notebooks to run (number, stem or topic); default all")
     args = parser.parse_args(argv)
     sources = notebook_sources(args.names)
     if not sources:
         print(f"no notebooks under {paths.NOTEBOOKS}", file=sys.stderr)
         return 1
-    results = run_all(sources, quick=args.quick)
+    parameters = dict(args.param)
+    try:  # check every notebook's values before running any, so a typo costs no hour-long run
+        for source, given in overrides_for(sources, parameters).items():
+            checked_parameters(source, quick=args.quick, parameters=given)
+    except (NotebookError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    results = run_all(sources, quick=args.quick, parameters=parameters)
     print()
     print(format_table(results))
     for r in results:
