@@ -1,7 +1,7 @@
 """topk-lab: top-k attention (Gupta et al. 2021) on pretrained transformers, measured.
 
 The public API is the handful of names below; everything else lives in subpackages, one
-layer each, with imports pointing one way only (``tests/test_layout.py`` enforces it):
+layer each, with imports pointing one way only (``tests/unit/test_layout.py`` enforces it):
 
 =============  =====  ==================================================================
 subpackage     layer  what it holds

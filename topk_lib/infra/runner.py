@@ -36,7 +36,9 @@ from __future__ import annotations
 import argparse
 import ast
 import functools
+import json
 import os
+import re
 import shutil
 import sys
 import time
@@ -58,6 +60,7 @@ class Outputs:
     figures: dict = field(default_factory=dict)  # figure stem -> "new" | "changed" | "same bytes"
     written: list = field(default_factory=list)  # result files (relative paths) created or modified
     read: list | None = field(default_factory=list)  # result files read; None = reads not tracked
+    rejected: list = field(default_factory=list)  # caches present but not used, as the notebook warned
 
 
 @dataclass
@@ -302,6 +305,22 @@ def compare_outputs(fig_before, fig_after, res_before, res_after, *, reads_track
     return Outputs(figures=dict(sorted(figures.items())), written=written, read=read)
 
 
+# How warnings.warn prints a CacheWarning (or its CorruptCacheWarning subclass) to stderr.
+_CACHE_WARNING = re.compile(r"\b(?:Corrupt)?CacheWarning: (.+)")
+
+
+def rejected_caches(executed) -> list[str]:
+    """The cache warnings an executed notebook printed: caches that were present but not used."""
+    if not isinstance(executed, Path) or not executed.exists():
+        return []
+    found = []
+    for cell in json.loads(executed.read_text()).get("cells", []):
+        for out in cell.get("outputs", []):
+            if out.get("output_type") == "stream" and out.get("name") == "stderr":
+                found += _CACHE_WARNING.findall("".join(out.get("text", "")))
+    return found
+
+
 def format_outputs(results: list[NotebookResult], *, figures: Path, results_folder: Path) -> str:
     """The per-notebook summary of figures (re)written and result caches read or written."""
     lines = [f"figures (in {figures}) and result caches (in {results_folder}), per notebook:"]
@@ -317,6 +336,8 @@ def format_outputs(results: list[NotebookResult], *, figures: Path, results_fold
         else:
             lines.append(f"  results read ({len(out.read)}): {', '.join(out.read) or 'none'}")
         lines.append(f"  results written ({len(out.written)}): {', '.join(out.written) or 'none'}")
+        if out.rejected:
+            lines.append(f"  caches rejected ({len(out.rejected)}): " + "; ".join(out.rejected))
     return "\n".join(lines)
 
 
@@ -362,13 +383,15 @@ def run_all(sources, *, quick: bool, execute_fn=None, parameters: dict | None = 
         res_before = snapshot_results(results_folder, exclude=exclude)
         start = time.perf_counter()
         given = {"parameters": per_source[source]} if per_source[source] else {}
+        executed = None
         try:
-            execute_fn(source, quick=quick, **given)
+            executed = execute_fn(source, quick=quick, **given)
             result = NotebookResult(source.stem, time.perf_counter() - start, True)
         except NotebookError as err:
             result = NotebookResult(source.stem, time.perf_counter() - start, False, str(err))
         result.outputs = compare_outputs(fig_before, snapshot_figures(figures), res_before,
                                          snapshot_results(results_folder, exclude=exclude), reads_tracked=tracked)
+        result.outputs.rejected = rejected_caches(executed)
         results.append(result)
     return results
 

@@ -219,3 +219,28 @@ def test_old_run_folders_are_pruned_but_live_ones_kept(tmp_path, monkeypatch):
     left = sorted(p.name for p in tmp_path.iterdir())
     assert mine.name in left and live.name in left and "notes" in left
     assert sorted(set(left) - {mine.name, live.name, "notes"}) == [p.name for p in old[-(runner.KEEP_RUNS - 1):]]
+
+
+def test_rejected_caches_are_named_in_the_summary(folders, tmp_path):
+    import json
+
+    figures, results = folders
+    executed = tmp_path / "executed.ipynb"
+    stderr = ("/x/topk_lib/experiments/sweep.py:178: CacheWarning: cache /r/attn8_1.json holds the results of "
+              "another model (a), not of this one (b); using attn8_1_c.json\n  warnings.warn(\n")
+    corrupt = "/x/cache.py:209: CorruptCacheWarning: cache /r/f.csv.gz is cut short; recomputing it\n"
+    executed.write_text(json.dumps({"cells": [
+        {"outputs": [{"output_type": "stream", "name": "stderr", "text": [stderr]}]},
+        {"outputs": [{"output_type": "stream", "name": "stdout", "text": ["CacheWarning: printed, not warned\n"]},
+                     {"output_type": "stream", "name": "stderr", "text": corrupt}]},
+    ]}))
+    out = runner.run_all([Path("01_demo.py"), Path("02_demo.py")], quick=True,
+                         execute_fn=lambda source, *, quick: executed if source.stem.startswith("01") else None)
+    assert out[0].outputs.rejected == [
+        "cache /r/attn8_1.json holds the results of another model (a), not of this one (b); using attn8_1_c.json",
+        "cache /r/f.csv.gz is cut short; recomputing it",
+    ]
+    assert out[1].outputs.rejected == []
+    text = runner.format_outputs(out, figures=figures, results_folder=results)
+    assert "  caches rejected (2): cache /r/attn8_1.json holds" in text
+    assert text.count("caches rejected") == 1
