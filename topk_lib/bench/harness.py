@@ -77,8 +77,8 @@ def available_devices() -> list[str]:
 def check_device(device, arg: str = "device") -> str:
     """``device`` as a string when a point can run there; else an error naming ``arg`` and what is available.
 
-    Checked before any point runs: a point on an unusable device would only fail in its child, and a
-    whole suite of such rows used to reach the CSV.
+    Checked before any point runs: a point on an unusable device would only fail in its child, and
+    a whole suite of such error rows would reach the CSV.
     """
     if isinstance(device, torch.device):
         device = str(device)
