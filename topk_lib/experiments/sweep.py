@@ -16,6 +16,7 @@ import hashlib
 import math
 import time
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -25,7 +26,7 @@ from topk_lib.experiments.settings import Setting
 from topk_lib.infra import paths
 from topk_lib.infra.cache import CacheWarning, CorruptCacheError, cached_record, config_key, read_record
 
-__all__ = ["bootstrap_ci", "block_sums", "run_sweep", "fingerprint", "model_fingerprint", "metric_row", "mean_row",
+__all__ = ["bootstrap_ci", "block_sums", "run_sweep", "model_record", "fingerprint", "model_fingerprint", "metric_row", "mean_row",
            "tidy_frame", "check_name", "KEY_LENGTH"]
 
 #: Characters of the setting-and-config hash in a cache file name (``attn8_1ffcdafaf7.json``).
@@ -138,6 +139,36 @@ def _stored_fingerprint(path):
         return None  # cached_record reports a corrupt file and recomputes it
 
 
+def model_record(stem, *, config, compute, mark, key_length=KEY_LENGTH, required=()):
+    """:func:`~topk_lib.infra.cache.cached_record` of a result tied to the model that computed it.
+
+    ``mark`` is ``{}`` (no model given: any record is used) or ``{"model_fingerprint":
+    model_fingerprint(model)}``, which ``compute()`` stores in the record. A record holding
+    another fingerprint is not used: a :class:`~topk_lib.infra.cache.CacheWarning` names it
+    and this model's result goes to ``f"{stem}_{hash}_{fingerprint hash}.json"`` beside it, so
+    neither model's measurement replaces the other's. Records without a fingerprint (written
+    before fingerprints were stored) are used as they are.
+    """
+    stem, cache_key = Path(stem), config
+    if mark:
+        plain = stem.with_name(f"{stem.name}_{config_key(config, length=key_length)}.json")
+        other = _stored_fingerprint(plain)
+        if other is not None and other != mark["model_fingerprint"]:
+            stem, cache_key = plain.with_suffix(""), mark["model_fingerprint"]
+            warnings.warn(f"cache {plain} holds the results of another model ({other}), not of this one "
+                          f"({mark['model_fingerprint']}); using {stem.name}_{config_key(cache_key)}.json",
+                          CacheWarning, stacklevel=3)
+
+    def validate(rec):
+        stored = rec.get("model_fingerprint")
+        if not mark or stored is None or stored == mark["model_fingerprint"]:
+            return None
+        return f"it was computed for another model ({stored}, this one is {mark['model_fingerprint']})"
+
+    return cached_record(stem, config=cache_key, compute=compute, key_length=key_length, validate=validate,
+                         required=required)
+
+
 def run_sweep(task, settings, *, config, compute, progress=True, root=None, required=(), model=None):
     """``compute(setting) -> dict`` for every setting, each cached; returns the records in order.
 
@@ -152,10 +183,7 @@ def run_sweep(task, settings, *, config, compute, progress=True, root=None, requ
 
     ``model`` ties the records to the weights: a record whose stored
     :func:`model_fingerprint` differs (a bfloat16 copy, other weights under the same
-    ``model_name``) is not used; a :class:`~topk_lib.infra.cache.CacheWarning` names it, and
-    this model's results go to ``f"{setting.name}_{hash}_{fingerprint hash}.json"`` beside it,
-    so neither model's measurement replaces the other's. Records without a fingerprint
-    (written before fingerprints were stored) are used as they are.
+    ``model_name``) is not used (:func:`model_record`).
     """
     from tqdm.auto import tqdm
 
@@ -169,21 +197,7 @@ def run_sweep(task, settings, *, config, compute, progress=True, root=None, requ
     for setting in bar:
         bar.set_postfix_str(setting.name)
         key = {**config, "setting": setting.config()}
-        stem, cache_key, computed = root / task / setting.name, key, []
-        if mark:
-            plain = root / task / f"{setting.name}_{config_key(key, length=KEY_LENGTH)}.json"
-            other = _stored_fingerprint(plain)
-            if other is not None and other != mark["model_fingerprint"]:
-                stem, cache_key = plain.with_suffix(""), mark["model_fingerprint"]
-                warnings.warn(f"cache {plain} holds the results of another model ({other}), not of this one "
-                              f"({mark['model_fingerprint']}); using {stem.name}_{config_key(cache_key)}.json",
-                              CacheWarning, stacklevel=2)
-
-        def validate(rec):
-            stored = rec.get("model_fingerprint")
-            if not mark or stored is None or stored == mark["model_fingerprint"]:
-                return None
-            return f"it was computed for another model ({stored}, this one is {mark['model_fingerprint']})"
+        computed = []
 
         def job(setting=setting, key=key):
             t0 = time.perf_counter()
@@ -192,8 +206,8 @@ def run_sweep(task, settings, *, config, compute, progress=True, root=None, requ
             return {"task": task, "name": setting.name, "config": key, **mark, **out,
                     "seconds": time.perf_counter() - t0}
 
-        rec = cached_record(stem, config=cache_key, compute=job, key_length=KEY_LENGTH, validate=validate,
-                            required=("task", "name", "config", *required))
+        rec = model_record(root / task / setting.name, config=key, compute=job, mark=mark, key_length=KEY_LENGTH,
+                           required=("task", "name", "config", *required))
         records.append({**rec, "computed": bool(computed)})
     return records
 

@@ -12,7 +12,7 @@ from topk_lib.experiments.training import finetune, summaries
 from topk_lib.experiments.training import listops as listops_training
 from topk_lib.experiments.training.loop import run_record
 from topk_lib.infra import paths
-from topk_lib.infra.cache import config_key
+from topk_lib.infra.cache import CacheWarning, config_key
 from topk_lib.nn import SelfAttention, Transformer, TransformerConfig
 from topk_lib.plots import training as plots
 
@@ -335,6 +335,28 @@ def test_finetune_sweep_caches_and_reports_modes(tiny_bert, tmp_path, monkeypatc
     _, again = finetune.finetune_sweep(**kw)
     pd.testing.assert_frame_equal(results, again)
 
+
+
+def test_finetune_sweep_does_not_reuse_a_record_of_other_base_weights(tiny_bert, tmp_path, monkeypatch):
+    monkeypatch.setenv("TOPK_LAB_RESULTS", str(tmp_path))
+    split = finetune.spam_split(fake_emails(40))
+    kw = dict(settings=[(4, None)], seeds=[0], split_df=split, progress=False,
+              train_kw=dict(steps=2, batch_size=4, max_length=16, n_val=0, model=tiny_bert))
+    finetune.finetune_sweep(**kw)
+    (path,) = (tmp_path / "training" / "finetune").glob("*.json")
+    record = json.loads(path.read_text())
+    assert set(record["model_fingerprint"]) == {"dtype", "device", "weights"}
+
+    # The same name and config, but the record says it started from other weights.
+    path.write_text(json.dumps({**record, "model_fingerprint": {**record["model_fingerprint"], "weights": "0" * 16}}))
+    runs = []
+    real = finetune.finetune_spam
+    monkeypatch.setattr(finetune, "finetune_spam", lambda **kw: runs.append(1) or real(**kw))
+    with pytest.warns(CacheWarning, match="another model"):
+        finetune.finetune_sweep(**kw)
+    assert runs == [1]  # fine-tuned again, into a file of its own beside the other model's
+    assert len(list(path.parent.glob("*.json"))) == 2
+    assert json.loads(path.read_text())["model_fingerprint"]["weights"] == "0" * 16
 
 def test_mean_std_table():
     df = pd.DataFrame({"k": ["8", "8", "full"], "acc": [0.5, 0.7, 0.9]})

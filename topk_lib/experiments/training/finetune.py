@@ -27,9 +27,13 @@ from torch import nn
 
 from topk_lib._validate import optional_k, positive_int
 from topk_lib.experiments.training.loop import batches, k_label, lr_at, optimizer_step, progress_bar, run_record
+from topk_lib.experiments.sweep import model_fingerprint
 from topk_lib.infra.cache import config_key, digest
 
-__all__ = ["spam_text", "spam_split", "SpamClassifier", "finetune_spam", "finetune_sweep"]
+__all__ = ["spam_text", "spam_split", "SpamClassifier", "finetune_spam", "finetune_sweep", "BASE_MODEL"]
+
+#: The pretrained encoder every run starts from unless ``model`` says otherwise.
+BASE_MODEL = "minilm-l6"
 
 
 def spam_text(subject: str, body: str) -> str:
@@ -125,7 +129,7 @@ def _classifier(model):
 def finetune_spam(*, split_df, attn_k=None, ff_k=None, seed: int = 0, steps: int = 100, batch_size: int = 16,
                   lr: float = 1e-4, weight_decay: float = 0.01, warmup: float = 0.1, max_length: int = 128,
                   eval_every: int = 50, n_val: int | None = 200, n_test: int | None = None, chunk_size: int = 1024,
-                  swap_attn_ks=(), swap_ff_ks=(), model: str = "minilm-l6", progress: bool = True) -> dict:
+                  swap_attn_ks=(), swap_ff_ks=(), model: str = BASE_MODEL, progress: bool = True) -> dict:
     """Fine-tune MiniLM + head on the ``split_df`` of :func:`spam_split` under ``use_topk(attn_k, ff_k)``.
 
     Training draws ``steps`` batches from the train split (seeded order, identical for every
@@ -202,12 +206,21 @@ def finetune_sweep(*, settings, seeds, split_df, train_kw: dict | None = None, s
     ``settings``: ``(attn_k, ff_k)`` pairs, ``None`` = exact/dense. The all-exact setting
     ``(None, None)`` also evaluates the swaps. ``results`` has one row per evaluation:
     ``mode`` ("trained" with top-k, or "swap": vanilla-trained, top-k at test only),
-    ``attn_k``, ``ff_k`` (strings, "full" = exact), ``seed``, ``acc``, ``f1``.
+    ``attn_k``, ``ff_k`` (strings, "full" = exact), ``seed``, ``acc``, ``f1``. Each record
+    stores the ``model_fingerprint`` of the pretrained encoder the runs start from, so a record
+    fine-tuned from other weights is not reused.
     """
     import pandas as pd
     from tqdm.auto import tqdm
 
+    from topk_lib.hf.loading import load_model
+
     train_kw = dict(train_kw or {})
+    # Runs start from these weights: a record fine-tuned from other ones (another dtype, a
+    # changed copy under the same name) is not reused.
+    base, _ = load_model(train_kw.get("model", BASE_MODEL))
+    mark = {"model_fingerprint": model_fingerprint(base)}
+    del base
     # the cache key names the split by content: which emails, in which split
     split_key = config_key(sorted(zip(split_df.input, split_df.split)), length=12)
     rows, curve_rows = [], []
@@ -222,7 +235,7 @@ def finetune_sweep(*, settings, seeds, split_df, train_kw: dict | None = None, s
                                  **swaps, **train_kw)
 
         name = f"attn{k_label(attn_k)}_ff{k_label(ff_k)}_seed{seed}"
-        rec = run_record("finetune", name, config=config, compute=compute, root=root,
+        rec = run_record("finetune", name, config=config, compute=compute, root=root, mark=mark,
                          required=("train_seconds", "test_acc", "test_f1", "swap", "curve"))
         base = {"seed": seed, "train_seconds": rec["train_seconds"]}
         rows.append({"mode": "trained", "attn_k": k_label(attn_k), "ff_k": k_label(ff_k), "acc": rec["test_acc"],

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from topk_lib.infra import paths
-from topk_lib.infra.cache import cached_record
+from topk_lib.experiments.sweep import model_record
 
 __all__ = ["k_label", "lr_at", "batches", "optimizer_step", "progress_bar", "run_record"]
 
@@ -57,14 +57,19 @@ def progress_bar(total: int, desc: str, enabled: bool):
     return tqdm(total=total, desc=desc, unit="step", leave=False, disable=not enabled)
 
 
-def run_record(task: str, name: str, *, config: dict, compute, root=None, required=()) -> dict:
+def run_record(task: str, name: str, *, config: dict, compute, root=None, required=(), mark=None) -> dict:
     """The cached record of one run, or ``compute()`` it and cache it.
 
-    The record is ``{"task", "name", "config", **compute()}`` in
+    The record is ``{"task", "name", "config", **mark, **compute()}`` in
     ``root / task / f"{name}_{config_key(config)}.json"``; ``root`` defaults to
     ``paths.results() / "training"`` (read at call time). A cached record that is cut or lacks
     one of those keys or of ``required`` (what the caller reads) is reported and recomputed.
+    ``mark`` (``{"model_fingerprint": ...}`` of the model the run starts from) ties the record
+    to those weights: one computed from other weights is not used
+    (:func:`topk_lib.experiments.sweep.model_record`).
     """
     root = paths.results() / "training" if root is None else Path(root)
-    return cached_record(root / task / name, config=config, required=("task", "name", "config", *required),
-                         compute=lambda: {"task": task, "name": name, "config": config, **compute()})
+    mark = dict(mark or {})
+    return model_record(root / task / name, config=config, mark=mark, key_length=10,
+                        required=("task", "name", "config", *required),
+                        compute=lambda: {"task": task, "name": name, "config": config, **mark, **compute()})
