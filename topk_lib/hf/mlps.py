@@ -64,14 +64,15 @@ class MLPLayout:
     dropout attributes the replacement skips. ``gate_scale``/``out_scale``: attributes holding
     scalar multipliers of the gate pre-activation and of the output. ``pre_gate``: a method
     applied to the gate pre-activation while the attribute ``pre_gate_when`` is positive.
-    ``experts``: the parameters are 3D, one slice per routed expert.
+    ``experts``: the parameters are 3D, one slice per routed expert. ``activation`` may be a
+    tuple of alternative attribute names (models spell it ``act_fn``, ``activation_fn``, ...).
     """
 
     kind: str
     description: str
     w_in: str
     w_out: str
-    activation: str
+    activation: str | tuple
     w_gate: str | None = None
     fused: bool = False
     transposed: bool = False
@@ -90,6 +91,11 @@ class MLPLayout:
             module = getattr(module, name, None)
         return module
 
+    def act(self, module):
+        """The activation module or function of ``module`` (the first of the alternatives present), or None."""
+        names = (self.activation,) if isinstance(self.activation, str) else self.activation
+        return next((a for a in (self.part(module, n) for n in names) if a is not None), None)
+
     def matches(self, module):
         """True when ``module`` has every part this layout names, of the right kind."""
         paths = [self.w_in, self.w_out] + ([self.w_gate] if self.w_gate else [])
@@ -98,13 +104,15 @@ class MLPLayout:
         want = _CONV1D if self.transposed else nn.Linear
         if not all(isinstance(self.part(module, p), want) for p in paths):
             return False
-        if self.part(module, self.activation) is None:
+        if self.act(module) is None:
             return False
         if not all(isinstance(self.part(module, p), nn.Module) for p in self.identities):
             return False
         if any(not isinstance(getattr(module, a, None), (int, float)) for a in (self.gate_scale, self.out_scale) if a):
             return False
-        if self.pre_gate and not (callable(getattr(module, self.pre_gate, None)) and hasattr(module, self.pre_gate_when)):
+        if self.pre_gate and not callable(getattr(module, self.pre_gate, None)):
+            return False
+        if self.pre_gate and not hasattr(module, self.pre_gate_when):
             return False
         if not self.entry:  # a whole module holds nothing with weights beyond its named parts
             named = {p.split(".")[0] for p in paths}
@@ -165,13 +173,14 @@ def _matches_experts(layout, module, paths):
         and getattr(module, "has_gate", None) is bool(layout.fused or layout.w_gate)
         and getattr(module, "has_post_expert_norm", None) is False
     )
-    return declared and getattr(apply_gate, "__name__", None) == _DEFAULT_GATE and (
-        layout.part(module, layout.activation) is not None
-    )
+    return declared and getattr(apply_gate, "__name__", None) == _DEFAULT_GATE and layout.act(module) is not None
 
 
-def _plain(kind, w_in, w_out, activation, what, **kw):
-    return MLPLayout(kind, f"{what}: {w_out}(act({w_in}(x)))", w_in=w_in, w_out=w_out, activation=activation, **kw)
+_ACTS = ("act_fn", "activation_fn", "act", "activation")  # how models name the activation of an MLP module
+
+
+def _plain(kind, w_in, w_out, what, **kw):
+    return MLPLayout(kind, f"{what}: {w_out}(act({w_in}(x)))", w_in=w_in, w_out=w_out, activation=_ACTS, **kw)
 
 
 #: Supported feed-forward shapes, tried in this order; the first that matches a module wins.
@@ -185,20 +194,20 @@ MLP_LAYOUTS = (
               w_gate="gate_proj", w_out="down_proj", activation="act_fn", pre_gate="_gaussian_topk",
               pre_gate_when="activation_sparsity"),
     MLPLayout("gated", "gated MLP: down_proj(act(gate_proj(x)) * up_proj(x))", w_in="up_proj", w_gate="gate_proj",
-              w_out="down_proj", activation="act_fn"),
+              w_out="down_proj", activation=_ACTS),
     MLPLayout("gated_t5", "T5 gated: wo(act(wi_0(x)) * wi_1(x))", w_in="wi_1", w_gate="wi_0", w_out="wo",
               activation="act"),
     MLPLayout("gated_fused", "fused gated MLP (Phi-3): gate, up = gate_up_proj(x); down_proj(act(gate) * up)",
-              w_in="gate_up_proj", w_out="down_proj", activation="activation_fn", fused=True),
+              w_in="gate_up_proj", w_out="down_proj", activation=_ACTS, fused=True),
     MLPLayout("gated_fused_wi", "fused gated MLP (ModernBERT): a, b = Wi(x); Wo(act(a) * b)", w_in="Wi", w_out="Wo",
               activation="act", fused=True),
-    _plain("t5", "wi", "wo", "act", "T5"),
-    _plain("conv1d", "c_fc", "c_proj", "act", "GPT-2 (Conv1D)", transposed=True),
-    _plain("c_fc", "c_fc", "c_proj", "act", "StarCoder2", dropouts=("residual_dropout",)),
-    _plain("h_to_4h", "dense_h_to_4h", "dense_4h_to_h", "act", "GPT-NeoX"),
-    _plain("fc_in", "fc_in", "fc_out", "act", "GPT-J"),
-    _plain("fc1", "fc1", "fc2", "activation_fn", "Phi, ViT, CLIP-likes"),
-    _plain("lin1", "lin1", "lin2", "activation", "DistilBERT"),
+    _plain("t5", "wi", "wo", "T5"),
+    _plain("conv1d", "c_fc", "c_proj", "GPT-2 (Conv1D)", transposed=True),
+    _plain("c_fc", "c_fc", "c_proj", "StarCoder2", dropouts=("residual_dropout",)),
+    _plain("h_to_4h", "dense_h_to_4h", "dense_4h_to_h", "GPT-NeoX"),
+    _plain("fc_in", "fc_in", "fc_out", "GPT-J"),
+    _plain("fc1", "fc1", "fc2", "Phi, ViT, CLIP-likes"),
+    _plain("lin1", "lin1", "lin2", "DistilBERT"),
     MLPLayout("bert", "BERT-style block: output.dense(intermediate(x)), intermediate taken over",
               w_in="intermediate.dense", w_out="output.dense", activation="intermediate.intermediate_act_fn",
               entry="intermediate", identities=("output.dense",)),
@@ -284,7 +293,7 @@ def _build(module, layout, k, chunk_size, arg, name, skipped_dropout):
     if b_gate is not None:
         raise ValueError(f"{arg}: {name} ({type(module).__name__}) has a bias on its gate, which topk_feedforward "
                          "does not support")
-    act = _activation_name(layout.part(module, layout.activation), arg)
+    act = _activation_name(layout.act(module), arg)
     magnitude = w_gate is not None or act != "relu"  # the selection rule topk_feedforward documents
     select = "magnitude" if magnitude else "value"
     dense_h = bool(layout.pre_gate) and getattr(module, layout.pre_gate_when) > 0
@@ -345,14 +354,13 @@ def ff_forwards(module, layout, k, chunk_size, arg="ff_k", name="", skipped_drop
 
 def _probe(module, layout, entry, exits, exact, arg, name):
     """Refuse ``module`` when its replacement at ``k = d_ff`` differs from its own forward on a seeded batch."""
-    params = list(module.parameters())
-    if not params or any(p.is_meta for p in params):
-        return
-    dtype, device = params[0].dtype, params[0].device
+    chain = [entry, *exits]
     w_in = layout.weights(module, 0 if layout.experts else None)[0]
+    if w_in.is_meta or any(p.is_meta for part in chain for p in part.parameters()):
+        return  # weights not loaded yet (device_map offloading): nothing to compare
+    dtype, device = w_in.dtype, w_in.device
     g = torch.Generator().manual_seed(0)  # its own generator: the global RNG is left alone
     x = torch.randn(1, 3, w_in.shape[1], generator=g).to(device, dtype)  # [1, 3, d]
-    chain = [entry, *exits]
     modes = [(m, m.training) for part in chain for m in part.modules()]
     try:
         for m, _ in modes:

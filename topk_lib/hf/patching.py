@@ -215,7 +215,8 @@ def use_topk(model, attn_k=None, ff_k=None, chunk_size=1024):
         model: a transformers model (``nn.Module``).
         attn_k: None (attention unchanged), an int (every layer), ``{layer: k}`` or
             ``{(layer, head): k}`` (query head; the two kinds can be mixed, per-head entries win).
-        ff_k: None, an int or ``{layer: k}``.
+        ff_k: None, an int or ``{layer: k}``; a layer's k applies to every feed-forward module
+            in it (a MoE layer's shared expert and each of its routed experts alike).
         chunk_size: query rows (attention) and tokens (feed-forward) per chunk.
 
     A dict value of None means exact/dense for that layer or head. ``k >= L`` (or ``>= d_ff``)
@@ -226,7 +227,9 @@ def use_topk(model, attn_k=None, ff_k=None, chunk_size=1024):
     ``RuntimeError`` (:func:`topk_lib.hf.registry.intercept`), leaving the model restored.
     Inside the block, a forward with ``output_attentions=True`` raises ``ValueError`` (no
     attention matrix is formed), and in training mode the dropout the kernels skip is warned
-    about once per context.
+    about once per context. ``ff_k`` raises ``ValueError`` before touching the model when a
+    layer it names holds a feed-forward module of no supported shape (it would stay dense),
+    or when a replacement at ``k = d_ff`` does not reproduce its module on a probe batch.
 
     Returns:
         A context manager that yields ``model``.
@@ -242,7 +245,9 @@ def use_topk(model, attn_k=None, ff_k=None, chunk_size=1024):
             "attention registry (ALL_ATTENTION_FUNCTIONS), so use_topk cannot switch them"
         )
     if ff_k is not None and not mlps:
-        dense = "".join(f"; {name} ({type(m).__name__}) is not one of the supported shapes" for _, name, m in found.dense_ff)
+        dense = [f"{name} ({type(m).__name__})" for _, name, m in found.dense_ff]
+        more = f" and {len(dense) - 3} more" if len(dense) > 3 else ""
+        dense = f"; these are of no supported shape: {', '.join(dense[:3])}{more}" if dense else ""
         raise ValueError(f"ff_k: found no supported feed-forward modules in {type(model).__name__}{dense}")
     attn_spec = _parse_spec(attn_k, "attn_k", layers, per_head=True)
     ff_spec = _parse_spec(ff_k, "ff_k", layers, per_head=False)

@@ -39,8 +39,8 @@ def _model(cfg_cls, model_cls, **kw):
 ARCHS = {
     "llama": (tiny_llama, ["model.layers.{}.mlp.down_proj"], "magnitude"),
     "bert": (tiny_bert, ["encoder.layer.{}.output.dense"], "magnitude"),
-    "t5": (tiny_t5, ["encoder.block.0.layer.1.DenseReluDense.wo", "encoder.block.1.layer.1.DenseReluDense.wo",
-                     "decoder.block.0.layer.2.DenseReluDense.wo", "decoder.block.1.layer.2.DenseReluDense.wo"], "value"),
+    "t5": (tiny_t5, [f"{stack}.block.{i}.layer.{j}.DenseReluDense.wo" for stack, j in (("encoder", 1), ("decoder", 2))
+                     for i in range(2)], "value"),
     "gpt2": (_model(T.GPT2Config, "GPT2LMHeadModel", n_embd=32, n_layer=2, n_head=4, n_inner=64, n_positions=64,
                     bos_token_id=1, eos_token_id=2), ["transformer.h.{}.mlp.c_proj"], "magnitude"),
     "gpt_neox": (_model(T.GPTNeoXConfig, "GPTNeoXForCausalLM", **H, max_position_embeddings=64),
@@ -296,7 +296,8 @@ def test_the_probe_refuses_an_mlp_whose_forward_does_more():
         pass
 
 
-@pytest.mark.parametrize("name, module", [("falcon_h1", "model.layers.0.feed_forward"), ("gemma3n", "model.layers.0.mlp")])
+@pytest.mark.parametrize("name, module", [("falcon_h1", "model.layers.0.feed_forward"),
+                                          ("gemma3n", "model.layers.0.mlp")])
 def test_the_probe_would_catch_the_plain_gated_replacement(name, module):
     """Without their own layouts (multipliers, activation sparsity) the plain gated one is refused."""
     mlp = model_of(name).get_submodule(module)
