@@ -39,6 +39,8 @@ forward does more than the layout says is refused with a ``ValueError`` naming i
 
 from __future__ import annotations
 
+import functools
+import inspect
 import re
 from dataclasses import dataclass
 
@@ -117,7 +119,8 @@ class MLPLayout:
         if not self.entry:  # a whole module holds nothing with weights beyond its named parts
             named = {p.split(".")[0] for p in paths}
             return all(n in named for n, c in module.named_children() if any(True for _ in c.parameters()))
-        return True
+        # a block only counts when its code calls the entry, or the replacement would never run
+        return f"self.{self.entry.split('.')[0]}(" in _class_source(type(module))
 
     def d_ff(self, module):
         """Hidden units (per expert for experts)."""
@@ -156,6 +159,14 @@ try:  # GPT-2's projections; transformers always has it, the guard keeps the tab
     from transformers.pytorch_utils import Conv1D as _CONV1D
 except ImportError:  # pragma: no cover
     _CONV1D = type("Conv1D", (nn.Module,), {})
+
+@functools.lru_cache(maxsize=None)
+def _class_source(cls):
+    try:
+        return inspect.getsource(cls)
+    except (OSError, TypeError):  # no source to read: the block is not matched
+        return ""
+
 
 _DEFAULT_GATE = "_default_apply_gate"  # transformers.integrations.moe's act(gate) * up
 
