@@ -298,9 +298,9 @@ def _skipped_dropouts(module, layout, entry):
 
 
 def _build(module, layout, k, chunk_size, arg, name, skipped_dropout):
-    """The replacement forward of ``module`` at top-k ``k`` and the entry module it replaces."""
+    """The replacement forward of ``module`` (of its entry part, for block-level layouts) at top-k ``k``."""
     entry = layout.part(module, layout.entry) if layout.entry else module
-    w_in, w_gate, _, _, b_gate, _ = layout.weights(module, 0 if layout.experts else None)
+    _, w_gate, _, _, b_gate, _ = layout.weights(module, 0 if layout.experts else None)
     if b_gate is not None:
         raise ValueError(f"{arg}: {name} ({type(module).__name__}) has a bias on its gate, which topk_feedforward "
                          "does not support")
@@ -340,7 +340,7 @@ def _build(module, layout, k, chunk_size, arg, name, skipped_dropout):
             out.index_add_(0, tokens, (y * top_k_weights[tokens, pos, None]).to(out.dtype))
         return out
 
-    return entry, (experts_forward if layout.experts else forward)
+    return experts_forward if layout.experts else forward
 
 
 def ff_forwards(module, layout, k, chunk_size, arg="ff_k", name="", skipped_dropout=None):
@@ -354,9 +354,9 @@ def ff_forwards(module, layout, k, chunk_size, arg="ff_k", name="", skipped_drop
     exits = [layout.part(module, p) for p in layout.identities]
     if k is None:
         return {entry: None, **{m: None for m in exits}}
-    _, exact = _build(module, layout, layout.d_ff(module), chunk_size, arg, name, None)
+    exact = _build(module, layout, layout.d_ff(module), chunk_size, arg, name, None)
     _probe(module, layout, entry, exits, exact, arg, name)
-    _, forward = _build(module, layout, k, chunk_size, arg, name, skipped_dropout)
+    forward = _build(module, layout, k, chunk_size, arg, name, skipped_dropout)
     return {entry: forward, **{m: _identity for m in exits}}
 
 
@@ -391,13 +391,16 @@ def _probe(module, layout, entry, exits, exact, arg, name):
     finally:
         for m, mode in modes:
             m.training = mode
-    tol = max(1e-4, 8 * torch.finfo(dtype).eps)
-    scale = ref.abs().max().item()
-    err = (out.to(ref.dtype) - ref).abs().max().item()
-    if not err <= tol * max(scale, 1e-30):
-        raise ValueError(
-            f"{arg}: {name or 'the module'} ({type(module).__name__}) does more than act(gate)*up -> down as its "
-            f"layout {layout.kind!r} ({layout.description}) says: the top-k replacement at k = d_ff differs from its "
-            f"own forward by {err:.3g} (output scale {scale:.3g}) on a probe batch, so use_topk would change the "
-            "model silently. Leave this layer out of ff_k"
-        )
+    if isinstance(ref, torch.Tensor) and ref.shape == out.shape:
+        scale = ref.abs().max().item()
+        err = (out.to(ref.dtype) - ref).abs().max().item()
+        if err <= max(1e-4, 8 * torch.finfo(dtype).eps) * max(scale, 1e-30):  # float rounding of the same product
+            return
+        found = f"differs from its own forward by {err:.3g} (output scale {scale:.3g})"
+    else:
+        found = f"returns {tuple(out.shape)} where its own forward returns {type(ref).__name__}"
+    raise ValueError(
+        f"{arg}: {name or 'the module'} ({type(module).__name__}) does more than act(gate)*up -> down as its layout "
+        f"{layout.kind!r} ({layout.description}) says: the top-k replacement at k = d_ff {found} on a probe batch, "
+        "so use_topk would change the model silently. Leave this layer out of ff_k"
+    )

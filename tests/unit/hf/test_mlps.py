@@ -82,6 +82,9 @@ ARCHS = {
     "qwen2_moe": (_model(T.Qwen2MoeConfig, "Qwen2MoeForCausalLM", **MOE, shared_expert_intermediate_size=64,
                          num_experts=4, num_experts_per_tok=2), ["model.layers.{}.mlp.shared_expert.down_proj"],
                   "magnitude"),
+    "aria_text": (_model(T.AriaTextConfig, "AriaTextForCausalLM", **dict(H, num_key_value_heads=2), moe_num_experts=4,
+                         moe_topk=2, moe_num_shared_experts=1), ["model.layers.{}.mlp.shared_experts.down_proj"],
+                  "magnitude"),
     "qwen3_moe": (_model(T.Qwen3MoeConfig, "Qwen3MoeForCausalLM", **MOE, num_experts=4, num_experts_per_tok=2,
                          head_dim=8), [], "magnitude"),
     "mixtral": (_model(T.MixtralConfig, "MixtralForCausalLM", **dict(H, num_key_value_heads=2), num_local_experts=4,
@@ -92,7 +95,6 @@ ARCHS = {
                            qk_nope_head_dim=4, v_head_dim=8),
                     ["model.layers.0.mlp.down_proj", "model.layers.1.mlp.shared_experts.down_proj"], "magnitude"),
 }
-MOE_ARCHS = ("qwen2_moe", "qwen3_moe", "mixtral", "deepseek_v3")
 
 _MODELS = {}
 
@@ -146,9 +148,12 @@ def experts_reference(experts, k):
             y = torch.zeros_like(x[t])
             for slot in range(top_k_index.shape[1]):
                 e = int(top_k_index[t, slot])
-                gate, up = (experts.gate_up_proj[e] @ x[t]).chunk(2)  # [d_ff] each
+                w_gate_up, w_down = experts.gate_up_proj[e], experts.down_proj[e]
+                if experts.is_transposed:  # stored [d, 2 d_ff] and [d_ff, d] (Aria)
+                    w_gate_up, w_down = w_gate_up.T, w_down.T
+                gate, up = (w_gate_up @ x[t]).chunk(2)  # [d_ff] each
                 h = keep_topk((act(gate) * up)[None], k, "magnitude")[0]
-                y = y + top_k_weights[t, slot] * (experts.down_proj[e] @ h)
+                y = y + top_k_weights[t, slot] * (w_down @ h)
             rows.append(y)
         return torch.stack(rows)
 
@@ -193,7 +198,7 @@ def test_every_layer_is_found(name):
     model = model_of(name)
     infos = describe_layers(model)
     assert all(info.mlps and not info.dense_ff for info in infos), [(i.layer, i.mlps, i.dense_ff) for i in infos]
-    if name in ("qwen2_moe", "deepseek_v3"):  # the shared expert and the routed experts of a MoE layer
+    if name in ("qwen2_moe", "deepseek_v3", "aria_text"):  # the shared and the routed experts of a MoE layer
         assert len(infos[1].mlps) == 2
 
 
