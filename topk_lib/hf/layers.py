@@ -51,7 +51,7 @@ class ModelLayers(NamedTuple):
     layers: list  # [LayerInfo], by layer number
     attention: list  # [(layer, name, module)]
     mlps: list  # [(layer, name, module, MLPLayout)]; a MoE layer has several
-    dense_ff: list = []  # [(layer or None, name, module)] feed-forward-like modules no layout covers
+    dense_ff: list  # [(layer or None, name, module)] feed-forward-like modules no layout covers
 
 
 def _calls_attention_registry(module):
