@@ -269,15 +269,24 @@ def test_routed_experts_are_switched_not_only_the_shared_expert(name):
     assert torch.allclose(out, expected, atol=TOL, rtol=0)
 
 
-def test_moe_experts_with_another_layout_are_refused_by_name():
+@pytest.mark.parametrize("cfg_cls, model_cls, experts, kw", [
+    # interleaved gate/up, clamping and a GLU with biases
+    (T.GptOssConfig, "GptOssForCausalLM", "GptOssExperts", dict(num_local_experts=4, num_experts_per_tok=2)),
+    # batched experts [E, d, 2 d_ff] called on every token; the shared expert alone would be switched
+    (T.Llama4TextConfig, "Llama4ForCausalLM", "Llama4TextExperts",
+     dict(num_local_experts=4, num_experts_per_tok=1, intermediate_size_mlp=64)),
+])
+def test_moe_experts_of_another_layout_are_refused_by_name(cfg_cls, model_cls, experts, kw):
     torch.manual_seed(0)
-    cfg = T.GptOssConfig(vocab_size=V, hidden_size=32, intermediate_size=32, num_hidden_layers=2, head_dim=8,
-                         num_attention_heads=4, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2)
-    model = T.GptOssForCausalLM(cfg).eval()
-    assert any("GptOssExperts" in d for d in describe_layers(model)[0].dense_ff)
-    with pytest.raises(ValueError, match=r"GptOssExperts"):
-        with use_topk(model, ff_k={0: 4}):
-            pass
+    cfg = cfg_cls(vocab_size=V, hidden_size=32, intermediate_size=32, num_hidden_layers=2, head_dim=8,
+                  num_attention_heads=4, num_key_value_heads=2, **kw)
+    model = getattr(T, model_cls)(cfg).eval()
+    assert any(experts in d for d in describe_layers(model)[0].dense_ff)
+    for ff_k in ({0: 4}, 4):
+        with pytest.raises(ValueError, match=rf"(stay dense|no supported shape): .*\({experts}\)"):
+            with use_topk(model, ff_k=ff_k):
+                pass
+    assert not any("forward" in m.__dict__ for m in model.modules())
 
 
 # --------------------------------------------------------------------------- the probe
