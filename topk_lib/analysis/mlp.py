@@ -193,7 +193,11 @@ def record_mlp_stats(model, *, ks=DEFAULT_KS, fracs=DEFAULT_FRACS, progress=Fals
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module (a transformers model), got {type(model).__name__}")
     ks, fracs = check_ks(ks), check_fracs(fracs)
-    layers = [(layer, layout.part(mlp, layout.w_out)) for layer, _, mlp, layout in find_layers(model).mlps]
+    layers = {}  # layer -> the module whose input is h (the first such per layer; 3D experts have none)
+    for layer, _, mlp, layout in find_layers(model).mlps:
+        if isinstance(down := layout.part(mlp, layout.w_out), nn.Module):
+            layers.setdefault(layer, down)
+    layers = list(layers.items())
     if not layers:
         raise ValueError(f"model: found no supported feed-forward modules in {type(model).__name__}")
     recorder = MLPRecorder(model, ks=ks, fracs=fracs, layers=layers)

@@ -7,8 +7,15 @@ and a decoder block's self- and cross-attention share its layer number.
 
 An attention module is one whose ``forward`` dispatches through transformers'
 ``ALL_ATTENTION_FUNCTIONS`` (so the registry in :mod:`topk_lib.hf.registry` can reach it).
-A feed-forward module is one that matches an entry of :data:`MLP_LAYOUTS`, the table of
-where each supported layout keeps its projections and its activation.
+A feed-forward module is one that matches an entry of :data:`topk_lib.hf.mlps.MLP_LAYOUTS`,
+the table of where each supported MLP shape keeps its projections and its activation: plain
+and gated MLP modules (Llama, T5, GPT-2's ``Conv1D``, GPT-NeoX, GPT-J, StarCoder2, Phi, ViT,
+DistilBERT, fused Phi-3 and ModernBERT, Falcon-H1's multipliers, Gemma-3n's activation
+sparsity), feed-forward parts on the block (BERT, OPT, BART/Whisper) and the routed experts of
+mixture-of-experts layers (3D ``gate_up_proj/down_proj``) beside their shared experts. A layer
+can hold several (a MoE layer's shared and routed experts). Modules that look like
+feed-forward modules but match no entry are listed in ``dense_ff``, so ``ff_k`` can refuse
+to leave them dense.
 """
 
 from __future__ import annotations
@@ -18,6 +25,8 @@ from dataclasses import dataclass, field
 from typing import NamedTuple
 
 from torch import nn
+
+from topk_lib.hf.mlps import MLP_LAYOUTS, MLPLayout, dense_ff_modules, match_layout
 
 __all__ = ["LayerInfo", "MLPLayout", "MLP_LAYOUTS", "ModelLayers", "describe_layers", "find_layers", "num_heads"]
 
@@ -30,58 +39,10 @@ class LayerInfo:
     block: str  # e.g. "model.layers.3", "decoder.block.1"
     attention: list = field(default_factory=list)  # names of modules that call the attention registry
     heads: int | None = None  # query heads
-    mlp: str | None = None  # name of the feed-forward module that ff_k replaces
-    d_ff: int | None = None
-
-
-@dataclass(frozen=True)
-class MLPLayout:
-    """Where one feed-forward layout keeps its parts, as attribute paths inside the MLP module.
-
-    ``w_in`` makes the hidden pre-activation (the "up" projection of a gated MLP), ``w_gate``
-    the gate of a gated MLP, ``w_out`` maps the hidden activation ``h`` back (its input is
-    ``h``). ``entry`` is the submodule whose ``forward`` a replacement takes over (``""``: the
-    MLP itself); when it is not the whole MLP, the block still calls ``w_out`` after it, so a
-    replacement that applies ``W_out`` itself makes ``w_out``'s forward the identity.
-    """
-
-    kind: str
-    w_in: str
-    w_out: str
-    activation: str
-    w_gate: str | None = None
-    entry: str = ""
-
-    def part(self, module, path):
-        """The submodule or attribute at ``path`` (dotted) inside ``module``, or None."""
-        for name in path.split("."):
-            module = getattr(module, name, None)
-        return module
-
-    def matches(self, module):
-        linears = [self.w_in, self.w_out] + ([self.w_gate] if self.w_gate else [])
-        return all(isinstance(self.part(module, p), nn.Linear) for p in linears) and (
-            self.part(module, self.activation) is not None
-        )
-
-
-#: Supported feed-forward layouts, tried in this order.
-MLP_LAYOUTS = (
-    # Llama-style SwiGLU/GeGLU: down(act(gate(x)) * up(x))
-    MLPLayout("gated_llama", w_in="up_proj", w_gate="gate_proj", w_out="down_proj", activation="act_fn"),
-    # T5 DenseGatedActDense: wo(act(wi_0(x)) * wi_1(x))
-    MLPLayout("gated_t5", w_in="wi_1", w_gate="wi_0", w_out="wo", activation="act"),
-    # T5 DenseReluDense: wo(act(wi(x)))
-    MLPLayout("t5", w_in="wi", w_out="wo", activation="act"),
-    # BERT: intermediate computes act(dense(x)); output.dense, dropout, residual and LayerNorm follow
-    MLPLayout(
-        "bert",
-        w_in="intermediate.dense",
-        w_out="output.dense",
-        activation="intermediate.intermediate_act_fn",
-        entry="intermediate",
-    ),
-)
+    mlp: str | None = None  # name of the (first) feed-forward module that ff_k replaces
+    d_ff: int | None = None  # the widest of the layer's feed-forward modules (per expert for experts)
+    mlps: dict = field(default_factory=dict)  # every feed-forward module ff_k switches: name -> how (layout)
+    dense_ff: list = field(default_factory=list)  # "name (Class)" of feed-forward-like modules ff_k cannot switch
 
 
 class ModelLayers(NamedTuple):
@@ -89,7 +50,8 @@ class ModelLayers(NamedTuple):
 
     layers: list  # [LayerInfo], by layer number
     attention: list  # [(layer, name, module)]
-    mlps: list  # [(layer, name, module, MLPLayout)], one per layer at most
+    mlps: list  # [(layer, name, module, MLPLayout)]; a MoE layer has several
+    dense_ff: list  # [(layer or None, name, module)] feed-forward-like modules no layout covers
 
 
 def _calls_attention_registry(module):
@@ -97,10 +59,6 @@ def _calls_attention_registry(module):
     forward = inspect.unwrap(type(module).forward)
     code = getattr(forward, "__code__", None)
     return code is not None and "ALL_ATTENTION_FUNCTIONS" in code.co_names
-
-
-def _mlp_layout(module):
-    return next((layout for layout in MLP_LAYOUTS if layout.matches(module)), None)
 
 
 def num_heads(module):
@@ -128,11 +86,13 @@ def _block_of(model, name):
 def find_layers(model) -> ModelLayers:
     """Every attention and feed-forward module of ``model`` with its layer number (see the module docstring)."""
     found = []  # (name, module, None for attention | MLPLayout)
+    matched = []  # names of matched feed-forward modules: nothing inside one is matched again
     for name, module in model.named_modules():
         if _calls_attention_registry(module):
             found.append((name, module, None))
-        elif (layout := _mlp_layout(module)) is not None:
+        elif not any(name.startswith(m + ".") for m in matched) and (layout := match_layout(module)) is not None:
             found.append((name, module, layout))
+            matched.append(name)
     offsets, slots = {}, {}  # stack -> first layer number; name -> (layer, block)
     next_layer = 0
     for name, module, _ in found:
@@ -155,10 +115,20 @@ def find_layers(model) -> ModelLayers:
             if info.heads is None:
                 info.heads = num_heads(module)
             attention.append((layer, name, module))
-        elif info.mlp is None:
-            info.mlp, info.d_ff = name, layout.part(module, layout.w_in).out_features
+        else:
+            d_ff = layout.d_ff(module)
+            info.mlp = info.mlp or name
+            info.d_ff = max(info.d_ff or 0, d_ff)
+            info.mlps[name] = layout.description
             mlps.append((layer, name, module, layout))
-    return ModelLayers([layers[i] for i in sorted(layers)], attention, mlps)
+    dense = []
+    for name, module in dense_ff_modules(model, matched):
+        stack, index = _block_of(model, name)
+        layer = offsets[stack] + index if stack in offsets else None  # unnumbered outside the known stacks
+        if layer in layers:
+            layers[layer].dense_ff.append(f"{name} ({type(module).__name__})")
+        dense.append((layer, name, module))
+    return ModelLayers([layers[i] for i in sorted(layers)], attention, mlps, dense)
 
 
 def describe_layers(model):

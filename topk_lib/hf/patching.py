@@ -18,11 +18,12 @@ head ``h // (Hq // Hkv)``); T5's relative position bias arrives as ``position_bi
 becomes a float mask.
 
 Feed-forward layers are switched by replacing the ``forward`` of one module of the MLP on
-the instance, as the layout table :data:`topk_lib.hf.layers.MLP_LAYOUTS` says
-(Llama-style ``gate_proj/up_proj/down_proj`` and T5 ``DenseReluDense`` plain and gated:
-the MLP itself; BERT-style layers: ``intermediate``, plus an identity ``output.dense``, so
-BertOutput keeps its dropout, residual and LayerNorm), so the whole ``W_in -> f -> W_out``
-product runs in :func:`topk_lib.kernels.feedforward.topk_feedforward`.
+the instance (and making the parts the block calls after it the identity), as the layout
+table :data:`topk_lib.hf.mlps.MLP_LAYOUTS` says, so the whole ``W_in -> f -> W_out`` product
+runs in :func:`topk_lib.kernels.feedforward.topk_feedforward`; a MoE layer's routed experts
+run it per expert and its shared experts are switched with it. Each replacement is checked
+at switch-on against the module's own forward (:func:`topk_lib.hf.mlps.ff_forwards`), and a
+layer that ``ff_k`` names but that holds a feed-forward module no layout covers is refused.
 
 Layers are numbered as :func:`topk_lib.hf.layers.describe_layers` lists them; a decoder
 block's self- and cross-attention share its layer number and k.
@@ -45,9 +46,9 @@ from torch import nn
 
 from topk_lib._validate import index, optional_k, positive_int
 from topk_lib.hf.layers import find_layers, num_heads
+from topk_lib.hf.mlps import ff_forwards
 from topk_lib.hf.registry import attention_handler, intercept, prepare_call
 from topk_lib.kernels.attention import topk_attention
-from topk_lib.kernels.feedforward import ACTIVATIONS, topk_feedforward
 
 __all__ = ["use_topk", "ATTN_IMPLEMENTATION"]
 
@@ -203,73 +204,6 @@ def _topk_handler(module, name, entry, chunk_size, skipped_dropout):
     return None if all(k is None for k in ks) else _TopkAttention(tuple(ks), chunk_size, name, skipped_dropout)
 
 
-# --------------------------------------------------------------------------- feed-forward
-
-
-def _activation_name(act, arg):
-    """Match an activation module or function to one of the kernel's by probing it."""
-    probe = torch.linspace(-8.0, 8.0, 4001, dtype=torch.float64)  # [P]
-    with torch.no_grad():
-        try:
-            ref = act(probe)
-        except Exception as err:  # noqa: BLE001 - any failure means "not a plain elementwise activation"
-            raise ValueError(f"{arg}: cannot evaluate the MLP activation {act!r}: {err}") from err
-        for name, fn in ACTIVATIONS.items():
-            if torch.allclose(ref, fn(probe), atol=1e-6, rtol=0):
-                return name
-    raise ValueError(
-        f"{arg}: the MLP activation {act!r} is none of {sorted(ACTIVATIONS)} supported by topk_feedforward"
-    )
-
-
-def _identity(h):
-    return h
-
-
-def _ff_forwards(module, layout, k, chunk_size, arg, name="", skipped_dropout=None):
-    """``{module: forward or None}`` that switches one MLP to top-k ``k`` (None: back to its own forward).
-
-    The layout says where the projections and the activation are and which module's forward
-    takes over; gated layers keep the largest ``|h|``, plain ones the largest ``h`` for ReLU
-    and the largest ``|h|`` otherwise.
-    """
-    entry = layout.part(module, layout.entry) if layout.entry else module
-    w_in, w_out = layout.part(module, layout.w_in), layout.part(module, layout.w_out)
-    if k is None:
-        return {entry: None, **({w_out: None} if layout.entry else {})}
-    w_gate = layout.part(module, layout.w_gate) if layout.w_gate else None
-    if w_gate is not None and w_gate.bias is not None:
-        raise ValueError(f"{arg}: gated MLPs with a bias on {layout.w_gate} are not supported by topk_feedforward")
-    act = _activation_name(layout.part(module, layout.activation), arg)
-    select = "value" if w_gate is None and act == "relu" else "magnitude"
-
-    def forward(x):
-        if entry.training and skipped_dropout is not None:
-            dropouts = [n for n, m in entry.named_modules() if isinstance(m, nn.Dropout) and m.p > 0]
-            if dropouts:
-                skipped_dropout(
-                    f"use_topk: {name or type(module).__name__} is in training mode with dropout inside the replaced "
-                    f"{type(entry).__name__} ({', '.join(f'{type(entry).__name__}.{n}' for n in dropouts)}); "
-                    "topk_feedforward applies no dropout, so it is skipped in every patched layer (warned once "
-                    "per use_topk context). Call model.eval(), or set that dropout to 0 to train without it"
-                )
-        return topk_feedforward(
-            x,
-            w_in.weight,
-            w_out.weight,
-            topk=k,
-            activation=act,
-            w_gate=None if w_gate is None else w_gate.weight,
-            select=select,
-            b_in=w_in.bias,
-            b_out=w_out.bias,
-            chunk_size=chunk_size,
-        )
-
-    # An entry short of the whole MLP is followed by w_out, which the replacement already applied.
-    return {entry: forward, **({w_out: _identity} if layout.entry else {})}
-
-
 # --------------------------------------------------------------------------- the context manager
 
 
@@ -281,7 +215,8 @@ def use_topk(model, attn_k=None, ff_k=None, chunk_size=1024):
         model: a transformers model (``nn.Module``).
         attn_k: None (attention unchanged), an int (every layer), ``{layer: k}`` or
             ``{(layer, head): k}`` (query head; the two kinds can be mixed, per-head entries win).
-        ff_k: None, an int or ``{layer: k}``.
+        ff_k: None, an int or ``{layer: k}``; a layer's k applies to every feed-forward module
+            in it (a MoE layer's shared expert and each of its routed experts alike).
         chunk_size: query rows (attention) and tokens (feed-forward) per chunk.
 
     A dict value of None means exact/dense for that layer or head. ``k >= L`` (or ``>= d_ff``)
@@ -292,7 +227,9 @@ def use_topk(model, attn_k=None, ff_k=None, chunk_size=1024):
     ``RuntimeError`` (:func:`topk_lib.hf.registry.intercept`), leaving the model restored.
     Inside the block, a forward with ``output_attentions=True`` raises ``ValueError`` (no
     attention matrix is formed), and in training mode the dropout the kernels skip is warned
-    about once per context.
+    about once per context. ``ff_k`` raises ``ValueError`` before touching the model when a
+    layer it names holds a feed-forward module of no supported shape (it would stay dense),
+    or when a replacement at ``k = d_ff`` does not reproduce its module on a probe batch.
 
     Returns:
         A context manager that yields ``model``.
@@ -300,20 +237,29 @@ def use_topk(model, attn_k=None, ff_k=None, chunk_size=1024):
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module (a transformers model), got {type(model).__name__}")
     chunk_size = positive_int(chunk_size, "chunk_size")
-    layers, attention, mlps = find_layers(model)
+    found = find_layers(model)
+    layers, attention, mlps = found.layers, found.attention, found.mlps
     if attn_k is not None and not attention:
         raise ValueError(
             f"attn_k: {type(model).__name__} has no attention modules that dispatch through the transformers "
             "attention registry (ALL_ATTENTION_FUNCTIONS), so use_topk cannot switch them"
         )
     if ff_k is not None and not mlps:
-        raise ValueError(f"ff_k: found no supported feed-forward modules in {type(model).__name__}")
+        dense = [f"{name} ({type(m).__name__})" for _, name, m in found.dense_ff]
+        more = f" and {len(dense) - 3} more" if len(dense) > 3 else ""
+        dense = f"; these are of no supported shape: {', '.join(dense[:3])}{more}" if dense else ""
+        raise ValueError(f"ff_k: found no supported feed-forward modules in {type(model).__name__}{dense}")
     attn_spec = _parse_spec(attn_k, "attn_k", layers, per_head=True)
     ff_spec = _parse_spec(ff_k, "ff_k", layers, per_head=False)
     for layer in attn_spec:
         if not layers[layer].attention:
             raise ValueError(f"attn_k: layer {layer} has no attention module that use_topk can switch")
-    for layer in ff_spec:
+    for layer, k in ff_spec.items():
+        if k is not None and layers[layer].dense_ff:
+            raise ValueError(
+                f"ff_k: layer {layer} has feed-forward modules of no supported shape, which would stay dense: "
+                f"{', '.join(layers[layer].dense_ff)}; leave layer {layer} out of ff_k"
+            )
         if layers[layer].mlp is None:
             raise ValueError(f"ff_k: layer {layer} has no supported feed-forward module")
 
@@ -327,6 +273,6 @@ def use_topk(model, attn_k=None, ff_k=None, chunk_size=1024):
     forwards = {}
     for layer, name, module, layout in mlps:
         if layer in ff_spec:
-            forwards.update(_ff_forwards(module, layout, ff_spec[layer], chunk_size, "ff_k", name, ff_dropout))
+            forwards.update(ff_forwards(module, layout, ff_spec[layer], chunk_size, "ff_k", name, ff_dropout))
     with intercept(model, name=ATTN_IMPLEMENTATION, attention=handlers, forwards=forwards):
         yield model
