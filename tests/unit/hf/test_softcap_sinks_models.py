@@ -12,8 +12,10 @@ import pytest
 import torch
 from transformers import AttentionInterface, Gemma2Config, Gemma2ForCausalLM, GptOssConfig, GptOssForCausalLM
 from transformers.masking_utils import AttentionMaskInterface, eager_mask
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-from topk_lib.hf.patching import use_topk
+from reference import dense_capped_sink_attention
+from topk_lib.hf.patching import ATTN_IMPLEMENTATION, use_topk
 
 L = 10  # tokens per sequence
 TOL = 1e-5
@@ -226,3 +228,26 @@ def test_generate_at_large_k_equals_greedy(model):
         with use_topk(model, attn_k=L + 4):
             out = model.generate(**batch, **kw)
     assert torch.equal(out, ref)
+
+
+@pytest.mark.parametrize("kwarg", ["sinks", "s_aux"])
+def test_sinks_of_any_shape_and_dtype_reach_the_kernel_per_head(kwarg):
+    """Inkling-2 passes ``sinks=[B, Hq, Lq, 1]`` (one per token), DeepSeek-V4 float32 ``s_aux`` whatever the
+    model's dtype; per-head ks slice them with the heads."""
+    model = tiny_gpt_oss()
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(2, 4, 6, 8, generator=g, dtype=torch.float64)  # [B, Hq, L, d]
+    k, v = (torch.randn(2, 2, 6, 8, generator=g, dtype=torch.float64) for _ in range(2))  # [B, Hkv, L, d]
+    sinks = torch.randn(2, 4, 6, 1, generator=g)  # float32, [B, Hq, L, 1]
+    ks = [2, None, 3, 1]
+    with use_topk(model, attn_k={(0, h): kh for h, kh in enumerate(ks)}):
+        out, _ = ALL_ATTENTION_FUNCTIONS[ATTN_IMPLEMENTATION](
+            model.model.layers[0].self_attn, q, k, v, None, scaling=0.7, softcap=3.0, is_causal=True,
+            **{kwarg: sinks},
+        )  # [B, L, Hq, d]
+    for h, kh in enumerate(ks):
+        ref = dense_capped_sink_attention(
+            q[:, h : h + 1], k[:, h // 2 : h // 2 + 1], v[:, h // 2 : h // 2 + 1], kh or L, is_causal=True, scale=0.7,
+            softcap=3.0, sinks=sinks[:, h : h + 1].double(),
+        )  # [B, 1, L, d]
+        torch.testing.assert_close(out[:, :, h], ref[:, 0])

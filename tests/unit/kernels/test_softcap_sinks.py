@@ -275,3 +275,29 @@ def test_causal_mask_helper_agrees_with_is_causal():
         topk_attention(q, k, v, topk=2, is_causal=True, sinks=s),
         topk_attention(q, k, v, topk=2, attn_mask=causal_mask(4, 6), sinks=s),
     )
+
+
+# ----------------------------------------------------------------------------- CUDA (make test-all on a GPU machine)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("topk, dtype", [(None, torch.float32), (3, torch.float32), (None, torch.bfloat16)])
+def test_cuda_matches_dense_reference(topk, dtype):
+    """On CUDA (torch.topk selection, gather products): outputs and gradients equal the CPU reference.
+
+    bfloat16 only on the exact path: rounded scores may tie where the reference's do not.
+    """
+    q, k, v = make_qkv()
+    inputs = [t.to(dtype).double() for t in (q, k, v, make_sinks("heads", q), mask_case("float", q, k)["attn_mask"])]
+    q, k, v, s, m = [t.requires_grad_() for t in inputs[:4]] + [inputs[4]]  # the reference sees the rounded inputs
+    ref = dense_capped_sink_attention(q, k, v, topk or BIG, attn_mask=m, is_causal=True, softcap=2.0, sinks=s)
+    ref_grads = torch.autograd.grad(ref.square().sum(), (q, k, v, s))
+    gq, gk, gv, gs = (t.detach().to("cuda", dtype).requires_grad_() for t in (q, k, v, s))
+    out = topk_attention(gq, gk, gv, topk=topk, chunk_size=4, attn_mask=m.to("cuda", dtype), is_causal=True,
+                         softcap=2.0, sinks=gs)
+    grads = torch.autograd.grad(out.float().square().sum(), (gq, gk, gv, gs))
+    tol = dict(atol=1e-4, rtol=1e-4) if dtype == torch.float32 else dict(atol=1e-1, rtol=5e-2)
+    torch.testing.assert_close(out.float().cpu(), ref.float(), **tol)
+    for a, b in zip(grads, ref_grads):
+        torch.testing.assert_close(a.float().cpu(), b.float(), **tol)
