@@ -8,7 +8,7 @@ and undoes exactly its own changes in ``finally``, in reverse order, so intercep
 like a stack and an exception anywhere leaves the model as it was::
 
     with intercept(model, name="topk_lab", attention={module: handler}):
-        model(ids)   # module's attention calls go to handler; every other module runs SDPA
+        model(ids)   # module's attention calls go to handler; every other module runs exactly
 
 Attention goes through the transformers registry (``integrations/sdpa_attention.py`` is
 the model: one registered function with a fixed signature, thin per-call code, and the
@@ -103,7 +103,7 @@ def exact_attention(module, query, key, value, attention_mask, **kwargs):
 
 
 def attention_handler(module, name):
-    """The handler an active intercept under ``name`` gave ``module``, or None (exact SDPA)."""
+    """The handler an active intercept under ``name`` gave ``module``, or None (exact attention)."""
     return module.__dict__.get(_HANDLERS, {}).get(name)
 
 
@@ -301,7 +301,7 @@ def intercept(model, *, name=None, attention=None, forwards=None, pre_hooks=None
             [B, Hkv, Lk, d], attention_mask, *, dropout, scaling, is_causal, position_bias,
             **kwargs``) and returns ``(output [B, Lq, Hq, dv], weights or None)``; None runs
             :func:`exact_attention`. Modules not named keep the handler an enclosing intercept
-            under the same name gave them, or run exact SDPA.
+            under the same name gave them, or run :func:`exact_attention`.
         forwards: ``{module: forward or None}``: an instance ``forward`` that replaces the
             class's (None removes an instance ``forward``, so the class's runs).
         pre_hooks: ``{module: hook}``: forward pre-hooks (``hook(module, args)``), removed on exit.

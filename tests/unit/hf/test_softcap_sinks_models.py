@@ -251,3 +251,12 @@ def test_sinks_of_any_shape_and_dtype_reach_the_kernel_per_head(kwarg):
             softcap=3.0, sinks=sinks[:, h : h + 1].double(),
         )  # [B, 1, L, d]
         torch.testing.assert_close(out[:, :, h], ref[:, 0])
+
+
+def test_dropout_skipped_by_an_exact_sink_layer_in_training_mode_warns():
+    model = tiny_gpt_oss()
+    for layer in model.model.layers:
+        layer.self_attn.attention_dropout = 0.1
+    model.train()
+    with use_topk(model, attn_k={0: None}), pytest.warns(UserWarning, match="applies no dropout"):
+        model(**inputs(padded=False))
