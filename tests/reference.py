@@ -41,6 +41,32 @@ def dense_topk_attention(q, k, v, topk, attn_mask=None, is_causal=False, scale=N
     return torch.softmax(kept, -1).nan_to_num(0.0) @ v
 
 
+def dense_capped_sink_attention(q, k, v, topk, attn_mask=None, is_causal=False, scale=None, softcap=None, sinks=None):
+    """Dense reference with Gemma-2 soft-capping and GPT-OSS attention sinks.
+
+    Full scores, ``c * tanh(s / c)``, mask, top-k, then a softmax over the kept scores with the
+    sink as one more column (``sinks`` ``[Hq]`` or broadcastable to ``[..., Hq, Lq, 1]``), the
+    sink column dropped, times V. A row with nothing to attend to gives zeros.
+    """
+    rep = q.shape[-3] // k.shape[-3]
+    k, v = k.repeat_interleave(rep, -3), v.repeat_interleave(rep, -3)
+    s = (q @ k.transpose(-1, -2)) * (q.shape[-1] ** -0.5 if scale is None else scale)  # [..., Hq, Lq, Lk]
+    if softcap is not None:
+        s = softcap * torch.tanh(s / softcap)
+    if attn_mask is not None:
+        s = s.masked_fill(~attn_mask, float("-inf")) if attn_mask.dtype == torch.bool else s + attn_mask
+    if is_causal:
+        s = s.masked_fill(~causal_mask(q.shape[-2], k.shape[-2]), float("-inf"))
+    vals, idx = s.topk(min(topk, s.shape[-1]), dim=-1)
+    kept = torch.full_like(s, float("-inf")).scatter(-1, idx, vals)  # [..., Hq, Lq, Lk]
+    if sinks is not None:
+        column = (sinks.view(-1, 1, 1) if sinks.dim() == 1 else sinks).expand(*s.shape[:-1], 1)
+        kept = torch.cat([kept, column], dim=-1)  # [..., Hq, Lq, Lk + 1]
+    work = kept.float() if kept.dtype in (torch.float16, torch.bfloat16) else kept
+    p = torch.softmax(work, -1).nan_to_num(0.0).to(v.dtype)[..., : s.shape[-1]]  # the sink column dropped
+    return p @ v
+
+
 # --------------------------------------------------------------------------- top-k feed-forward
 
 

@@ -12,10 +12,13 @@ Both switches go through :func:`topk_lib.hf.registry.intercept`. Attention: whil
 context is active every config of the model reads ``_attn_implementation == "topk_lab"``,
 and each attention module given a k hands its calls to a handler that runs
 :func:`topk_lib.kernels.attention.topk_attention` with that module's per-head k. Modules
-with no k run PyTorch SDPA exactly as ``attn_implementation="sdpa"`` would. Key/value
-arrive un-repeated for grouped-query attention (the kernel maps query head ``h`` to KV
-head ``h // (Hq // Hkv)``); T5's relative position bias arrives as ``position_bias`` and
-becomes a float mask.
+with no k run exactly: PyTorch SDPA as ``attn_implementation="sdpa"`` would, or the suite's
+exact kernel for soft-capped or sink calls (:func:`topk_lib.hf.registry.exact_attention`).
+Key/value arrive un-repeated for grouped-query attention (the kernel maps query head ``h``
+to KV head ``h // (Hq // Hkv)``); T5's relative position bias arrives as ``position_bias``
+and becomes a float mask; Gemma-2's soft-capping (``softcap``) and attention sinks
+(GPT-OSS's ``s_aux``, Inkling-2's ``sinks``) go to the kernel, which caps the scores before
+the mask and the selection and adds the sink to each row's softmax denominator.
 
 Feed-forward layers are switched by replacing the ``forward`` of one module of the MLP on
 the instance (and making the parts the block calls after it the identity), as the layout
@@ -30,8 +33,8 @@ block's self- and cross-attention share its layer number and k.
 
 Not covered: the kernels apply no dropout, so in training mode attention dropout and dropout
 inside a replaced MLP (T5's ``DenseReluDense.dropout``) are skipped, with one warning per
-context that names it (use eval mode, or set that dropout to 0); ``output_attentions=True``,
-soft-capping and attention sinks raise ``ValueError`` (the kernel forms no attention matrix:
+context that names it (use eval mode, or set that dropout to 0); ``output_attentions=True``
+raises ``ValueError`` (the kernel forms no attention matrix:
 :func:`topk_lib.analysis.capture.capture_attention_stats` measures the weights instead).
 """
 
@@ -47,7 +50,7 @@ from torch import nn
 from topk_lib._validate import index, optional_k, positive_int
 from topk_lib.hf.layers import find_layers, num_heads
 from topk_lib.hf.mlps import ff_forwards
-from topk_lib.hf.registry import attention_handler, intercept, prepare_call
+from topk_lib.hf.registry import attention_handler, intercept, logit_modifiers, prepare_call
 from topk_lib.kernels.attention import topk_attention
 
 __all__ = ["use_topk", "ATTN_IMPLEMENTATION"]
@@ -97,10 +100,6 @@ class _TopkAttention:
         **kwargs,
     ):
         """``query [B, Hq, Lq, d]``, ``key/value [B, Hkv, Lk, d]`` -> ``([B, Lq, Hq, dv], None)``."""
-        if kwargs.get("softcap") is not None:
-            raise ValueError("use_topk: attention soft-capping (softcap) is not supported by the top-k kernel")
-        if kwargs.get("s_aux") is not None or kwargs.get("sinks") is not None:
-            raise ValueError("use_topk: attention sinks are not supported by the top-k kernel")
         if kwargs.get("output_attentions"):
             raise ValueError(
                 "use_topk: output_attentions=True is not supported: the top-k kernel never forms the attention "
@@ -124,15 +123,16 @@ class _TopkAttention:
             module, query, key, value, attention_mask, is_causal=is_causal, position_bias=position_bias,
             dtype=query.dtype,
         )
-        out = self._per_head_groups(query, call, scaling)  # [B, Hq, Lq, dv]
+        softcap, sinks = logit_modifiers(kwargs, query.dtype)
+        out = self._per_head_groups(query, call, scaling, softcap, sinks)  # [B, Hq, Lq, dv]
         return out.transpose(1, 2).contiguous(), None  # [B, Lq, Hq, dv]
 
-    def _per_head_groups(self, query, call, scale):
-        """Run the kernel once per distinct k over the heads that share it."""
+    def _per_head_groups(self, query, call, scale, softcap, sinks):
+        """Run the kernel once per distinct k over the heads that share it (sinks ``[Hq]`` or ``[B, Hq, Lq, 1]``)."""
         ks, key, value, mask = self.ks, call.key, call.value, call.mask
-        kw = dict(chunk_size=self.chunk_size, is_causal=call.causal, scale=scale)
+        kw = dict(chunk_size=self.chunk_size, is_causal=call.causal, scale=scale, softcap=softcap)
         if len(set(ks)) == 1:
-            return topk_attention(query, key, value, topk=ks[0], attn_mask=mask, **kw)
+            return topk_attention(query, key, value, topk=ks[0], attn_mask=mask, sinks=sinks, **kw)
         b, hq, lq, _ = query.shape
         group = hq // key.shape[1]  # query heads per KV head
         out = query.new_empty(b, hq, lq, value.shape[-1])  # [B, Hq, Lq, dv]
@@ -142,12 +142,16 @@ class _TopkAttention:
             head_mask = mask
             if head_mask is not None and head_mask.dim() >= 3 and head_mask.shape[-3] > 1:
                 head_mask = head_mask.index_select(-3, heads)  # [B, h, Lq, Lk]
+            head_sinks, dim = sinks, (0 if sinks is None or sinks.dim() == 1 else -3)  # the heads' dim
+            if head_sinks is not None and head_sinks.shape[dim] > 1:
+                head_sinks = head_sinks.index_select(dim, heads)  # [h] or [B, h, Lq, 1]
             out[:, heads] = topk_attention(
                 query.index_select(1, heads),  # [B, h, Lq, d]
                 key.index_select(1, kv_heads),  # [B, h, Lk, d]
                 value.index_select(1, kv_heads),  # [B, h, Lk, dv]
                 topk=k,
                 attn_mask=head_mask,
+                sinks=head_sinks,
                 **kw,
             )
         return out

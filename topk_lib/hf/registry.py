@@ -8,7 +8,7 @@ and undoes exactly its own changes in ``finally``, in reverse order, so intercep
 like a stack and an exception anywhere leaves the model as it was::
 
     with intercept(model, name="topk_lab", attention={module: handler}):
-        model(ids)   # module's attention calls go to handler; every other module runs SDPA
+        model(ids)   # module's attention calls go to handler; every other module runs exactly
 
 Attention goes through the transformers registry (``integrations/sdpa_attention.py`` is
 the model: one registered function with a fixed signature, thin per-call code, and the
@@ -17,7 +17,9 @@ call-preparation rules in one place, :func:`prepare_call`). While an intercept w
 ``AttentionInterface`` with ``sdpa_mask`` beside it in ``AttentionMaskInterface``, every
 config of the model reads ``_attn_implementation == name``, and each attention module's
 call is handed to the handler the intercept gave that module; modules without one run
-PyTorch SDPA exactly as ``attn_implementation="sdpa"`` would. The handlers live on the
+PyTorch SDPA exactly as ``attn_implementation="sdpa"`` would, or, for calls with
+soft-capping or attention sinks (which SDPA refuses or drops), the suite's exact kernel
+(:func:`exact_attention`). The handlers live on the
 modules themselves (an instance attribute keyed by ``name``), set and restored by the
 intercept: there is no table of active modules outside the model.
 
@@ -42,7 +44,9 @@ from typing import NamedTuple
 
 import torch
 
-__all__ = ["intercept", "attention_handler", "exact_attention", "prepare_call", "PreparedCall"]
+from topk_lib.kernels.attention import chunked_attention
+
+__all__ = ["intercept", "attention_handler", "exact_attention", "logit_modifiers", "prepare_call", "PreparedCall"]
 
 _MISSING = object()
 # Instance attribute of an attention module: {implementation name: handler}. A fresh dict
@@ -53,15 +57,53 @@ _HANDLERS = "_topk_lab_attention_handlers"
 # --------------------------------------------------------------------------- the registered function
 
 
-def exact_attention(module, query, key, value, attention_mask, **kwargs):
-    """What ``attn_implementation="sdpa"`` computes: transformers' own ``sdpa_attention_forward``."""
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+def logit_modifiers(kwargs, dtype):
+    """``(softcap, sinks)`` of an attention call: Gemma-2's ``softcap`` and the sink logits, or Nones.
 
-    return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+    Sinks arrive as ``s_aux`` (GPT-OSS, DeepSeek-V4, MiMo-V2: one per query head ``[Hq]``) or
+    ``sinks`` (Inkling-2: ``[B, Hq, Lq, 1]``); they are cast to ``dtype``, the query dtype the
+    kernels want (DeepSeek-V4 keeps them in float32).
+    """
+    sinks = kwargs.get("s_aux")
+    sinks = kwargs.get("sinks") if sinks is None else sinks
+    return kwargs.get("softcap"), None if sinks is None else sinks.to(dtype)
+
+
+def exact_attention(module, query, key, value, attention_mask, **kwargs):
+    """What the model computes exactly: transformers' ``sdpa_attention_forward``, or the suite's kernel.
+
+    Calls with soft-capping or attention sinks run
+    :func:`topk_lib.kernels.attention.chunked_attention` with them, since the SDPA function
+    refuses ``softcap`` and silently drops ``s_aux``; the kernel applies no dropout, so a
+    training-mode dropout is warned about. Every other call runs SDPA as
+    ``attn_implementation="sdpa"`` would.
+    """
+    softcap, sinks = logit_modifiers(kwargs, query.dtype)
+    if softcap is None and sinks is None:
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+    if kwargs.get("dropout"):
+        warnings.warn(
+            f"{type(module).__name__} is in training mode with attention dropout p={kwargs['dropout']}; its exact "
+            "attention (soft-capped or with sinks) runs the suite's kernel, which applies no dropout, so it is "
+            "skipped. Call model.eval(), or set that dropout to 0",
+            UserWarning,
+            stacklevel=3,
+        )
+    call = prepare_call(
+        module, query, key, value, attention_mask, is_causal=kwargs.get("is_causal"),
+        position_bias=kwargs.get("position_bias"), dtype=query.dtype,
+    )
+    out = chunked_attention(
+        query, call.key, call.value, attn_mask=call.mask, is_causal=call.causal, scale=kwargs.get("scaling"),
+        softcap=softcap, sinks=sinks,
+    )  # [B, Hq, Lq, dv]
+    return out.transpose(1, 2).contiguous(), None
 
 
 def attention_handler(module, name):
-    """The handler an active intercept under ``name`` gave ``module``, or None (exact SDPA)."""
+    """The handler an active intercept under ``name`` gave ``module``, or None (exact attention)."""
     return module.__dict__.get(_HANDLERS, {}).get(name)
 
 
@@ -259,7 +301,7 @@ def intercept(model, *, name=None, attention=None, forwards=None, pre_hooks=None
             [B, Hkv, Lk, d], attention_mask, *, dropout, scaling, is_causal, position_bias,
             **kwargs``) and returns ``(output [B, Lq, Hq, dv], weights or None)``; None runs
             :func:`exact_attention`. Modules not named keep the handler an enclosing intercept
-            under the same name gave them, or run exact SDPA.
+            under the same name gave them, or run :func:`exact_attention`.
         forwards: ``{module: forward or None}``: an instance ``forward`` that replaces the
             class's (None removes an instance ``forward``, so the class's runs).
         pre_hooks: ``{module: hook}``: forward pre-hooks (``hook(module, args)``), removed on exit.

@@ -7,10 +7,11 @@ is O(C*Lk + Lq*k) instead of O(Lq*Lk).
 
 The code is in tiers: backends in their own modules (:mod:`.chunking` for the score chunks,
 :mod:`.selection` for the per-row top-k, :mod:`.product` for the sparse weights x V products,
-:mod:`.checks` for the argument checks), here ``torch.autograd.Function`` classes that save
-a row log-sum-exp instead of any Lq x Lk tensor, and the public functions
-:func:`topk_attention`, :func:`chunked_attention` and :func:`vanilla_attention`, whose
-docstrings give the full semantics (shapes, masks, ties, empty rows, what backward saves).
+:mod:`.logits` for soft-capping and attention sinks, :mod:`.checks` for the argument checks),
+here ``torch.autograd.Function`` classes that save a row log-sum-exp instead of any Lq x Lk
+tensor, and the public functions :func:`topk_attention`, :func:`chunked_attention` and
+:func:`vanilla_attention`, whose docstrings give the full semantics (shapes, masks, ties,
+empty rows, what backward saves).
 
 Dimensions
 ----------
@@ -29,23 +30,24 @@ import torch
 import torch.nn.functional as F
 
 from topk_lib.kernels.checks import check_attention_inputs, first_order_only
-from topk_lib.kernels.chunking import causal_end, chunk_scores, flat_rows, grouped_mask
+from topk_lib.kernels.chunking import causal_end, chunk_scores, flat_rows, grouped_mask, mask_scores
+from topk_lib.kernels.logits import add_sink, as_sink_rows, cap_with_derivative, empty_lse, row_shift, rows, sink_grad
 from topk_lib.kernels.product import KeptMatrix, resolve_product
 from topk_lib.kernels.selection import DEFAULT_SELECTOR, RowSelector
 
 __all__ = ["topk_attention", "chunked_attention", "vanilla_attention"]
 
 
-def _softmax_kept(vals):
+def _softmax_kept(vals, sink=None):
     """Softmax over the kept scores ``[..., c, k]`` and its row log-sum-exp ``[..., c, 1]``.
 
-    All -inf rows give zero weights (not NaN) and a log-sum-exp of -inf.
+    ``sink`` (``[..., c|1, 1]`` or None) joins each row's denominator. All -inf rows give zero
+    weights (not NaN) and a log-sum-exp of -inf (the sink's, with one).
     """
     work = vals.float() if vals.dtype in (torch.float16, torch.bfloat16) else vals
-    row_max = work.amax(-1, keepdim=True)  # [..., c, 1]
-    row_max = torch.where(torch.isinf(row_max), torch.zeros_like(row_max), row_max)
+    row_max = row_shift(work, sink)  # [..., c, 1]
     e = torch.exp(work - row_max)  # [..., c, k]
-    denom = e.sum(-1, keepdim=True)  # [..., c, 1]
+    denom = add_sink(e.sum(-1, keepdim=True), sink, row_max)  # [..., c, 1]
     p = e / torch.where(denom == 0, torch.ones_like(denom), denom)  # [..., c, k]
     return p.to(vals.dtype), row_max + denom.log()  # log(0) = -inf marks an empty row
 
@@ -77,7 +79,9 @@ class _TopkAttention(torch.autograd.Function):
     """Saves Q, K, V, the mask, the kept indices (int32, -1 = not kept) and the row log-sum-exp."""
 
     @staticmethod
-    def forward(ctx, query, key, value, attn_mask, topk, chunk_size, is_causal, scale, backend, selector):
+    def forward(
+        ctx, query, key, value, attn_mask, topk, chunk_size, is_causal, scale, backend, selector, softcap, sinks
+    ):
         hq, lq = query.shape[-3], query.shape[-2]
         hkv, lk, dv = key.shape[-3], key.shape[-2], value.shape[-1]
         g = hq // hkv
@@ -90,30 +94,31 @@ class _TopkAttention(torch.autograd.Function):
         out_grouped = out.unflatten(-3, (hkv, g))  # [..., Hkv, G, Lq, dv], a view to write into
         # [..., Hkv, G, Lq, k] and [..., Hkv, G, Lq, 1]
         idx_all = torch.full((*batch, hkv, g, lq, k_eff), -1, dtype=torch.int32, device=query.device)
-        lse = query.new_full((*batch, hkv, g, lq, 1), float("-inf"), dtype=_lse_dtype(query.dtype))
+        sinks_grouped = grouped_mask(sinks, query, hkv)  # [..., Hkv|1, G|1, Lq|1, 1] or None
+        lse = empty_lse(q_grouped, sinks_grouped, _lse_dtype(query.dtype))  # [..., Hkv, G, Lq, 1]
         for r0 in range(0, lq, chunk_size):
             r1 = min(r0 + chunk_size, lq)
             k_end = causal_end(is_causal, lq, lk, r1)
             if k_end == 0:
                 continue
             # [..., Hkv, G, c, k_end]
-            scores = chunk_scores(q_grouped, key, mask_grouped, r0, r1, k_end, lq, lk, is_causal, scale)
+            scores = chunk_scores(q_grouped, key, mask_grouped, r0, r1, k_end, lq, lk, is_causal, scale, softcap)
             k_chunk = min(k_eff, k_end)
             vals, idx = selector(scores, k_chunk)  # [..., Hkv, G, c, k_chunk]
             del scores
-            p, lse[..., r0:r1, :] = _softmax_kept(vals)  # [..., Hkv, G, c, k_chunk]
+            p, lse[..., r0:r1, :] = _softmax_kept(vals, rows(sinks_grouped, r0, r1))  # [..., Hkv, G, c, k_chunk]
             kept = KeptMatrix(idx, offsets, v_flat.shape[0], backend=backend)
             out_grouped[..., r0:r1, :] = kept.times(p, v_flat)  # [..., Hkv, G, c, dv]
             # masked keys picked only because a row has fewer than k allowed ones: not kept
             idx_all[..., r0:r1, :k_chunk] = idx.masked_fill_(vals == float("-inf"), -1)
-        ctx.save_for_backward(query, key, value, attn_mask, idx_all, lse)
-        ctx.chunk_size, ctx.scale, ctx.backend = chunk_size, scale, backend
+        ctx.save_for_backward(query, key, value, attn_mask, idx_all, lse, sinks)
+        ctx.chunk_size, ctx.scale, ctx.backend, ctx.softcap = chunk_size, scale, backend, softcap
         return out
 
     @staticmethod
     @first_order_only("topk_attention")
     def backward(ctx, grad_out):
-        query, key, value, attn_mask, idx_all, lse = ctx.saved_tensors
+        query, key, value, attn_mask, idx_all, lse, sinks = ctx.saved_tensors
         hq, lq, d = query.shape[-3:]
         hkv, lk = key.shape[-3], key.shape[-2]
         g = hq // hkv
@@ -125,6 +130,8 @@ class _TopkAttention(torch.autograd.Function):
         k_flat, offsets = flat_rows(key)  # [B*Hkv*Lk, d]
         v_flat, _ = flat_rows(value)  # [B*Hkv*Lk, dv]
         need_q, need_k, need_v, need_m = ctx.needs_input_grad[:4]
+        need_s = ctx.needs_input_grad[-1]
+        delta_rows = torch.zeros_like(lse) if need_s else None  # [..., Hkv, G, Lq, 1], for the sinks
         dq = torch.zeros_like(q_grouped) if need_q else None  # [..., Hkv, G, Lq, d]
         dk_flat = torch.zeros_like(k_flat) if need_k else None
         dv_flat = torch.zeros_like(v_flat) if need_v else None
@@ -136,6 +143,7 @@ class _TopkAttention(torch.autograd.Function):
             pattern = KeptMatrix(idx, offsets, k_flat.shape[0], backend=ctx.backend)
             q_chunk = q_grouped[..., r0:r1, :] * scale  # [..., Hkv, G, c, d]
             scores = pattern.sampled(q_chunk, k_flat)  # kept scores, recomputed [..., Hkv, G, c, k]
+            scores, cap_grad = cap_with_derivative(scores, ctx.softcap)  # [..., Hkv, G, c, k] or None
             if float_mask:
                 scores = scores + _mask_at(mask_grouped, r0, r1, idx)
             lse_chunk = lse[..., r0:r1, :]  # [..., Hkv, G, c, 1]
@@ -144,11 +152,15 @@ class _TopkAttention(torch.autograd.Function):
             p = p.masked_fill_(~kept, 0.0).to(query.dtype)  # [..., Hkv, G, c, k]
             go = grad_grouped[..., r0:r1, :]  # [..., Hkv, G, c, dv]
             dp = pattern.sampled(go, v_flat)  # [..., Hkv, G, c, k]
-            ds = p * (dp - (p * dp).sum(-1, keepdim=True))  # softmax backward on kept entries
+            delta = (p * dp).sum(-1, keepdim=True)  # [..., Hkv, G, c, 1]
+            ds = p * (dp - delta)  # softmax backward on kept entries (a sink has no value: dp = 0)
+            if need_s:
+                delta_rows[..., r0:r1, :] = delta
+            ds_raw = ds if cap_grad is None else ds * cap_grad  # through the cap, to the raw scores
             if need_q:
-                dq[..., r0:r1, :] = pattern.times(ds, k_flat) * scale
+                dq[..., r0:r1, :] = pattern.times(ds_raw, k_flat) * scale
             if need_k:
-                dk_flat += pattern.t_times(ds, q_chunk)
+                dk_flat += pattern.t_times(ds_raw, q_chunk)
             if need_v:
                 dv_flat += pattern.t_times(p, go)
             if need_m:
@@ -159,7 +171,8 @@ class _TopkAttention(torch.autograd.Function):
             dv_flat.view_as(value) if need_v else None,
             _reduce_to(dmask.flatten(-4, -3), attn_mask.shape) if need_m else None,
         ]
-        return (*grads, None, None, None, None, None, None)
+        dsinks = sink_grad(sinks, grouped_mask(sinks, query, hkv), lse, delta_rows) if need_s else None
+        return (*grads, None, None, None, None, None, None, None, dsinks)
 
 
 # --------------------------------------------------------------------------- exact, chunked
@@ -169,7 +182,7 @@ class _ChunkedAttention(torch.autograd.Function):
     """Saves Q, K, V, the mask, the output and the row log-sum-exp; recomputes one chunk of scores at a time."""
 
     @staticmethod
-    def forward(ctx, query, key, value, attn_mask, chunk_size, is_causal, scale):
+    def forward(ctx, query, key, value, attn_mask, chunk_size, is_causal, scale, softcap, sinks):
         hq, lq = query.shape[-3], query.shape[-2]
         hkv, lk, dv = key.shape[-3], key.shape[-2], value.shape[-1]
         g = hq // hkv
@@ -177,33 +190,33 @@ class _ChunkedAttention(torch.autograd.Function):
         mask_grouped = grouped_mask(attn_mask, query, hkv)
         out = query.new_zeros(*query.shape[:-1], dv)  # [..., Hq, Lq, dv]
         out_grouped = out.unflatten(-3, (hkv, g))  # [..., Hkv, G, Lq, dv], a view to write into
-        # [..., Hkv, G, Lq, 1]
-        lse = query.new_full((*q_grouped.shape[:-1], 1), float("-inf"), dtype=_lse_dtype(query.dtype))
+        sinks_grouped = grouped_mask(sinks, query, hkv)  # [..., Hkv|1, G|1, Lq|1, 1] or None
+        lse = empty_lse(q_grouped, sinks_grouped, _lse_dtype(query.dtype))  # [..., Hkv, G, Lq, 1]
         for r0 in range(0, lq, chunk_size):
             r1 = min(r0 + chunk_size, lq)
             k_end = causal_end(is_causal, lq, lk, r1)
             if k_end == 0:
                 continue
-            scores = chunk_scores(q_grouped, key, mask_grouped, r0, r1, k_end, lq, lk, is_causal, scale)
+            scores = chunk_scores(q_grouped, key, mask_grouped, r0, r1, k_end, lq, lk, is_causal, scale, softcap)
             work = scores if scores.dtype in (torch.float32, torch.float64) else scores.float()  # [..., c, k_end]
-            row_max = work.amax(-1, keepdim=True)  # [..., Hkv, G, c, 1]
-            row_max = torch.where(torch.isinf(row_max), torch.zeros_like(row_max), row_max)
+            sink = rows(sinks_grouped, r0, r1)  # [..., Hkv|1, G|1, c|1, 1] or None
+            row_max = row_shift(work, sink)  # [..., Hkv, G, c, 1]
             e = work.sub_(row_max).exp_()  # in place: one chunk-sized buffer
             del scores, work
-            denom = e.sum(-1, keepdim=True)  # [..., Hkv, G, c, 1]
+            denom = add_sink(e.sum(-1, keepdim=True), sink, row_max)  # [..., Hkv, G, c, 1]
             lse[..., r0:r1, :] = torch.where(denom > 0, row_max + denom.log(), torch.full_like(row_max, float("-inf")))
             p = (e / torch.where(denom == 0, torch.ones_like(denom), denom)).to(value.dtype)  # [..., Hkv, G, c, k_end]
             del e
             pv = torch.matmul(p.flatten(-3, -2), value[..., :k_end, :])  # [..., Hkv, G*c, dv]
             out_grouped[..., r0:r1, :] = pv.view(*q_grouped.shape[:-2], r1 - r0, dv)
-        ctx.save_for_backward(query, key, value, attn_mask, out, lse)
-        ctx.chunk_size, ctx.is_causal, ctx.scale = chunk_size, is_causal, scale
+        ctx.save_for_backward(query, key, value, attn_mask, out, lse, sinks)
+        ctx.chunk_size, ctx.is_causal, ctx.scale, ctx.softcap = chunk_size, is_causal, scale, softcap
         return out
 
     @staticmethod
     @first_order_only("chunked_attention (topk_attention's exact path)")
     def backward(ctx, grad_out):
-        query, key, value, attn_mask, out, lse = ctx.saved_tensors
+        query, key, value, attn_mask, out, lse, sinks = ctx.saved_tensors
         hq, lq, d = query.shape[-3:]
         hkv, lk = key.shape[-3], key.shape[-2]
         g = hq // hkv
@@ -224,7 +237,14 @@ class _ChunkedAttention(torch.autograd.Function):
             if k_end == 0:
                 continue
             c = r1 - r0
-            scores = chunk_scores(q_grouped, key, mask_grouped, r0, r1, k_end, lq, lk, is_causal, scale)
+            cap_grad = None
+            if ctx.softcap is None:
+                scores = chunk_scores(q_grouped, key, mask_grouped, r0, r1, k_end, lq, lk, is_causal, scale)
+            else:  # the cap's derivative needs the raw scores, so the mask comes after
+                raw = chunk_scores(q_grouped, key, None, r0, r1, k_end, lq, lk, False, scale)
+                scores, cap_grad = cap_with_derivative(raw, ctx.softcap)  # [..., Hkv, G, c, k_end] each
+                scores = mask_scores(scores, mask_grouped, r0, r1, lq, lk, is_causal)
+                del raw
             lse_chunk = lse[..., r0:r1, :]  # [..., Hkv, G, c, 1]
             work = scores if scores.dtype in (torch.float32, torch.float64) else scores.float()
             shift = torch.where(torch.isinf(lse_chunk), torch.zeros_like(lse_chunk), lse_chunk)
@@ -239,21 +259,25 @@ class _ChunkedAttention(torch.autograd.Function):
             dp = torch.matmul(go_rows, value[..., :k_end, :].transpose(-1, -2)).view_as(p)  # [..., Hkv, G, c, k_end]
             ds = p.mul_(dp.sub_(delta[..., r0:r1, :]))  # [..., Hkv, G, c, k_end]
             del dp
+            if need_m:
+                dmask[..., r0:r1, :k_end] = ds
+            if cap_grad is not None:
+                ds = ds.mul_(cap_grad)  # through the cap, to the raw scores
             ds_rows = ds.flatten(-3, -2)  # [..., Hkv, G*c, k_end]
             if need_q:
                 dq[..., r0:r1, :] = torch.matmul(ds_rows, key[..., :k_end, :]).view(*q_grouped.shape[:-2], c, d) * scale
             if need_k:
                 q_rows = q_grouped[..., r0:r1, :].flatten(-3, -2) * scale  # [..., Hkv, G*c, d]
                 dk[..., :k_end, :] += torch.matmul(ds_rows.transpose(-1, -2), q_rows)
-            if need_m:
-                dmask[..., r0:r1, :k_end] = ds
         grads = [
             dq.flatten(-4, -3) if need_q else None,
             dk,
             dv,
             _reduce_to(dmask.flatten(-4, -3), attn_mask.shape) if need_m else None,
         ]
-        return (*grads, None, None, None)
+        need_s = ctx.needs_input_grad[-1]
+        dsinks = sink_grad(sinks, grouped_mask(sinks, query, hkv), lse, delta) if need_s else None
+        return (*grads, None, None, None, None, dsinks)
 
 
 # --------------------------------------------------------------------------- public API
@@ -274,14 +298,14 @@ def _scores_of_width_zero(query, key, scale):
 
 def topk_attention(
     query, key, value, *, topk, chunk_size=1024, attn_mask=None, is_causal=False, scale=None,
-    product="auto", selector=None,
+    product="auto", selector=None, softcap=None, sinks=None,
 ):
     """Attention that keeps, per query, only the ``topk`` largest scores (Gupta et al. 2021, 3.1).
 
-    For each chunk of ``chunk_size`` queries: scores ``scale * Q K^T`` plus the mask, the
-    ``topk`` largest per query, a softmax over those only, and their values summed with the
-    kept weights. ``topk=None`` or ``topk >= Lk`` is exact attention, computed as
-    :func:`chunked_attention` does.
+    For each chunk of ``chunk_size`` queries: scores ``scale * Q K^T`` (soft-capped) plus the
+    mask, the ``topk`` largest per query, a softmax over those only (and the sink), and their
+    values summed with the kept weights. ``topk=None`` or ``topk >= Lk`` is exact attention,
+    computed as :func:`chunked_attention` does.
 
     Arguments:
         query: ``[..., Hq, Lq, d]``, floating point (float16, bfloat16, float32, float64), any
@@ -307,6 +331,13 @@ def topk_attention(
         selector: the :class:`~topk_lib.kernels.selection.RowSelector` that selects the top-k
             (it owns the CPU worker threads); ``None`` uses
             :data:`~topk_lib.kernels.selection.DEFAULT_SELECTOR`.
+        softcap: ``c``, a positive number, or ``None``: the scores become ``c * tanh(s / c)``
+            before the mask is added and the top-k selected (Gemma-2's
+            ``attn_logit_softcapping``).
+        sinks: ``None``, or sink logits of the query dtype and device: ``[Hq]`` (one per query
+            head, GPT-OSS's ``sinks``) or broadcastable to ``[..., Hq, Lq, 1]``. Each row's
+            softmax denominator gets ``exp(sink)`` (a key with no value), so the kept weights
+            sum to less than 1. The sinks get a gradient, summed over broadcast dims.
 
     Returns:
         ``[..., Hq, Lq, dv]``, the dtype of ``query``.
@@ -321,11 +352,12 @@ def topk_attention(
             ``[..., Hq, Lq, Lk]``; ``topk`` or ``chunk_size`` < 1; a NaN or infinite ``scale``;
             ``product`` not one of
             ``"auto"``, ``"csr"``, ``"gather"``, or ``"csr"`` for inputs that are not CPU
-            float32/float64.
+            float32/float64; ``softcap`` not positive and finite; ``sinks`` of another shape.
 
     Semantics:
         * Masked keys never count: a row with fewer than ``k`` allowed keys uses only the
-          allowed ones; a row with none returns zeros, and zero gradients.
+          allowed ones; a row with none returns zeros, and zero gradients (with a sink too:
+          all its mass is on the sink, which has no value).
         * Ties at the k-th score are broken by the selection backend (numpy's
           ``argpartition`` on CPU float32/float64, ``torch.topk`` elsewhere), which differs
           across devices: outputs are well defined only up to such ties.
@@ -338,12 +370,13 @@ def topk_attention(
     Backward:
         Saves Q, K, V, the mask, the kept key indices (``[..., Hkv, G, Lq, k]`` int32, -1 = not
         kept) and the row log-sum-exp (``[..., Hkv, G, Lq, 1]``, float32; float64 for float64
-        inputs), and recomputes the kept scores from the kept rows of K. No Lq x Lk tensor is
-        saved. The exact path saves what :func:`chunked_attention` saves. Gradients are
+        inputs; the sink included) and the sinks, and recomputes the kept scores from the kept
+        rows of K. No Lq x Lk tensor is saved. The exact path saves what :func:`chunked_attention` saves. Gradients are
         first order: differentiating them again (``create_graph=True``) raises a
         ``RuntimeError`` saying it is not supported.
     """
-    check_attention_inputs(query, key, value, attn_mask, topk, chunk_size, scale)
+    check_attention_inputs(query, key, value, attn_mask, topk, chunk_size, scale, softcap, sinks)
+    softcap, sinks = None if softcap is None else float(softcap), as_sink_rows(sinks)
     backend = resolve_product(product, query.device, query.dtype)
     if selector is not None and not isinstance(selector, RowSelector):
         raise TypeError(f"selector must be a RowSelector or None, got {type(selector).__name__}")
@@ -352,14 +385,19 @@ def topk_attention(
     # returns it, with zero gradients.
     empty = math.prod(query.shape[:-1]) == 0 or value.shape[-1] == 0
     if topk is None or topk >= key.shape[-2] or empty:
-        return _ChunkedAttention.apply(query, key, value, attn_mask, int(chunk_size), bool(is_causal), scale)
+        return _ChunkedAttention.apply(
+            query, key, value, attn_mask, int(chunk_size), bool(is_causal), scale, softcap, sinks
+        )
     selector = DEFAULT_SELECTOR if selector is None else selector
     return _TopkAttention.apply(
-        query, key, value, attn_mask, int(topk), int(chunk_size), bool(is_causal), scale, backend, selector
+        query, key, value, attn_mask, int(topk), int(chunk_size), bool(is_causal), scale, backend, selector,
+        softcap, sinks,
     )
 
 
-def chunked_attention(query, key, value, *, chunk_size=1024, attn_mask=None, is_causal=False, scale=None):
+def chunked_attention(
+    query, key, value, *, chunk_size=1024, attn_mask=None, is_causal=False, scale=None, softcap=None, sinks=None
+):
     """Exact attention computed ``chunk_size`` query rows at a time, in O(C*Lk) memory.
 
     Equal to ``scaled_dot_product_attention`` with grouped-query heads within float rounding,
@@ -376,6 +414,7 @@ def chunked_attention(query, key, value, *, chunk_size=1024, attn_mask=None, is_
         is_causal: query ``i`` sits at position ``Lk - Lq + i`` and attends keys at positions
             <= its own.
         scale: the score scale, a number; ``None`` means ``1 / sqrt(d)``.
+        softcap, sinks: soft-capping and sink logits, as in :func:`topk_attention`.
 
     Returns:
         ``[..., Hq, Lq, dv]``, the dtype of ``query``.
@@ -389,15 +428,16 @@ def chunked_attention(query, key, value, *, chunk_size=1024, attn_mask=None, is_
         exponentiated in float32.
 
     Backward:
-        Saves Q, K, V, the mask, the output and the row log-sum-exp (``[..., Hkv, G, Lq, 1]``)
-        and recomputes one chunk of scores at a time, as FlashAttention does.
+        Saves Q, K, V, the mask, the sinks, the output and the row log-sum-exp
+        (``[..., Hkv, G, Lq, 1]``) and recomputes one chunk of scores at a time, as FlashAttention does.
     """
     return topk_attention(
-        query, key, value, topk=None, chunk_size=chunk_size, attn_mask=attn_mask, is_causal=is_causal, scale=scale
+        query, key, value, topk=None, chunk_size=chunk_size, attn_mask=attn_mask, is_causal=is_causal, scale=scale,
+        softcap=softcap, sinks=sinks,
     )
 
 
-def vanilla_attention(query, key, value, *, attn_mask=None, is_causal=False, scale=None):
+def vanilla_attention(query, key, value, *, attn_mask=None, is_causal=False, scale=None, softcap=None, sinks=None):
     """The plain reference: the full ``[..., Hq, Lq, Lk]`` score matrix, softmax, times V.
 
     Arguments:
@@ -410,6 +450,7 @@ def vanilla_attention(query, key, value, *, attn_mask=None, is_causal=False, sca
         is_causal: query ``i`` sits at position ``Lk - Lq + i`` and attends keys at positions
             <= its own.
         scale: the score scale, a number; ``None`` means ``1 / sqrt(d)``.
+        softcap, sinks: soft-capping and sink logits, as in :func:`topk_attention`.
 
     Returns:
         ``[..., Hq, Lq, dv]``, the dtype of ``query``.
@@ -425,13 +466,15 @@ def vanilla_attention(query, key, value, *, attn_mask=None, is_causal=False, sca
         Plain autograd: it saves the full Lq x Lk scores and probabilities of every head, the
         memory the chunked kernels avoid.
     """
-    check_attention_inputs(query, key, value, attn_mask, None, 1, scale)
+    check_attention_inputs(query, key, value, attn_mask, None, 1, scale, softcap, sinks)
     hq, hkv = query.shape[-3], key.shape[-3]
     lq, lk = query.shape[-2], key.shape[-2]
     query, key, scale = _scores_of_width_zero(query, key, scale)
     key = key.repeat_interleave(hq // hkv, dim=-3)  # [..., Hq, Lk, d]
     value = value.repeat_interleave(hq // hkv, dim=-3)  # [..., Hq, Lk, dv]
     s = torch.matmul(query * scale, key.transpose(-1, -2))  # [..., Hq, Lq, Lk]
+    if softcap is not None:
+        s = torch.tanh(s / softcap) * softcap
     if attn_mask is not None:
         s = s.masked_fill(~attn_mask, float("-inf")) if attn_mask.dtype == torch.bool else s + attn_mask
     if is_causal:
@@ -439,6 +482,8 @@ def vanilla_attention(query, key, value, *, attn_mask=None, is_causal=False, sca
         s = s.masked_fill(torch.arange(lk, device=s.device)[None, :] > pos[:, None], float("-inf"))
     # A row whose scores are all -inf has no key: zero weights and zero gradients. It is found
     # from the scores, not by clearing NaN afterwards, so NaN and inf inputs propagate as in SDPA.
+    if sinks is not None:  # one more column, with no value: dropped after the softmax
+        s = torch.cat([s, as_sink_rows(sinks).expand(*s.shape[:-1], 1)], dim=-1)  # [..., Hq, Lq, Lk + 1]
     empty = (s == float("-inf")).all(-1, keepdim=True)  # [..., Hq, Lq, 1]
-    p = torch.softmax(s.masked_fill(empty, 0.0), dim=-1).masked_fill(empty, 0.0)  # [..., Hq, Lq, Lk]
-    return torch.matmul(p, value)  # [..., Hq, Lq, dv]
+    p = torch.softmax(s.masked_fill(empty, 0.0), dim=-1).masked_fill(empty, 0.0)  # [..., Hq, Lq, Lk(+1)]
+    return torch.matmul(p[..., :lk], value)  # [..., Hq, Lq, dv]

@@ -1,6 +1,6 @@
 """Argument checks of the kernels, so every bad input fails with a message naming it.
 
-Shapes, dtypes, devices, masks and the score scale are checked here; int arguments through
+Shapes, dtypes, devices, masks, the score scale, the soft-cap and the sinks are checked here; int arguments through
 :mod:`topk_lib._validate` (wrong type -> ``TypeError``, out of range -> ``ValueError``).
 :func:`first_order_only` is the kernels' refusal of what their backward cannot do:
 differentiating a gradient again.
@@ -21,7 +21,7 @@ import torch
 
 from topk_lib._validate import optional_k, positive_int
 
-__all__ = ["check_attention_inputs", "check_scale", "first_order_only"]
+__all__ = ["check_attention_inputs", "check_scale", "check_softcap", "check_sinks", "first_order_only"]
 
 
 def check_scale(scale):
@@ -37,6 +37,49 @@ def check_scale(scale):
         raise TypeError(f"scale must be a float or None (1/sqrt(d)), got {scale!r} ({type(scale).__name__})")
     if not math.isfinite(scale):
         raise ValueError(f"scale must be a finite float or None (1/sqrt(d)), got {scale!r}")
+
+
+def check_softcap(softcap):
+    """Raise unless ``softcap`` is ``None`` or a positive finite number (``bool`` is not a number here)."""
+    if softcap is None:
+        return
+    if isinstance(softcap, bool) or not isinstance(softcap, numbers.Real):
+        raise TypeError(
+            f"softcap must be a positive float or None (no cap), got {softcap!r} ({type(softcap).__name__})"
+        )
+    if not (math.isfinite(softcap) and softcap > 0):
+        raise ValueError(f"softcap must be a positive finite float or None (no cap), got {softcap!r}")
+
+
+def check_sinks(sinks, query):
+    """Raise unless ``sinks`` is ``None`` or a sink logit tensor for ``query [..., Hq, Lq, d]``.
+
+    ``sinks`` has the dtype and device of ``query`` and shape ``[Hq]`` (one logit per query
+    head, as GPT-OSS's ``module.sinks``), ``[1]``, or any shape that broadcasts to
+    ``[..., Hq, Lq, 1]`` (per batch element or per query, as a mask would).
+    """
+    if sinks is None:
+        return
+    if not isinstance(sinks, torch.Tensor):
+        raise TypeError(f"sinks must be a torch.Tensor or None, got {type(sinks).__name__}")
+    if sinks.dtype != query.dtype:
+        raise TypeError(f"sinks must have the query dtype {query.dtype}, got {sinks.dtype}; cast it with .to(dtype)")
+    if sinks.device != query.device:
+        raise ValueError(f"sinks is on {sinks.device} but query is on {query.device}")
+    hq = query.shape[-3]
+    if sinks.dim() == 1:
+        ok = sinks.shape[0] in (1, hq)
+    else:
+        target = (*query.shape[:-1], 1)
+        try:
+            ok = sinks.dim() <= len(target) and torch.broadcast_shapes(sinks.shape, target) == target
+        except RuntimeError:
+            ok = False
+    if not ok:
+        raise ValueError(
+            f"sinks of shape {tuple(sinks.shape)} fits neither [Hq] = [{hq}] (one logit per query head) nor "
+            f"[..., Hq, Lq, 1] = {(*query.shape[:-1], 1)}; give it singleton dims where it is shared"
+        )
 
 
 class _SecondOrderRefused(torch.autograd.Function):
@@ -84,12 +127,13 @@ def first_order_only(what):
     return decorate
 
 
-def check_attention_inputs(query, key, value, attn_mask, topk, chunk_size, scale):
+def check_attention_inputs(query, key, value, attn_mask, topk, chunk_size, scale, softcap=None, sinks=None):
     """Raise ``TypeError``/``ValueError`` unless the arguments are valid for the attention kernels.
 
     ``query [..., Hq, Lq, d]``, ``key [..., Hkv, Lk, d]``, ``value [..., Hkv, Lk, dv]``; ``topk``
     a positive int or ``None``; ``chunk_size`` a positive int; ``scale`` a number or ``None``;
-    ``attn_mask`` ``None``, bool or of the query dtype, broadcastable to ``[..., Hq, Lq, Lk]``.
+    ``attn_mask`` ``None``, bool or of the query dtype, broadcastable to ``[..., Hq, Lq, Lk]``;
+    ``softcap`` as :func:`check_softcap`, ``sinks`` as :func:`check_sinks`.
     """
     for name, t in (("query", query), ("key", key), ("value", value)):
         if not isinstance(t, torch.Tensor):
@@ -134,6 +178,8 @@ def check_attention_inputs(query, key, value, attn_mask, topk, chunk_size, scale
     optional_k(topk, "topk")
     positive_int(chunk_size, "chunk_size")
     check_scale(scale)
+    check_softcap(softcap)
+    check_sinks(sinks, query)
     if attn_mask is not None:
         if not isinstance(attn_mask, torch.Tensor):
             raise TypeError(f"attn_mask must be a torch.Tensor or None, got {type(attn_mask).__name__}")

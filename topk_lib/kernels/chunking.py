@@ -19,7 +19,7 @@ import math
 
 import torch
 
-__all__ = ["grouped_mask", "chunk_scores", "causal_end", "flat_rows"]
+__all__ = ["grouped_mask", "chunk_scores", "mask_scores", "causal_end", "flat_rows"]
 
 
 def grouped_mask(attn_mask, query, hkv):
@@ -37,17 +37,27 @@ def grouped_mask(attn_mask, query, hkv):
     return mask.unflatten(-3, (hkv, mask_heads // hkv))  # [..., Hkv, G, Lq|1, Lk|1]
 
 
-def chunk_scores(q_grouped, key, mask_grouped, r0, r1, k_end, lq, lk, is_causal, scale):
+def chunk_scores(q_grouped, key, mask_grouped, r0, r1, k_end, lq, lk, is_causal, scale, softcap=None):
     """Scaled, masked scores of query rows ``r0:r1`` against keys ``0:k_end``.
 
     ``q_grouped [..., Hkv, G, Lq, d]``, ``key [..., Hkv, Lk, d]``, ``mask_grouped`` from
-    :func:`grouped_mask` (or ``None``). Masked keys score ``-inf``; a float mask is added.
-    Returns a new tensor ``[..., Hkv, G, c, k_end]`` that callers may overwrite in place.
+    :func:`grouped_mask` (or ``None``). With ``softcap`` ``c`` the scores become
+    ``c * tanh(s / c)`` before the mask is added (Gemma-2's order: scale, cap, mask). Masked
+    keys score ``-inf``; a float mask is added. Returns a new tensor ``[..., Hkv, G, c, k_end]``
+    that callers may overwrite in place.
     """
     q_chunk = q_grouped[..., r0:r1, :] * scale  # [..., Hkv, G, c, d] scaled first: no fp16 overflow
     hkv, g, c, d = q_chunk.shape[-4:]
     scores = torch.matmul(q_chunk.reshape(*q_chunk.shape[:-3], g * c, d), key[..., :k_end, :].transpose(-1, -2))
     scores = scores.view(*q_chunk.shape[:-1], k_end)  # [..., Hkv, G, c, k_end]
+    if softcap is not None:
+        scores = scores.div_(softcap).tanh_().mul_(softcap)
+    return mask_scores(scores, mask_grouped, r0, r1, lq, lk, is_causal)
+
+
+def mask_scores(scores, mask_grouped, r0, r1, lq, lk, is_causal):
+    """Apply the mask and the causal rule to the scores ``[..., Hkv, G, c, k_end]`` of rows ``r0:r1``, in place."""
+    k_end = scores.shape[-1]
     if mask_grouped is not None:
         mask = mask_grouped[..., r0:r1, :] if mask_grouped.shape[-2] != 1 else mask_grouped
         mask = mask[..., :k_end] if mask.shape[-1] != 1 else mask  # [..., Hkv|1, G|1, c|1, k_end|1]
