@@ -90,6 +90,10 @@ ARCHS = {
                    notes="attention soft-cap, sliding/global"),
     "gemma3": Arch(_llama_like(tf.Gemma3TextConfig, tf.Gemma3ForCausalLM, sliding_window=4, query_pre_attn_scalar=8,
                                layer_types=SLIDE2), "decoder", notes="sliding/global, q/k norm"),
+    "gemma3n": Arch(lambda: tf.Gemma3nForCausalLM(tf.Gemma3nTextConfig(
+        **LLAMA, vocab_size_per_layer_input=V, hidden_size_per_layer_input=8, laurel_rank=4, num_kv_shared_layers=0,
+        activation_sparsity_pattern=[0.95, 0.0], sliding_window=4, layer_types=SLIDE2)), "decoder",
+        notes="activation sparsity (layer 0), AltUp, sliding/global"),
     "gemma3-multimodal": Arch(_gemma3_multimodal, "decoder", notes="Gemma3ForConditionalGeneration, text-only input"),
     "phi": Arch(_llama_like(tf.PhiConfig, tf.PhiForCausalLM, num_key_value_heads=4), "decoder",
                 notes="fc1/fc2 MLP, partial rotary"),
@@ -140,8 +144,9 @@ ARCHS = {
                                                                       vocab_size=V, max_position_embeddings=64,
                                                                       initializer_range=0.1)),
                        "encoder", notes="lin1/lin2 MLP"),
-    "modernbert": Arch(lambda: tf.ModernBertModel(tf.ModernBertConfig(**BERT, local_attention=4,
-                                                                      global_attn_every_n_layers=2, pad_token_id=0)),
+    "modernbert": Arch(lambda: tf.ModernBertModel(tf.ModernBertConfig(
+        **BERT, local_attention=4, global_attn_every_n_layers=2, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+        cls_token_id=1, sep_token_id=2)),
                        "encoder", notes="fused Wi (GeGLU), local/global attention"),
     "vit": Arch(lambda: tf.ViTModel(tf.ViTConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                                                  num_attention_heads=4, image_size=12, patch_size=4,
@@ -151,6 +156,10 @@ ARCHS = {
         d_model=32, d_ff=64, d_kv=8, num_layers=2, num_decoder_layers=2, num_heads=4, vocab_size=V,
         decoder_start_token_id=0, pad_token_id=0, eos_token_id=1, initializer_factor=1.0)), "encdec",
         notes="relative position bias, cross-attention"),
+    "t5-gated": Arch(lambda: tf.T5ForConditionalGeneration(tf.T5Config(
+        d_model=32, d_ff=64, d_kv=8, num_layers=2, num_decoder_layers=2, num_heads=4, vocab_size=V,
+        feed_forward_proj="gated-gelu", decoder_start_token_id=0, pad_token_id=0, eos_token_id=1)), "encdec",
+        notes="Flan-T5 style gated-GELU MLP"),
     "bart": Arch(lambda: tf.BartForConditionalGeneration(tf.BartConfig(**BART)), "encdec", notes="fc1/fc2 MLP"),
     "pegasus": Arch(lambda: tf.PegasusForConditionalGeneration(tf.PegasusConfig(**BART)), "encdec"),
     "marian": Arch(lambda: tf.MarianMTModel(tf.MarianConfig(**BART)), "encdec"),
