@@ -85,6 +85,7 @@ def model(name):
 
 @functools.cache
 def vanilla(name, padded):
+    """The untouched model's output (call it outside any context: it is cached)."""
     return run(model(name), inputs(name, padded=padded))
 
 
@@ -97,6 +98,21 @@ def assert_close(name, batch, out, ref, what):
 
 def assert_differs(name, out, ref, what):
     assert (out - ref).abs().max() > 1e-4, f"{name}: {what} changed nothing (the check would be vacuous)"
+
+
+# ============================================================================ the references themselves
+
+
+@pytest.mark.parametrize("name", [n for n, a in ARCHS.items() if a.attn or a.ff != "raises"])
+def test_references_at_large_k_are_the_model(name):
+    """Both references keep everything at k >= L (>= d_ff), so what they change is the top-k alone."""
+    m, batch, ref = model(name), inputs(name, padded=True), vanilla(name, True)
+    if ARCHS[name].attn:
+        with eager_topk(m, BIG):
+            assert_close(name, batch, run(m, batch), ref, "eager reference at k >= L")
+    if ARCHS[name].ff != "raises":
+        with dense_topk_mlp(m, BIG):
+            assert_close(name, batch, run(m, batch), ref, "MLP reference at k >= d_ff")
 
 
 # ============================================================================ attention
@@ -127,13 +143,16 @@ def test_small_k_equals_eager_reference(name):
 @pytest.mark.parametrize("name", cases("layer_dict", attn=True))
 def test_layer_dict_changes_only_that_layer(name):
     m, batch = model(name), inputs(name, padded=True)
-    block, modules = layers(m)[1]
-    with eager_topk(m, {mod: 2 for mod in modules}):
-        ref = run(m, batch)
-    assert_differs(name, ref, vanilla(name, True), f"top-2 in {block}")
-    with use_topk(m, attn_k={1: 2}):
-        out = run(m, batch)
-    assert_close(name, batch, out, ref, f"attn_k={{1: 2}} vs the reference on {block} only")
+    found = layers(m)
+    # layer 1, and for encoder-decoders also the first decoder block (self- and cross-attention)
+    for layer in sorted({1, len(found) // 2}):
+        block, modules = found[layer]
+        with eager_topk(m, {mod: 2 for mod in modules}):
+            ref = run(m, batch)
+        assert_differs(name, ref, vanilla(name, True), f"top-2 in {block}")
+        with use_topk(m, attn_k={layer: 2}):
+            out = run(m, batch)
+        assert_close(name, batch, out, ref, f"attn_k={{{layer}: 2}} vs the reference on {block} only")
 
 
 @pytest.mark.parametrize("name", cases("head_dict", attn=True))
