@@ -2,7 +2,8 @@
 
 For each architecture, where it applies:
 
-* ``large_k``: ``attn_k >= L`` equals the untouched model, on an unpadded and a padded batch;
+* ``large_k``: ``attn_k >= L``, and ``{0: None}`` (all exact), equal the untouched model, on an
+  unpadded and a padded batch;
 * ``small_k``: ``attn_k=2`` equals the model's own eager attention with a dense top-2 mask on
   the scores (:func:`architectures.eager_topk`, no topk_lib code);
 * ``layer_dict`` / ``head_dict``: ``{layer: k}`` and ``{(layer, head): k}`` equal that reference
@@ -121,10 +122,13 @@ def test_references_at_large_k_are_the_model(name):
 @pytest.mark.parametrize("padded", [False, True], ids=["unpadded", "padded"])
 @pytest.mark.parametrize("name", cases("large_k", attn=True))
 def test_large_k_equals_model(name, padded):
-    m, batch = model(name), inputs(name, padded=padded)
+    m, batch, ref = model(name), inputs(name, padded=padded), vanilla(name, padded)
     with use_topk(m, attn_k=BIG):
         out = run(m, batch)
-    assert_close(name, batch, out, vanilla(name, padded), f"attn_k={BIG}")
+    assert_close(name, batch, out, ref, f"attn_k={BIG}")
+    with use_topk(m, attn_k={0: None}):  # every layer through the exact path for layers without a k
+        out = run(m, batch)
+    assert_close(name, batch, out, ref, "attn_k={0: None}")
 
 
 @pytest.mark.parametrize("name", cases("small_k", attn=True))
