@@ -194,7 +194,7 @@ def build(name):
 
 
 def inputs(name, *, padded):
-    """A batch of ``B`` sequences of ``L`` tokens (the second right-padded by 3 when ``padded``)."""
+    """A batch of ``B`` sequences of ``L`` tokens; with ``padded`` the second has 3 padding tokens."""
     kind = ARCHS[name].kind
     g = torch.Generator().manual_seed(1)
     if kind == "vision":
@@ -278,8 +278,10 @@ def eager_topk(model, k):
             spec = k if isinstance(k, int) else k.get(module)
             if spec is None:
                 return original(module, query, key, value, attention_mask, *args, **kwargs)
+            # models pass scaling, dropout, softcap by keyword; their positional order differs
+            assert not args, f"{type(module).__name__} passes {len(args)} positional arguments to eager attention"
             per_head = (spec,) * query.shape[1] if isinstance(spec, int) else spec
-            scaling = kwargs.get("scaling", args[0] if args else None)
+            scaling = kwargs.get("scaling")
             extra = torch.zeros(()).expand(*query.shape[:-1], key.shape[-2]).clone()
             for head, kh in enumerate(per_head):
                 if kh is not None:
@@ -374,6 +376,8 @@ def dense_topk_mlp(model, k, layers=None):
                 lambda m, args, bv=by_value: (_keep_topk(args[0], k, bv),) + args[1:]))
     for name, module in model.named_modules():
         if hasattr(module, "gate_up_proj") and isinstance(module.gate_up_proj, nn.Parameter) and want(name):
+            if not hasattr(module, "act_fn"):  # e.g. GPT-OSS's clamped, interleaved SwiGLU
+                raise NotImplementedError(f"no dense reference for the experts of {type(module).__name__}")
             experts.append(module)
             module.forward = _experts_forward(module, k)
     try:
