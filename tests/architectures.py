@@ -29,6 +29,7 @@ import transformers as tf
 from torch import nn
 
 V = 128  # vocabulary of every tiny model
+IMAGE = V - 1  # Gemma-3's image token
 L = 10  # tokens per sequence
 B = 2  # sequences per batch
 
@@ -63,9 +64,22 @@ def _gemma3_multimodal():
                 query_pre_attn_scalar=8, vocab_size=V)
     vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=16,
                   patch_size=4, num_channels=3)
-    cfg = tf.Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=4, image_token_index=V - 1,
+    cfg = tf.Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=4, image_token_index=IMAGE,
                           boi_token_index=V - 2, eoi_token_index=V - 3, initializer_range=0.1)
-    return tf.Gemma3ForConditionalGeneration(cfg)
+    model = tf.Gemma3ForConditionalGeneration(cfg)
+    with torch.no_grad():  # the projector starts at zero: every image token would be the same (tied scores)
+        for p in model.model.multi_modal_projector.parameters():
+            p.normal_(0.0, 0.3)
+    return model
+
+
+def image_inputs():
+    """Gemma-3 multimodal input: 4 image tokens per sequence and one 16 x 16 image each."""
+    batch = inputs("gemma3-multimodal", padded=False)
+    batch["input_ids"] = batch["input_ids"].clone()
+    batch["input_ids"][:, 1:5] = IMAGE
+    batch["pixel_values"] = torch.randn(B, 3, 16, 16, generator=torch.Generator().manual_seed(2))
+    return batch
 
 
 def _deepseek(config, model, **kw):

@@ -11,6 +11,8 @@ For each architecture, where it applies:
   model's blocks only);
 * ``ff``: ``ff_k >= d_ff`` equals the model, ``ff_k=3`` (all layers, and ``{1: 3}``) equals a
   dense top-3 MLP reference (:func:`architectures.dense_topk_mlp`, routed experts included);
+* ``vision_exact``: with an image, an int ``attn_k`` on multimodal Gemma-3 equals the reference
+  on its language layers only (the vision tower stays exact);
 * ``generate``: greedy decoding at ``attn_k >=`` context equals plain greedy decoding, and at
   ``attn_k=2`` equals greedy decoding under the reference (KV-cache rows);
 * ``restored``: after a block that switched attention and feed-forward and raised, the
@@ -27,7 +29,9 @@ import re
 
 import pytest
 import torch
-from architectures import ARCHS, B, L, build, dense_topk_mlp, eager_topk, ff_blocks, inputs, layers, real_tokens, run
+from architectures import (
+    ARCHS, B, L, build, dense_topk_mlp, eager_topk, ff_blocks, image_inputs, inputs, layers, real_tokens, run,
+)
 
 from topk_lib import use_topk
 
@@ -53,6 +57,7 @@ PENDING = {
     ("gemma3-multimodal", "layer_dict"): "layer 1 is a vision layer",
     ("gemma3-multimodal", "head_dict"): "layer 0 is a vision layer",
     ("gemma3-multimodal", "ff"): "ff_k raises on the vision MLPs",
+    ("gemma3-multimodal", "vision_exact"): "an int attn_k reaches the vision tower (1.3 in logits)",
     # feed-forward: MLP shapes without a layout today ("no supported feed-forward modules")
     **{(a, "ff"): "no feed-forward layout" for a in
        ("phi", "phi3", "starcoder2", "gpt2", "gpt_neox", "gptj", "opt", "distilbert", "modernbert", "vit", "bart",
@@ -200,6 +205,23 @@ def test_ff_equals_dense_topk_mlp(name):
     with use_topk(m, ff_k={1: 3}):
         out = run(m, batch)
     assert_close(name, batch, out, ref, f"ff_k={{1: 3}} vs the reference on {block} only")
+
+
+# ============================================================================ multimodal
+
+
+@pytest.mark.parametrize("name", [p for p in cases("vision_exact") if p.id == "gemma3-multimodal"])
+def test_multimodal_vision_tower_left_exact(name):
+    """With an image, an int attn_k switches the language layers only; the vision tower stays exact."""
+    m, batch = model(name), image_inputs()
+    plain = run(m, batch)
+    batch_other = dict(batch, pixel_values=batch["pixel_values"].flip(-1))
+    assert_differs(name, run(m, batch_other), plain, "the image")
+    with eager_topk(m, {mod: 2 for _, mods in layers(m) for mod in mods}):
+        ref = run(m, batch)
+    with use_topk(m, attn_k=2):
+        out = run(m, batch)
+    assert_close(name, batch, out, ref, "attn_k=2 vs the reference on the language layers only")
 
 
 # ============================================================================ generate
