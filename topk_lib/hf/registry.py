@@ -42,6 +42,8 @@ from typing import NamedTuple
 
 import torch
 
+from topk_lib.hf.call_kwargs import resolve_selection
+
 __all__ = ["intercept", "attention_handler", "exact_attention", "prepare_call", "PreparedCall"]
 
 _MISSING = object()
@@ -77,6 +79,9 @@ def _routing_forward(name):
         module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None, position_bias=None,
         **kwargs,
     ):
+        # Selection indices become the mask the model builds for eager/SDPA, before either path sees
+        # the call; an unknown tensor keyword raises (see topk_lib.hf.call_kwargs).
+        attention_mask, kwargs = resolve_selection(module, query, key, attention_mask, is_causal, kwargs)
         handler = attention_handler(module, name)
         if handler is None:
             handler = exact_attention
