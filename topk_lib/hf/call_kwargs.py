@@ -79,9 +79,10 @@ def _indices_mask(module, indices, query, key, attention_mask, is_causal):
             f"{tuple(query.shape)}; expected [B, Lq, n] key positions with B={b}, Lq={lq}"
         )
     indices = indices.long()
-    valid = (indices >= 0) & (indices < lk)
-    keep = torch.zeros(*indices.shape[:-1], lk, dtype=torch.bool, device=indices.device)  # [B, H|1, Lq, Lk]
-    keep.scatter_(-1, indices.clamp(0, lk - 1), valid)
+    # Entries outside [0, Lk) land in a throwaway last column, so they cannot overwrite a real one.
+    slots = indices.masked_fill((indices < 0) | (indices >= lk), lk)
+    keep = torch.zeros(*indices.shape[:-1], lk + 1, dtype=torch.bool, device=indices.device)
+    keep = keep.scatter_(-1, slots, True)[..., :lk]  # [B, H|1, Lq, Lk]
     if attention_mask is not None:
         return _intersect(attention_mask, keep, query.dtype)
     causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
