@@ -161,7 +161,8 @@ def _parse_spec(spec, arg, layers, *, per_head):
         return {}
     if not isinstance(spec, dict):
         k = positive_int(spec, arg)
-        return {layer.layer: ({None: k} if per_head else k) for layer in layers}
+        # An int is for the language model: towers of image-text models stay exact unless named.
+        return {layer.layer: ({None: k} if per_head else k) for layer in layers if layer.tower is None}
     out = {}
     for key, value in spec.items():
         if isinstance(key, tuple):
