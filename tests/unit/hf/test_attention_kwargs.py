@@ -210,3 +210,10 @@ def test_known_harmless_and_handled_tensors_pass():
     kwargs = {"position_ids": torch.arange(4)[None], "s_aux": torch.zeros(2), "cu_seq_lens_q": torch.tensor([0, 4])}
     mask, rest = resolve_selection(_Module(), q, q, None, None, kwargs)
     assert mask is None and rest is not kwargs and set(rest) == set(kwargs)
+
+
+def test_describe_layers_says_the_indexer_selects_first():
+    from topk_lib.hf.layers import describe_layers
+
+    table = str(describe_layers(tiny_deepseek_v32()))
+    assert "DeepseekV32Attention, 4 query / 4 KV heads, indexer selection (top-k within it)" in table
