@@ -136,15 +136,34 @@ def _block_of(model, name):
     return None, None
 
 
-def language_model(model):
-    """Qualified name of the language model inside an image-text model (a config with a ``text_config``), or None.
+def _generates_text(model, config):
+    """An image-text model (transformers' image-text-to-text table) or any model with a language-model head.
 
-    It is the outermost module that reads the text config itself (``model.language_model``
-    in Gemma-3, LLaVA, Qwen2-VL), else what ``get_decoder()`` returns.
+    Dual encoders (CLIP, SigLIP) have a ``text_config`` too, but their text and vision
+    encoders are peers: they keep the plain numbering.
+    """
+    from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
+
+    if getattr(config, "model_type", None) in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES:
+        return True
+    head = getattr(model, "get_output_embeddings", None)
+    try:
+        return callable(head) and head() is not None
+    except (AttributeError, NotImplementedError):
+        return False
+
+
+def language_model(model):
+    """Qualified name of the language model inside an image-text model, or None.
+
+    An image-text model is one with a ``text_config`` that generates text (see
+    :func:`_generates_text`); its language model is the outermost module that reads the text
+    config itself (``model.language_model`` in Gemma-3, LLaVA, Qwen2-VL), else what
+    ``get_decoder()`` returns.
     """
     config = getattr(model, "config", None)
     text = getattr(config, "text_config", None)
-    if text is None or text is config:
+    if text is None or text is config or not _generates_text(model, config):
         return None
     names = {id(m): n for n, m in model.named_modules()}
     for name, module in model.named_modules():
@@ -154,7 +173,7 @@ def language_model(model):
     return names.get(id(decoder)) or None
 
 
-def _tower_of(model, name, lm):
+def _tower_of(name, lm):
     """The outermost module above ``name`` that does not contain the language model ``lm``."""
     parts = name.split(".")
     for i in range(1, len(parts) + 1):
@@ -175,7 +194,7 @@ def find_layers(model) -> ModelLayers:
     lm = language_model(model)
     towers = {}  # name -> tower, for the modules outside the language model
     if lm is not None:
-        towers = {name: _tower_of(model, name, lm) for name, _, _ in found if not name.startswith(lm + ".")}
+        towers = {name: _tower_of(name, lm) for name, _, _ in found if not name.startswith(lm + ".")}
         found.sort(key=lambda item: item[0] in towers)  # stable: the language model's modules first
     offsets, slots = {}, {}  # stack -> first layer number; name -> (layer, block)
     next_layer = 0

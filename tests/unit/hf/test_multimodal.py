@@ -144,3 +144,11 @@ def test_the_vision_tower_stays_exact_unless_named(name):
     first_tower_layer = describe_layers(model).towers[0].layer
     changed, _ = _tower_output(model, batch, attn_k={first_tower_layer: 1})
     assert (changed - vanilla).abs().max() > 1e-5
+
+
+def test_dual_encoders_keep_the_plain_numbering():
+    cfg = T.CLIPConfig(text_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                        num_attention_heads=2, vocab_size=50, max_position_embeddings=16),
+                       vision_config=dict(VISION, num_hidden_layers=1), projection_dim=8)
+    layers = describe_layers(T.CLIPModel(cfg))
+    assert len(layers) == 2 and layers.towers == [] and all(info.tower is None for info in layers)
