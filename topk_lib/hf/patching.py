@@ -280,7 +280,8 @@ def use_topk(model, attn_k=None, ff_k=None, chunk_size=1024):
 
     Arguments:
         model: a transformers model (``nn.Module``).
-        attn_k: None (attention unchanged), an int (every layer), ``{layer: k}`` or
+        attn_k: None (attention unchanged), an int (every layer; in image-text models every
+            layer of the language model, the vision tower staying exact), ``{layer: k}`` or
             ``{(layer, head): k}`` (query head; the two kinds can be mixed, per-head entries win).
         ff_k: None, an int or ``{layer: k}``.
         chunk_size: query rows (attention) and tokens (feed-forward) per chunk.

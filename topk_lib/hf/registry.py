@@ -17,7 +17,10 @@ call-preparation rules in one place, :func:`prepare_call`). While an intercept w
 ``AttentionInterface`` with ``sdpa_mask`` beside it in ``AttentionMaskInterface``, every
 config of the model reads ``_attn_implementation == name``, and each attention module's
 call is handed to the handler the intercept gave that module; modules without one run
-PyTorch SDPA exactly as ``attn_implementation="sdpa"`` would. The handlers live on the
+PyTorch SDPA exactly as ``attn_implementation="sdpa"`` would. Before either sees a call,
+selection indices that sparse-attention models pass instead of masking under a name other
+than "eager"/"sdpa" (DeepSeek-V3.2's ``indices``) become the mask those names would get,
+and an unknown tensor keyword raises (:mod:`topk_lib.hf.call_kwargs`). The handlers live on the
 modules themselves (an instance attribute keyed by ``name``), set and restored by the
 intercept: there is no table of active modules outside the model.
 
