@@ -5,8 +5,8 @@ Layers are numbered by their position in the model's stacks of blocks (the outer
 encoders; for encoder-decoders the encoder's blocks come first, then the decoder's,
 and a decoder block's self- and cross-attention share its layer number.
 
-Image-text models (Gemma-3 4B+, LLaVA-likes, Qwen2-VL: a config with a ``text_config``)
-number their language model's layers first, ``0 .. n-1`` as the model card counts them;
+Image-text models (Gemma-3 4B+, LLaVA-likes, Qwen2-VL: a config with a ``text_config`` and
+a model that generates text; not dual encoders like CLIP) number their language model's layers first, ``0 .. n-1`` as the model card counts them;
 the layers of the other parts (the vision tower, an audio tower) come after, ``n ..``, with
 :attr:`LayerInfo.tower` naming the part. An int ``attn_k``/``ff_k`` switches only the
 language model's layers, so the towers stay exact unless a dict names their layer numbers.
