@@ -1,6 +1,7 @@
 """Keyword arguments of attention calls that change the result: selection indices, unknown tensors.
 
-DeepSeek-V3.2-style sparse attention (DSA) folds its indexer's selection into the mask only
+DeepSeek-V3.2-style sparse attention (DSA: DeepSeek-V3.2, GLM-MoE-DSA, AXK2, dots3; MiniMax-M3
+with block indices) folds its indexer's selection into the mask only
 under "eager"/"sdpa" and passes ``indices=`` under any other implementation name, so the
 suite must turn them into the same mask. The references are the models' own eager
 attention (a dense top-k mask applied to its scores for small k), never the kernel.
@@ -9,7 +10,9 @@ attention (a dense top-k mask applied to its scores for small k), never the kern
 import pytest
 import torch
 import transformers
+from transformers.models.axk2 import modeling_axk2
 from transformers.models.deepseek_v32 import modeling_deepseek_v32
+from transformers.models.dots3_note import modeling_dots3_note
 from transformers.models.glm_moe_dsa import modeling_glm_moe_dsa
 from transformers.models.minimax_m3_vl import modeling_minimax_m3_vl
 from reference import dense_topk_attention
@@ -38,6 +41,16 @@ def tiny_glm_moe_dsa():
     return transformers.GlmMoeDsaForCausalLM(transformers.GlmMoeDsaConfig(**_MLA)).eval()
 
 
+def tiny_axk2():
+    torch.manual_seed(0)
+    return transformers.AXK2ForCausalLM(transformers.AXK2Config(**_MLA)).eval()
+
+
+def tiny_dots3():
+    torch.manual_seed(0)
+    return transformers.Dots3NoteForCausalLM(transformers.Dots3NoteTextConfig(**_MLA)).eval()
+
+
 def tiny_minimax_m3():
     torch.manual_seed(0)
     cfg = transformers.MiniMaxM3VLTextConfig(
@@ -53,7 +66,9 @@ def tiny_minimax_m3():
 
 # (builder, the modeling module whose eager_attention_forward the reference replaces)
 MODELS = {
+    "axk2": (tiny_axk2, modeling_axk2),
     "deepseek_v32": (tiny_deepseek_v32, modeling_deepseek_v32),
+    "dots3": (tiny_dots3, modeling_dots3_note),
     "glm_moe_dsa": (tiny_glm_moe_dsa, modeling_glm_moe_dsa),
     "minimax_m3": (tiny_minimax_m3, modeling_minimax_m3_vl),
 }
