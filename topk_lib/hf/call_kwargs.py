@@ -57,7 +57,7 @@ def _intersect(attention_mask, keep, dtype):
     """``attention_mask`` with the keys outside ``keep`` (bool, True = selected) masked, as the models do it."""
     if attention_mask.dtype == torch.bool:
         return attention_mask & keep
-    return attention_mask.masked_fill(~keep, torch.finfo(dtype).min)
+    return torch.where(keep, attention_mask, torch.finfo(dtype).min)  # broadcasts a [1, ...] mask too
 
 
 def _indices_mask(module, indices, query, key, attention_mask, is_causal):

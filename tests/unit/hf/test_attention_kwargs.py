@@ -185,6 +185,9 @@ def test_indices_intersect_bool_and_float_masks_and_keep_causality_without_one()
     additive = torch.zeros(b, 1, lq, lk).masked_fill(~(pad & causal), torch.finfo(torch.float32).min)
     mask, _ = resolve_selection(_Module(), q, k, additive, None, {"indices": indices})
     assert torch.equal(mask == 0, pad & causal & keep)
+    shared = additive[:1]  # one mask row for the whole batch, as some models build it
+    mask, _ = resolve_selection(_Module(), q, k, shared, None, {"indices": indices})
+    assert mask.shape == (b, 1, lq, lk) and torch.equal(mask == 0, causal & keep)
     mask, _ = resolve_selection(_Module(), q, k, None, None, {"indices": indices})  # None stood for causal
     assert torch.equal(mask, (causal & keep).expand_as(mask))
     mask, _ = resolve_selection(_Module(), q, k, None, False, {"indices": indices})
