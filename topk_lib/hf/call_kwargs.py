@@ -39,7 +39,9 @@ import torch
 __all__ = ["HANDLED", "HARMLESS", "SELECTION", "resolve_selection"]
 
 #: Keywords the suite's handler or exact fallback acts on.
-HANDLED = frozenset({"dropout", "scaling", "is_causal", "position_bias", "output_attentions", "softcap", "s_aux", "sinks"})
+HANDLED = frozenset(
+    {"dropout", "scaling", "is_causal", "position_bias", "output_attentions", "softcap", "s_aux", "sinks"}
+)
 #: Keywords carrying a selection that becomes part of the mask (see the module docstring).
 SELECTION = frozenset({"indices", "block_indices"})
 #: Tensor keywords known to change nothing the mask does not already say.

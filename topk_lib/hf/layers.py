@@ -6,10 +6,11 @@ encoders; for encoder-decoders the encoder's blocks come first, then the decoder
 and a decoder block's self- and cross-attention share its layer number.
 
 Image-text models (Gemma-3 4B+, LLaVA-likes, Qwen2-VL: a config with a ``text_config`` and
-a model that generates text; not dual encoders like CLIP) number their language model's layers first, ``0 .. n-1`` as the model card counts them;
-the layers of the other parts (the vision tower, an audio tower) come after, ``n ..``, with
-:attr:`LayerInfo.tower` naming the part. An int ``attn_k``/``ff_k`` switches only the
-language model's layers, so the towers stay exact unless a dict names their layer numbers.
+a model that generates text; not dual encoders like CLIP) number their language model's
+layers first, ``0 .. n-1`` as the model card counts them; the layers of the other parts
+(the vision tower, an audio tower) come after, ``n ..``, with :attr:`LayerInfo.tower`
+naming the part. An int ``attn_k``/``ff_k`` switches only the language model's layers, so
+the towers stay exact unless a dict names their layer numbers.
 
 An attention module is one whose ``forward`` dispatches through transformers'
 ``ALL_ATTENTION_FUNCTIONS`` (so the registry in :mod:`topk_lib.hf.registry` can reach it).
@@ -289,7 +290,10 @@ def _attention_line(name, module, info):
 def mlp_line(module, layout, tower=None):
     """``"Class, <layout description>, d_ff N -> how use_topk runs it"`` for one feed-forward module."""
     what = getattr(layout, "description", None) or layout.kind
-    d_ff = layout.d_ff(module) if callable(getattr(layout, "d_ff", None)) else layout.part(module, layout.w_in).out_features
+    if callable(getattr(layout, "d_ff", None)):
+        d_ff = layout.d_ff(module)
+    else:
+        d_ff = layout.part(module, layout.w_in).out_features
     how = "exact unless named in ff_k" if tower else "topk_feedforward (ff_k)"
     return f"{type(module).__name__}, {what}, d_ff {d_ff} -> {how}"
 

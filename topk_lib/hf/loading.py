@@ -206,7 +206,7 @@ def _load_minilm(name, dtype):
 
 
 def _auto_class(config):
-    """Image-text LM for image-text models, seq2seq LM for encoder-decoders, causal LM for decoders, else the bare model."""
+    """Image-text LM for image-text models, seq2seq LM for encoder-decoders, causal LM for decoders, else AutoModel."""
     import transformers
     from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
 
