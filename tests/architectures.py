@@ -182,14 +182,15 @@ ARCHS = {
         max_target_positions=32, begin_suppress_tokens=None, suppress_tokens=None)), "audio", notes="audio features"),
     # ------------------------------------------------------------------ outside the registry: clear errors
     "falcon": Arch(lambda: tf.FalconForCausalLM(tf.FalconConfig(hidden_size=32, num_hidden_layers=2,
-                                                                num_attention_heads=4, vocab_size=V)),
-                   "decoder", ff="raises", attn=False),
+                                                                num_attention_heads=4, vocab_size=V,
+                                                                ffn_hidden_size=48)),
+                   "decoder", attn=False, notes="feed-forward only (GPT-NeoX-style MLP)"),
     "bloom": Arch(lambda: tf.BloomForCausalLM(tf.BloomConfig(hidden_size=32, n_layer=2, n_head=4, vocab_size=V)),
                   "decoder", ff="raises", attn=False),
-    "gpt_neo": Arch(lambda: tf.GPTNeoForCausalLM(tf.GPTNeoConfig(hidden_size=32, num_layers=2, num_heads=4,
+    "gpt_neo": Arch(lambda: tf.GPTNeoForCausalLM(tf.GPTNeoConfig(hidden_size=32, num_layers=2, num_heads=4, intermediate_size=48,
                                                                  attention_types=[[["global", "local"], 1]],
                                                                  vocab_size=V, max_position_embeddings=64)),
-                    "decoder", ff="raises", attn=False),
+                    "decoder", attn=False, notes="feed-forward only (GPT-2-style MLP)"),
     "mpt": Arch(lambda: tf.MptForCausalLM(tf.MptConfig(d_model=32, n_heads=4, n_layers=2, vocab_size=V)),
                 "decoder", ff="raises", attn=False),
     "deberta_v2": Arch(lambda: tf.DebertaV2Model(tf.DebertaV2Config(**BERT)), "encoder", attn=False,
@@ -382,14 +383,14 @@ def dense_topk_mlp(model, k, layers=None):
 
     ``layers``: only the MLPs under these block names (e.g. ``"model.layers.1."``).
     """
-    handles, experts = [], []
+    handles, experts, routed = [], [], set(_routed_experts(model))
     want = (lambda n: True) if layers is None else (lambda n: any(n.startswith(p) for p in layers))
     for name, w_out, by_value in mlp_outputs(model):
         if want(name):
             handles.append(w_out.register_forward_pre_hook(
                 lambda m, args, bv=by_value: (_keep_topk(args[0], k, bv),) + args[1:]))
     for name, module in model.named_modules():
-        if hasattr(module, "gate_up_proj") and isinstance(module.gate_up_proj, nn.Parameter) and want(name):
+        if name in routed and want(name):
             if not hasattr(module, "act_fn"):  # e.g. GPT-OSS's clamped, interleaved SwiGLU
                 raise NotImplementedError(f"no dense reference for the experts of {type(module).__name__}")
             experts.append(module)
@@ -427,6 +428,14 @@ def layers(model):
     return list(out.items())
 
 
+def _routed_experts(model):
+    """Names of the 3D routed-expert modules (``gate_up_proj`` a parameter) of ``model``."""
+    return [name for name, module in model.named_modules()
+            if isinstance(getattr(module, "gate_up_proj", None), nn.Parameter)]
+
+
 def ff_blocks(model):
-    """The blocks holding an MLP, in layer order (as :func:`layers` numbers them)."""
-    return list(dict.fromkeys(_block(name) for name, _, _ in mlp_outputs(model)))
+    """The blocks holding an MLP or routed experts, in layer order (as :func:`layers` numbers them)."""
+    names = [name for name, _, _ in mlp_outputs(model)] + _routed_experts(model)
+    order = {block: i for i, (block, _) in enumerate(layers(model))}
+    return sorted(dict.fromkeys(_block(name) for name in names), key=lambda b: order.get(b, len(order)))

@@ -40,47 +40,15 @@ pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWa
 TOL = 2e-5  # relative to the largest output; float32 differences seen are ~1e-6 of it
 BIG = 64  # >= every sequence length and every d_ff here
 
-# ============================================================================ PENDING
-# (architecture, check) combinations that fail on today's code, with why; each runs as
-# xfail(strict=True), so an entry must be deleted once the fix lands (the test then passes).
-PENDING = {
-    # soft-capping is refused by the top-k kernel (ValueError "soft-capping is not supported")
-    **{("gemma2", c): "softcap not supported" for c in
-       ("large_k", "small_k", "layer_dict", "head_dict", "generate")},
-    # GPT-OSS attention sinks are refused ("attention sinks are not supported")
-    **{("gpt_oss", c): "attention sinks not supported" for c in
-       ("large_k", "small_k", "layer_dict", "head_dict", "generate")},
-    # DSA: the indexer's selection passed as indices= is ignored (k >= L differs by ~1.3 in logits)
-    **{("deepseek_v32", c): "DSA indices ignored" for c in
-       ("large_k", "small_k", "layer_dict", "head_dict", "generate")},
-    # multimodal Gemma-3: vision layers numbered first; an int ff_k raises
-    ("gemma3-multimodal", "layer_dict"): "layer 1 is a vision layer",
-    ("gemma3-multimodal", "head_dict"): "layer 0 is a vision layer",
-    ("gemma3-multimodal", "ff"): "ff_k raises on the vision MLPs",
-    ("gemma3-multimodal", "vision_exact"): "an int attn_k reaches the vision tower (1.3 in logits)",
-    # feed-forward: MLP shapes without a layout today ("no supported feed-forward modules")
-    **{(a, "ff"): "no feed-forward layout" for a in
-       ("phi", "phi3", "starcoder2", "gpt2", "gpt_neox", "gptj", "opt", "distilbert", "modernbert", "vit", "bart",
-        "pegasus", "marian", "whisper", "mixtral", "qwen3_moe")},
-    # MoE: routed experts stay dense (only shared experts / dense layers switched)
-    **{(a, "ff"): "routed experts left dense" for a in ("qwen2_moe", "deepseek_v3", "deepseek_v32")},
-    # Falcon-H1: the gate/down multipliers are dropped by the replacement forward
-    ("falcon_h1", "ff"): "MLP multipliers dropped",
-    # Gemma-3n: the activation sparsity of layer 0 is dropped (k >= d_ff differs by ~1.9)
-    ("gemma3n", "ff"): "activation sparsity dropped",
-}
-
-
-def cases(check, kinds=None, attn=None, ff=None):
-    """``pytest.param``s of the architectures ``check`` applies to, PENDING ones as strict xfail."""
+def cases(kinds=None, attn=None, ff=None):
+    """``pytest.param``s of the architectures of ``kinds``, with attention (``attn``) / feed-forward top-k (``ff``)."""
     out = []
     for name, arch in ARCHS.items():
         if (kinds and arch.kind not in kinds) or (attn is not None and arch.attn != attn):
             continue
         if ff is not None and (arch.ff != "raises") != ff:
             continue
-        marks = [pytest.mark.xfail(strict=True, reason=PENDING[name, check])] if (name, check) in PENDING else []
-        out.append(pytest.param(name, marks=marks, id=name))
+        out.append(pytest.param(name, id=name))
     return out
 
 
@@ -125,7 +93,7 @@ def test_references_at_large_k_are_the_model(name):
 
 
 @pytest.mark.parametrize("padded", [False, True], ids=["unpadded", "padded"])
-@pytest.mark.parametrize("name", cases("large_k", attn=True))
+@pytest.mark.parametrize("name", cases(attn=True))
 def test_large_k_equals_model(name, padded):
     m, batch, ref = model(name), inputs(name, padded=padded), vanilla(name, padded)
     with use_topk(m, attn_k=BIG):
@@ -136,7 +104,7 @@ def test_large_k_equals_model(name, padded):
     assert_close(name, batch, out, ref, "attn_k={0: None}")
 
 
-@pytest.mark.parametrize("name", cases("small_k", attn=True))
+@pytest.mark.parametrize("name", cases(attn=True))
 def test_small_k_equals_eager_reference(name):
     m = model(name)
     for padded in (False, True):
@@ -149,7 +117,7 @@ def test_small_k_equals_eager_reference(name):
         assert_close(name, batch, out, ref, "attn_k=2 vs eager top-2 reference")
 
 
-@pytest.mark.parametrize("name", cases("layer_dict", attn=True))
+@pytest.mark.parametrize("name", cases(attn=True))
 def test_layer_dict_changes_only_that_layer(name):
     m, batch = model(name), inputs(name, padded=True)
     found = layers(m)
@@ -164,7 +132,7 @@ def test_layer_dict_changes_only_that_layer(name):
         assert_close(name, batch, out, ref, f"attn_k={{{layer}: 2}} vs the reference on {block} only")
 
 
-@pytest.mark.parametrize("name", cases("head_dict", attn=True))
+@pytest.mark.parametrize("name", cases(attn=True))
 def test_head_dict_changes_only_that_head(name):
     m, batch = model(name), inputs(name, padded=True)
     block, modules = layers(m)[0]
@@ -187,7 +155,7 @@ def _heads(module):
 # ============================================================================ feed-forward
 
 
-@pytest.mark.parametrize("name", cases("ff", ff=True))
+@pytest.mark.parametrize("name", cases(ff=True))
 def test_ff_equals_dense_topk_mlp(name):
     m, batch = model(name), inputs(name, padded=True)
     with use_topk(m, ff_k=BIG):
@@ -210,7 +178,7 @@ def test_ff_equals_dense_topk_mlp(name):
 # ============================================================================ multimodal
 
 
-@pytest.mark.parametrize("name", [p for p in cases("vision_exact") if p.id == "gemma3-multimodal"])
+@pytest.mark.parametrize("name", [p for p in cases() if p.id == "gemma3-multimodal"])
 def test_multimodal_vision_tower_left_exact(name):
     """With an image, an int attn_k switches the language layers only; the vision tower stays exact."""
     m, batch = model(name), image_inputs()
@@ -235,7 +203,7 @@ def _generate(m, batch):
         return m.generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], **kw)
 
 
-@pytest.mark.parametrize("name", cases("generate", kinds=("decoder", "encdec"), attn=True))
+@pytest.mark.parametrize("name", cases(kinds=("decoder", "encdec"), attn=True))
 def test_generate(name):
     m, batch = model(name), inputs(name, padded=False)
     plain = _generate(m, batch)
@@ -263,7 +231,7 @@ class _Boom(Exception):
     pass
 
 
-@pytest.mark.parametrize("name", cases("restored"))
+@pytest.mark.parametrize("name", cases())
 def test_model_bit_identical_after(name):
     m, batch = model(name), inputs(name, padded=True)
     arch = ARCHS[name]
@@ -295,7 +263,7 @@ def test_model_bit_identical_after(name):
 # ============================================================================ clear errors
 
 
-@pytest.mark.parametrize("name", cases("raises", attn=False))
+@pytest.mark.parametrize("name", cases(attn=False))
 def test_outside_registry_raises(name):
     m = model(name)
     with pytest.raises(ValueError, match=type(m).__name__):
@@ -303,7 +271,7 @@ def test_outside_registry_raises(name):
             pass
 
 
-@pytest.mark.parametrize("name", cases("raises_ff", ff=False))
+@pytest.mark.parametrize("name", cases(ff=False))
 def test_unsupported_ff_raises(name):
     m = model(name)
     with pytest.raises(ValueError) as err:

@@ -19,7 +19,8 @@ def test_the_table_names_every_module_and_how_it_is_switched():
     assert lines[1] == "layer 0   model.layers.0"
     attn = "self_attn LlamaAttention, 6 query / 2 KV heads -> top-k attention kernel (attn_k)"
     assert lines[2].split() == attn.split()
-    assert lines[3].split() == "mlp LlamaMLP, gated_llama, d_ff 96 -> topk_feedforward (ff_k)".split()
+    mlp = "mlp LlamaMLP, gated MLP: down_proj(act(gate_proj(x)) * up_proj(x)), d_ff 96 -> topk_feedforward (ff_k)"
+    assert lines[3].split() == mlp.split()
     assert len(lines) == 7
     assert describe_layers(tiny_llama()).table() == table
 
