@@ -37,5 +37,7 @@ test-all: $(STAMP) data-test
 figures: $(STAMP)
 	$(BIN)/python -m topk_lib.infra.runner $(if $(QUICK),--quick)
 
+# JupyterLab on notebooks/ with the project's settings in lab/ (a .py opens as a notebook);
+# options go through LAB_ARGS, e.g. `make lab LAB_ARGS="--no-browser --port=8890"`.
 lab: $(STAMP)
-	$(BIN)/jupyter lab notebooks/
+	$(BIN)/python -m topk_lib.infra.lab $(LAB_ARGS)
