@@ -32,6 +32,11 @@ SENSITIVITY_K = 16  # k of the one-layer-at-a-time sensitivity test
 THREADS = 2  # torch threads
 
 # %%
+from topk_lib.infra.outputs import notebook_setup
+
+notebook_setup("01_approximation_error", globals())  # checks the values above; says where this run writes
+
+# %%
 import functools
 
 import pandas as pd

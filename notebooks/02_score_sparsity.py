@@ -34,6 +34,11 @@ BUDGET_AVERAGE_KS = [8, 16, 32, 64]  # averages the per-head budget is rescaled 
 THREADS = 2  # torch threads
 
 # %%
+from topk_lib.infra.outputs import notebook_setup
+
+notebook_setup("02_score_sparsity", globals())  # checks the values above; says where this run writes
+
+# %%
 import torch
 
 from topk_lib import load_model

@@ -74,6 +74,11 @@ RETRIEVAL_ATTN_KS = [32, 8, 2]  # documents are about a hundred tokens
 RETRIEVAL_FF_KS = [384, 96, 24]  # feed-forward k of MiniLM's 1536
 
 # %%
+from topk_lib.infra.outputs import notebook_setup
+
+notebook_setup("03_accuracy_vs_k", globals())  # checks the values above; says where this run writes
+
+# %%
 import time
 
 import pandas as pd

@@ -32,6 +32,11 @@ MAX_L = 32768  # attention suite: longest input
 TIMEOUT_S = 900  # seconds per point before it counts as "timeout"
 
 # %%
+from topk_lib.infra.outputs import notebook_setup
+
+notebook_setup("04_memory_time", globals())  # checks the values above; says where this run writes
+
+# %%
 from topk_lib import bench
 from topk_lib.plots.bench import plot_memory_time
 from topk_lib.plots.style import save_figure

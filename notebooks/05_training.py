@@ -51,6 +51,11 @@ FT_MAX_LENGTH = 128  # tokens per email (subject + body, truncated)
 FT_N_TEST = 256  # test emails evaluated (a fixed sample of the test split)
 
 # %%
+from topk_lib.infra.outputs import notebook_setup
+
+notebook_setup("05_training", globals())  # checks the values above; says where this run writes
+
+# %%
 import time
 
 import torch

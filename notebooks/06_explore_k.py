@@ -38,6 +38,11 @@ NEW_TOKENS = 40  # tokens generated per continuation
 THREADS = 2  # torch threads
 
 # %%
+from topk_lib.infra.outputs import notebook_setup
+
+notebook_setup("06_explore_k", globals())  # checks the values above; says where this run writes
+
+# %%
 import ipywidgets as widgets
 import torch
 from IPython.display import display

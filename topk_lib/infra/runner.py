@@ -47,6 +47,7 @@ from pathlib import Path
 
 from topk_lib.infra import paths
 from topk_lib.infra.cache import file_sha256
+from topk_lib.infra.outputs import RUNNER_ENV, subfolder
 from topk_lib.infra.parameters import cell_defaults, check_parameters
 
 BUILD = paths.ROOT / "build" / "notebooks"
@@ -102,9 +103,10 @@ def notebook_sources(names=None, folder: Path | None = None) -> list[Path]:
 
 def quick_environment(quick: bool, custom: bool = False) -> dict[str, str]:
     """Environment for the kernels: offline hub, headless plots, the quick/custom output folders."""
-    env = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "MPLBACKEND": "Agg"}
+    # RUNNER_ENV tells each notebook's notebook_setup that the values are checked and the folders chosen here
+    env = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "MPLBACKEND": "Agg", RUNNER_ENV: "1"}
     if quick or custom:
-        sub = Path("quick" if quick else "") / ("custom" if custom else "")
+        sub = subfolder(quick, custom)
         env["TOPK_LAB_FIGURES"] = os.environ.get("TOPK_LAB_FIGURES", str(paths.figures() / sub))
         env["TOPK_LAB_RESULTS"] = os.environ.get("TOPK_LAB_RESULTS", str(paths.results() / sub))
     return env
