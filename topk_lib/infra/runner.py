@@ -21,6 +21,9 @@ Quick mode writes figures to ``figures/quick/`` and results to ``data/results/qu
 so a smoke run never overwrites the published figures and result caches; a run with ``-p``
 values writes to a ``custom/`` folder below those (unless ``TOPK_LAB_FIGURES`` /
 ``TOPK_LAB_RESULTS`` say otherwise), since only default parameters make published figures.
+Its kernels get ``TOPK_LAB_RUNNER=1``, so each notebook's ``notebook_setup`` cell
+(:mod:`topk_lib.infra.outputs`, which makes the same choice for a run in JupyterLab) leaves the
+folders as the runner chose them.
 
 After the table it prints, per notebook, which figures it (re)wrote — new, changed, or
 rewritten with the same bytes (SHA-256 before and after) — and which result caches under
