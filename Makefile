@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: test test-all figures lab data data-test install
+.PHONY: test test-all figures lab data data-test install browser
 
 install: $(STAMP)
 
@@ -27,15 +27,26 @@ data: $(STAMP)
 data-test: $(STAMP)
 	$(BIN)/python -m topk_lib.data moby-dick sotu spam fortunes polarity trivia
 
-# Fast suite plus the notebook smoke runs; `make test-all` adds the tests marked slow.
-test: $(STAMP) data-test
+# Debian's Chromium and its driver for the browser test (tests/integration/test_browser.py), installed
+# when missing and run as root (as CI is); otherwise that test is skipped, naming this command.
+browser:
+	@if command -v chromium >/dev/null && command -v chromedriver >/dev/null; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		DEBIAN_FRONTEND=noninteractive apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null; \
+	else echo "no chromium: the browser test is skipped (as root: apt-get install -y chromium chromium-driver)"; fi
+
+# Fast suite plus the notebook smoke runs and the browser test; `make test-all` adds the tests marked slow.
+test: $(STAMP) data-test browser
 	$(BIN)/python -m pytest -m "not gpu"
 
-test-all: $(STAMP) data-test
+test-all: $(STAMP) data-test browser
 	$(BIN)/python -m pytest -m "not gpu" --runslow
 
 figures: $(STAMP)
 	$(BIN)/python -m topk_lib.infra.runner $(if $(QUICK),--quick)
 
+# JupyterLab on notebooks/ with the project's settings in lab/ (a .py opens as a notebook);
+# options go through LAB_ARGS, e.g. `make lab LAB_ARGS="--no-browser --port=8890"`.
 lab: $(STAMP)
-	$(BIN)/jupyter lab notebooks/
+	$(BIN)/python -m topk_lib.infra.lab $(LAB_ARGS)

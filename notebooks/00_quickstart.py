@@ -1,7 +1,5 @@
 # ---
 # jupyter:
-#   jupytext:
-#     formats: ipynb,py:percent
 #   kernelspec:
 #     display_name: topk-lab
 #     language: python
@@ -24,6 +22,11 @@ LENGTH = 2048  # tokens per sequence
 HEADS = 8  # attention heads
 HEAD_DIM = 64  # dimension per head
 SHARPNESS = [1.0, 4.0, 16.0]  # multiplies the scores: 1 is random attention, larger is peakier
+
+# %%
+from topk_lib.infra.outputs import notebook_setup
+
+notebook_setup("00_quickstart", globals())  # checks the values above; says where this run writes
 
 # %%
 import pandas as pd

@@ -1,7 +1,5 @@
 # ---
 # jupyter:
-#   jupytext:
-#     formats: ipynb,py:percent
 #   kernelspec:
 #     display_name: topk-lab
 #     language: python
@@ -32,6 +30,11 @@ APPROX_LAYERS = [1, 8, 15, 22, 29]  # SmolLM2 layers for the comparison of appro
 APPROX_BUDGETS = [16, 64]  # keys (or random features) per query
 SENSITIVITY_K = 16  # k of the one-layer-at-a-time sensitivity test
 THREADS = 2  # torch threads
+
+# %%
+from topk_lib.infra.outputs import notebook_setup
+
+notebook_setup("01_approximation_error", globals())  # checks the values above; says where this run writes
 
 # %%
 import functools

@@ -1,7 +1,5 @@
 # ---
 # jupyter:
-#   jupytext:
-#     formats: ipynb,py:percent
 #   kernelspec:
 #     display_name: topk-lab
 #     language: python
@@ -34,6 +32,11 @@ DRILL_TOKENS = 40  # tokens of the drill-down input
 DRILL_K = 4  # k marked in the drill-down
 BUDGET_AVERAGE_KS = [8, 16, 32, 64]  # averages the per-head budget is rescaled to
 THREADS = 2  # torch threads
+
+# %%
+from topk_lib.infra.outputs import notebook_setup
+
+notebook_setup("02_score_sparsity", globals())  # checks the values above; says where this run writes
 
 # %%
 import torch

@@ -1,7 +1,5 @@
 # ---
 # jupyter:
-#   jupytext:
-#     formats: ipynb,py:percent
 #   kernelspec:
 #     display_name: topk-lab
 #     language: python
@@ -74,6 +72,11 @@ RETRIEVAL_N = 200  # paragraphs (queries and documents)
 RETRIEVAL_SENTENCES = 4  # sentences per pseudo-paragraph (the SOTU files have no paragraph breaks)
 RETRIEVAL_ATTN_KS = [32, 8, 2]  # documents are about a hundred tokens
 RETRIEVAL_FF_KS = [384, 96, 24]  # feed-forward k of MiniLM's 1536
+
+# %%
+from topk_lib.infra.outputs import notebook_setup
+
+notebook_setup("03_accuracy_vs_k", globals())  # checks the values above; says where this run writes
 
 # %%
 import time

@@ -1,7 +1,5 @@
 # ---
 # jupyter:
-#   jupytext:
-#     formats: ipynb,py:percent
 #   kernelspec:
 #     display_name: topk-lab
 #     language: python
@@ -32,6 +30,11 @@ DEVICE = "cpu"  # "cpu" or "cuda"
 BUDGET = "16GiB"  # memory budget per point
 MAX_L = 32768  # attention suite: longest input
 TIMEOUT_S = 900  # seconds per point before it counts as "timeout"
+
+# %%
+from topk_lib.infra.outputs import notebook_setup
+
+notebook_setup("04_memory_time", globals())  # checks the values above; says where this run writes
 
 # %%
 from topk_lib import bench

@@ -1,7 +1,5 @@
 # ---
 # jupyter:
-#   jupytext:
-#     formats: ipynb,py:percent
 #   kernelspec:
 #     display_name: topk-lab
 #     language: python
@@ -51,6 +49,11 @@ FT_BATCH = 16  # emails per step
 FT_LR = 0.0001  # peak AdamW learning rate
 FT_MAX_LENGTH = 128  # tokens per email (subject + body, truncated)
 FT_N_TEST = 256  # test emails evaluated (a fixed sample of the test split)
+
+# %%
+from topk_lib.infra.outputs import notebook_setup
+
+notebook_setup("05_training", globals())  # checks the values above; says where this run writes
 
 # %%
 import time

@@ -1,7 +1,5 @@
 # ---
 # jupyter:
-#   jupytext:
-#     formats: ipynb,py:percent
 #   kernelspec:
 #     display_name: topk-lab
 #     language: python
@@ -38,6 +36,11 @@ PROMPT = ("Call me Ishmael. Some years ago, never mind how long precisely, havin
 PROMPT_K = 16  # k for the top-k continuation
 NEW_TOKENS = 40  # tokens generated per continuation
 THREADS = 2  # torch threads
+
+# %%
+from topk_lib.infra.outputs import notebook_setup
+
+notebook_setup("06_explore_k", globals())  # checks the values above; says where this run writes
 
 # %%
 import ipywidgets as widgets

@@ -188,3 +188,52 @@ def test_a_bad_injected_value_names_the_parameter_before_any_cell_runs(tmp_path)
     assert not marker.exists()
     runner.execute(nb, quick=True, out_dir=tmp_path / "executed", progress=False, parameters={"LENGTH": 16})
     assert marker.exists()
+
+
+def setup_call(source) -> str | None:
+    """The stem named by the notebook_setup call that opens the first code cell after the parameters cell."""
+    import jupytext
+
+    cells = jupytext.read(source).cells
+    start = next(i for i, c in enumerate(cells) if "parameters" in c.metadata.get("tags", []))
+    cell = next((c for c in cells[start + 1:] if c.cell_type == "code"), None)
+    body = ast.parse(cell.source).body if cell is not None else []
+    if len(body) < 2 or ast.unparse(body[0]) != "from topk_lib.infra.outputs import notebook_setup":
+        return None
+    call = body[1].value if isinstance(body[1], ast.Expr) else None
+    ok = (isinstance(call, ast.Call) and ast.unparse(call.func) == "notebook_setup" and len(call.args) == 2
+          and isinstance(call.args[0], ast.Constant) and ast.unparse(call.args[1]) == "globals()")
+    return call.args[0].value if ok else None
+
+
+@pytest.mark.parametrize("source", SOURCES, ids=[s.stem for s in SOURCES])
+def test_every_notebook_sets_up_its_run_right_after_the_parameters(source):
+    """A run in the lab (no runner) checks its values and picks its output folders before anything else runs."""
+    assert setup_call(source) == source.stem, (
+        f"{source.name}: the first code cell after the parameters cell must start with\n"
+        f"from topk_lib.infra.outputs import notebook_setup\nnotebook_setup({source.stem!r}, globals())")
+
+
+def test_a_run_outside_the_runner_with_quick_writes_to_the_quick_folder(tmp_path, monkeypatch):
+    """As in the lab: papermill without the runner's environment, QUICK injected; figures go to figures/quick."""
+    import jupytext
+    import papermill as pm
+
+    from topk_lib.infra import outputs
+
+    root = tmp_path / "repo"
+    (root / "notebooks").mkdir(parents=True)
+    source = root / "notebooks" / "93_lab.py"
+    source.write_text(  # the first cell stands in for a checkout at `root`
+        f"# %%\nfrom pathlib import Path\nfrom topk_lib.infra import paths\npaths.ROOT = Path({str(root)!r})\n"
+        "paths.NOTEBOOKS = paths.ROOT / 'notebooks'\n\n"
+        '# %% tags=["parameters"]\nQUICK = False\n\n# %%\nfrom topk_lib.infra.outputs import notebook_setup\n\n'
+        'notebook_setup("93_lab", globals())\n\n# %%\n'
+        'paths.figures().mkdir(parents=True)\n(paths.figures() / "93_lab.png").write_bytes(b"x")\n')
+    for variable in (*outputs.FOLDER_ENV, outputs.RUNNER_ENV):
+        monkeypatch.delenv(variable, raising=False)
+    jupytext.write(jupytext.read(source), tmp_path / "in.ipynb")
+    pm.execute_notebook(str(tmp_path / "in.ipynb"), str(tmp_path / "out.ipynb"), parameters={"QUICK": True},
+                        kernel_name="python3", language="python", progress_bar=False, cwd=str(source.parent))
+    assert (root / "figures" / "quick" / "93_lab.png").exists() and not (root / "figures" / "93_lab.png").exists()
+    assert "QUICK = True: this run writes figures to figures/quick/" in (tmp_path / "out.ipynb").read_text()

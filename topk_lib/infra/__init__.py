@@ -1,3 +1,3 @@
-"""Plumbing every layer may use: where files go, the atomic result cache, notebook parameters, the runner, child processes."""
+"""Plumbing every layer may use: where files go, the atomic result cache, notebook parameters and output folders, the runner, the lab launcher, child processes."""
 
-__all__ = ["cache", "parameters", "paths", "processes", "runner"]
+__all__ = ["cache", "lab", "outputs", "parameters", "paths", "processes", "runner"]

@@ -21,6 +21,9 @@ Quick mode writes figures to ``figures/quick/`` and results to ``data/results/qu
 so a smoke run never overwrites the published figures and result caches; a run with ``-p``
 values writes to a ``custom/`` folder below those (unless ``TOPK_LAB_FIGURES`` /
 ``TOPK_LAB_RESULTS`` say otherwise), since only default parameters make published figures.
+Its kernels get ``TOPK_LAB_RUNNER=1``, so each notebook's ``notebook_setup`` cell
+(:mod:`topk_lib.infra.outputs`, which makes the same choice for a run in JupyterLab) leaves the
+folders as the runner chose them.
 
 After the table it prints, per notebook, which figures it (re)wrote — new, changed, or
 rewritten with the same bytes (SHA-256 before and after) — and which result caches under
@@ -47,6 +50,7 @@ from pathlib import Path
 
 from topk_lib.infra import paths
 from topk_lib.infra.cache import file_sha256
+from topk_lib.infra.outputs import RUNNER_ENV, subfolder
 from topk_lib.infra.parameters import cell_defaults, check_parameters
 
 BUILD = paths.ROOT / "build" / "notebooks"
@@ -102,9 +106,10 @@ def notebook_sources(names=None, folder: Path | None = None) -> list[Path]:
 
 def quick_environment(quick: bool, custom: bool = False) -> dict[str, str]:
     """Environment for the kernels: offline hub, headless plots, the quick/custom output folders."""
-    env = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "MPLBACKEND": "Agg"}
+    # RUNNER_ENV tells each notebook's notebook_setup that the values are checked and the folders chosen here
+    env = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "MPLBACKEND": "Agg", RUNNER_ENV: "1"}
     if quick or custom:
-        sub = Path("quick" if quick else "") / ("custom" if custom else "")
+        sub = subfolder(quick, custom)
         env["TOPK_LAB_FIGURES"] = os.environ.get("TOPK_LAB_FIGURES", str(paths.figures() / sub))
         env["TOPK_LAB_RESULTS"] = os.environ.get("TOPK_LAB_RESULTS", str(paths.results() / sub))
     return env
