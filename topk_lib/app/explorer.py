@@ -54,6 +54,8 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
+import os
 import statistics
 import sys
 import time
@@ -73,6 +75,7 @@ __all__ = [
     "kept_mask",
     "log_k_steps",
     "measure_latency",
+    "simulate_slider_moves",
 ]
 
 
@@ -112,6 +115,21 @@ def log_k_steps(length: int) -> list[int]:
         steps += [v for v in (power, power * 3 // 2) if v < length]
         power *= 2
     return sorted(set(steps + [length]))
+
+
+@contextlib.contextmanager
+def _one_thread():
+    """Run a slider's small ops ([L, L] matrices) in one torch thread, then restore the setting.
+
+    Two threads fighting other processes for two cores made a view 20x slower (99 ms against
+    5 ms at 512 tokens, load ~3); on tensors this small a second thread buys nothing.
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def _token_label(tokenizer, token_id):
@@ -214,6 +232,10 @@ class AttentionExplorer:
 
     def view(self, *, layer: int, head: int, k: int) -> HeadView:
         """One head at one k: map, kept entries, mass kept, output error, per-layer profile."""
+        with _one_thread():
+            return self._view(layer=layer, head=head, k=k)
+
+    def _view(self, *, layer, head, k):
         layer = self._layer(layer)
         head = index(head, "head", self.n_heads, "heads")
         k = positive_int(k, "k")
@@ -291,6 +313,30 @@ def measure_latency(explorer: AttentionExplorer, *, repeats: int = 5, draw: bool
     return out
 
 
+def simulate_slider_moves(panel, *, repeats: int = 5, seed: int = 0) -> dict:
+    """Move an :class:`~topk_lib.app.widgets.ExplorerPanel`'s k, layer and head controls as a user would.
+
+    Returns per kind of move the median and the largest seconds from the control's new value
+    to the Image's new value, over new views only (kept PNGs would answer at once).
+    """
+    import random
+
+    rng = random.Random(seed)
+    ex = panel.session.explorer(panel.model_w.value, panel.text_w.value, panel.custom_w.value)
+    out = {}
+    for kind, control, values in [("k", panel.k_w, list(panel.k_w.options)), ("layer", panel.layer_w, ex.layers),
+                                  ("head", panel.head_w, list(range(ex.n_heads)))]:
+        times = []
+        for _ in range(repeats):
+            panel._pngs.clear()
+            value = rng.choice([v for v in values if v != control.value])
+            panel.timings.clear()
+            control.value = value
+            times += panel.timings
+        out[f"{kind}_move_median_s"], out[f"{kind}_move_max_s"] = statistics.median(times), max(times)
+    return out
+
+
 def main(argv=None) -> int:
     """``python -m topk_lib.app.explorer``: build an explorer and print slider-update latencies."""
     parser = argparse.ArgumentParser(prog="python -m topk_lib.app.explorer", description=main.__doc__.split(":")[1])
@@ -309,9 +355,19 @@ def main(argv=None) -> int:
     explorer = AttentionExplorer(model, tokenizer, text[: args.tokens * 8], max_tokens=args.tokens)
     built = time.perf_counter() - start
     times = measure_latency(explorer, repeats=args.repeats)
+    from topk_lib.app.session import ExplorerSession
+    from topk_lib.app.widgets import ExplorerPanel
+
+    session = ExplorerSession(models={args.model: args.model}, texts={"text": text[: args.tokens * 8]},
+                              max_tokens=args.tokens, loader=lambda name: (model, tokenizer))
+    session._explorers[(args.model, text[: args.tokens * 8])] = explorer  # the one built above
+    panel = ExplorerPanel(session, model=args.model, text="text", layer=explorer.layers[len(explorer.layers) // 2],
+                          head=0, k=16)
+    moves = simulate_slider_moves(panel, repeats=args.repeats)
     print(f"{args.model}, {explorer.length} tokens, {explorer.n_layers} layers x {explorer.n_heads} heads, "
-          f"{torch.get_num_threads()} threads, torch {torch.__version__}")
+          f"{torch.get_num_threads()} threads, torch {torch.__version__}, load {os.getloadavg()[0]:.1f}")
     print(f"build {built:.2f} s; " + "; ".join(f"{name} {value * 1000:.0f} ms" for name, value in times.items()))
+    print("widget slider moves: " + "; ".join(f"{name} {value * 1000:.0f} ms" for name, value in moves.items()))
     return 0
 
 

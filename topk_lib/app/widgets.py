@@ -264,7 +264,7 @@ class ContinuationPanel:
     def __init__(self, session: ExplorerSession, *, model, prompt: str, k: int = 16, max_new_tokens: int = 40,
                  chat: bool = False, max_k: int = 256):
         self.session, self.model = session, model
-        steps = log_k_steps(positive_int(max_k, "max_k"))
+        steps = sorted(set(log_k_steps(positive_int(max_k, "max_k")) + [positive_int(k, "k")]))  # k exactly
         self.prompt_w = widgets.Textarea(value=prompt, continuous_update=False,
                                          layout=widgets.Layout(width="640px", height="80px"))
         self.k_w = widgets.SelectionSlider(options=steps, value=_k_slider_value(steps, k), description="k", **_SLIDER)
