@@ -28,21 +28,16 @@ one head's probabilities 1 MB (the LRU holds 4 layers' worth, 36 heads: 38 MB), 
 283 MB for the probabilities of all layers; :attr:`AttentionExplorer.nbytes` is that sum.
 
 Measured: ``python -m topk_lib.app.explorer --tokens 512 --repeats 7`` (SmolLM2 on the start of
-Moby Dick, float32, torch 2.13 CPU, a 2-core machine shared with other jobs; medians over
-random (layer, head, k)):
-
-=====================================  =======  =============  ============  ===========
-run                                    build    head/k change  layer change  figure draw
-=====================================  =======  =============  ============  ===========
-2 threads, a quiet moment (load ~2)    1.9 s    3 ms           9 ms          0.14 s
-2 threads, another job busy (load ~3)  15 s     145 ms         210 ms        0.14 s
-1 thread, another job busy (load ~3)   3.6 s    4 ms           13 ms         0.13 s
-=====================================  =======  =============  ============  ===========
-
-"head/k change" is :meth:`AttentionExplorer.view` on a cached layer, "layer change" the same
-with the layer's probabilities recomputed, "figure draw" creating the figure and rendering it
-with Agg. A slider move therefore answers in 0.15-0.35 s, well under a second; two torch
-threads fighting another process for two cores are what make the small ops slow.
+Moby Dick, float32, torch 2.13 CPU, a 2-core machine shared with other jobs, load ~3; medians
+over random (layer, head, k)): building the explorer 11 s with 2 threads (3.2 s with 1); a view
+5 ms on a cached head, 12 ms with the head's probabilities recomputed; updating the live figure
+and encoding its PNG 64 ms; a whole widget slider move (control value to the Image's new PNG,
+:func:`simulate_slider_moves`) 70-75 ms for k, layer and head alike, at most 86 ms. Where the
+time of a move goes (load ~6): view 12 ms, artists updated 8 ms, Agg paint over the kept
+background 73 ms, PNG encode (PIL, zlib level 1, ~180 kB) 22 ms, base64 0.2 ms. The figure used
+to be rebuilt and saved with ``bbox_inches="tight"`` per move: 0.1 s + 0.45 s at that load
+(0.6-0.9 s + 1.7-2.1 s on a busier machine). A view runs in one torch thread: two threads
+competing with other processes for two cores made it ~20x slower (99 ms against 5 ms).
 
 Scale: attention is ``softmax(q·kᵀ / sqrt(d))`` with the causal mask where the model's
 attention module is causal (decoders), none otherwise (encoders, one text without padding).

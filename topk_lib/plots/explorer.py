@@ -179,6 +179,7 @@ class ExplorerFigure:
         return out.getvalue()
 
 
+@styled
 def plot_explorer_view(view, *, tokens=None, rows=None, title: str | None = None):
     """Map of ``view.probs`` (kept entries in colour, dropped ones in grey) beside the profile.
 
