@@ -85,6 +85,10 @@ class ExplorerSession:
             self._loaded[label] = self._loader(self.models[label])
         return self._loaded[label]
 
+    def is_loaded(self, label) -> bool:
+        """Whether the model of a label is in memory."""
+        return label in self._loaded
+
     def text(self, choice, custom_text=""):
         """The text for a dropdown choice (:data:`CUSTOM_TEXT` reads ``custom_text``)."""
         if choice == CUSTOM_TEXT:

@@ -129,15 +129,19 @@ class ExplorerPanel:
         model, text, custom = self.model_w.value, self.text_w.value, self.custom_w.value
         ready = self.session.is_ready(model, text, custom)
         if not ready:
-            self.busy.value = html.escape(f"⏳ Computing the scores of {self.session.title(model, text)}: one forward "
-                                          f"pass over up to {self.session.max_tokens} tokens, then the sliders only "
-                                          "re-threshold…")
+            load = "" if self.session.is_loaded(model) else f"Loading {model}, then c"
+            self.busy.value = html.escape(f"⏳ {load or 'C'}omputing the scores of {self.session.title(model, text)}: "
+                                          f"one forward pass over up to {self.session.max_tokens} tokens, then the "
+                                          "sliders only re-threshold…")
             self.image.add_class(STALE_CLASS)
         try:
             ex = self.session.explorer(model, text, custom)
         except InputError as err:
             self._fail(err)
             return
+        except Exception as err:  # e.g. a model whose package is missing: the message names the fix
+            self._fail(f"Could not compute the scores ({type(err).__name__}: {err}); details in the log console.")
+            raise
         finally:
             self.busy.value = ""
         self._sync_ranges(ex)
@@ -298,6 +302,11 @@ class ContinuationPanel:
         except InputError as err:
             self.message.value = _message(str(err), error=True)
             return None
+        except Exception as err:  # a bug, not the user's input: say so here, the traceback goes to the log
+            self.message.value = _message(f"Could not generate ({type(err).__name__}: {err}); details in the log "
+                                          "console.", error=True)
+            raise
+        self.progress.max = self.progress.value = self.new_w.value  # also when the cache answered
         self.progress_label.value = ""
         self.message.value = ""
         tokenizer = self.session.model(self.model)[1]

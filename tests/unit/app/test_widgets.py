@@ -176,7 +176,7 @@ def test_busy_line_and_stale_figure_while_scores_are_computed(loaded, text, monk
     monkeypatch.setattr(session_mod, "AttentionExplorer", Recording)
     before = _png(panel)
     panel.text_w.value = "short"
-    assert len(seen) == 1 and "Computing the scores of Llama on short" in seen[0][0] and seen[0][1]
+    assert len(seen) == 1 and "⏳ Computing the scores of Llama on short" in seen[0][0] and seen[0][1]
     assert panel.busy.value == "" and STALE_CLASS not in panel.image._dom_classes
     assert "computed in" in panel.message.value and _png(panel) != before
     short = panel.session.explorer("Llama", "short").length
@@ -185,7 +185,8 @@ def test_busy_line_and_stale_figure_while_scores_are_computed(loaded, text, monk
     panel.text_w.value = "cats"  # kept: no busy line, no recomputation
     assert len(seen) == 1 and _png(panel) == before
     panel.model_w.value = "BERT"  # 2 layers x 4 heads too; bidirectional
-    assert len(seen) == 2 and panel.layer_w.max == 1
+    assert len(seen) == 2 and "Loading BERT, then computing the scores of BERT on cats" in seen[1][0]
+    assert panel.layer_w.max == 1 and not panel.session.is_loaded("Llama2")
     matplotlib.pyplot.close("all")
 
 
