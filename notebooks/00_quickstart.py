@@ -58,7 +58,7 @@ errors.groupby(["sharpness", "k"]).relative_error.median().unstack(0).round(4)
 
 # %%
 fig = plot_error_vs_k(errors, hue="sharpness", title=f"Top-k vs exact attention, random batch (L={LENGTH}, causal)")
-save_figure(fig, "00_quickstart_error_vs_k")
+print("saved:", ", ".join(str(path) for path in save_figure(fig, "00_quickstart_error_vs_k")))
 
 # %% [markdown]
 # **Reading the figure.** Each line is the median over heads (band: min–max) of the

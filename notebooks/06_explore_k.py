@@ -14,10 +14,11 @@
 # map with the entries top-k keeps in colour and the dropped ones in grey; the title gives the
 # mass the head keeps and its output error ‖o_k − o‖/‖o‖; the right panel shows the mass kept
 # per layer at the same k (line: mean over heads; dots: single heads). The scores are computed
-# once per (model, text) — one forward pass, a few seconds — and moving a slider only
-# re-thresholds them (0.15–0.35 s on a shared 2-core CPU, most of it drawing; see `topk_lib/app/explorer.py`).
-# Below, for SmolLM2, a prompt is continued greedily with exact attention and with top-k
-# attention during generation, and the first token where the two differ is marked.
+# once per (model, text) — one forward pass, a few seconds, with a busy line saying so — and
+# moving a slider only re-thresholds them and redraws the figure in place (~70 ms a move at 512
+# tokens on a shared 2-core CPU; see `topk_lib/app/explorer.py`). Below, for SmolLM2, a prompt is
+# continued greedily with exact attention and with top-k attention during generation, and the
+# first token where the two differ is marked.
 #
 # Run in JupyterLab (`make lab`) for the widgets; a headless run draws the default view.
 
@@ -47,8 +48,9 @@ import ipywidgets as widgets
 import torch
 from IPython.display import display
 
-from topk_lib.app.explorer import continuations_text
-from topk_lib.app.session import CUSTOM_TEXT, ExplorerSession, sample_texts
+from topk_lib.app.continuations import continuations_text
+from topk_lib.app.session import ExplorerSession, sample_texts
+from topk_lib.app.widgets import ContinuationPanel, ExplorerPanel
 from topk_lib.plots.style import save_figure
 
 torch.set_num_threads(THREADS)
@@ -63,27 +65,14 @@ print("samples:", ", ".join(texts))
 # %% [markdown]
 # ## The explorer
 #
-# Sliders redraw when released. `rows shown` zooms into a range of query positions (token
-# labels appear when at most 64 rows are shown). Changing model or text recomputes the scores once.
+# Sliders redraw when released (arrow keys on a slider's handle step it). `k` moves over
+# log-spaced steps (1, 2, 3, 4, 6, 8, 12, …) so small k is easy to pick; `exact k` takes any value.
+# `rows shown` zooms into a range of query positions (token labels appear when at most 64 rows
+# are shown). Changing model or text recomputes the scores once; recent ones stay in memory.
 
 # %%
-slider = dict(continuous_update=False, style={"description_width": "initial"})
-model_w = widgets.Dropdown(options=list(MODELS), value=MODEL, description="model")
-text_w = widgets.Dropdown(options=list(texts) + [CUSTOM_TEXT], value=TEXT, description="text",
-                          layout=widgets.Layout(width="420px"))
-custom_w = widgets.Textarea(value="", placeholder="Your own text (used when 'text' is set to your own)",
-                            continuous_update=False, layout=widgets.Layout(width="640px", height="70px"))
-layer_w = widgets.IntSlider(value=LAYER, min=0, max=LAYER, description="layer", **slider)
-head_w = widgets.IntSlider(value=HEAD, min=0, max=HEAD, description="head", **slider)
-k_w = widgets.IntSlider(value=K, min=1, max=MAX_TOKENS, description="k", **slider)
-rows_w = widgets.IntRangeSlider(value=(0, MAX_TOKENS - 1), min=0, max=MAX_TOKENS - 1, description="rows shown",
-                                layout=widgets.Layout(width="500px"), **slider)
-session.follow(model=model_w, text=text_w, custom_text=custom_w, layer=layer_w, head=head_w, k=k_w, rows=rows_w)
-layer_w.value, head_w.value = LAYER, HEAD  # the ranges are known now: restore the requested start
-explorer_out = widgets.interactive_output(session.show, dict(model=model_w, text=text_w, custom_text=custom_w,
-                                                             layer=layer_w, head=head_w, k=k_w, rows=rows_w))
-display(widgets.VBox([widgets.HBox([model_w, text_w]), custom_w, widgets.HBox([layer_w, head_w, k_w]), rows_w]),
-        explorer_out)
+explorer_panel = ExplorerPanel(session, model=MODEL, text=TEXT, layer=LAYER, head=HEAD, k=K)
+display(explorer_panel.widget)
 
 # %% [markdown]
 # The default view, saved for the gallery (the same call the widgets made above), and the same
@@ -114,13 +103,9 @@ print(f"Caption: MiniLM layer {ENCODER_LAYER} head {ENCODER_HEAD}, k = {K}: mass
 # the two continuations differ. Tick `chat` to wrap the prompt in SmolLM2's chat template.
 
 # %%
-prompt_w = widgets.Textarea(value=PROMPT, continuous_update=False, layout=widgets.Layout(width="640px", height="80px"))
-prompt_k_w = widgets.IntSlider(value=PROMPT_K, min=1, max=256, description="k", **slider)
-new_w = widgets.IntSlider(value=NEW_TOKENS, min=1, max=128, description="new tokens", **slider)
-chat_w = widgets.Checkbox(value=False, description="chat")
-continuation_out = widgets.interactive_output(session.show_continuations, dict(
-    model=widgets.fixed("SmolLM2-135M"), prompt=prompt_w, k=prompt_k_w, max_new_tokens=new_w, chat=chat_w))
-display(prompt_w, widgets.HBox([prompt_k_w, new_w, chat_w]), continuation_out)
+continuation_panel = ContinuationPanel(session, model="SmolLM2-135M", prompt=PROMPT, k=PROMPT_K,
+                                       max_new_tokens=NEW_TOKENS)
+display(continuation_panel.widget)
 
 # %%
 print(continuations_text(session.last_continuations, session.model("SmolLM2-135M")[1]))

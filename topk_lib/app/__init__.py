@@ -1,3 +1,3 @@
-"""The interactive k explorer behind notebook 06: the explorer itself and the widgets' session."""
+"""The interactive k explorer behind notebook 06: the explorer, continuations, the widgets' session and widgets."""
 
-__all__ = ["explorer", "session"]
+__all__ = ["explorer", "continuations", "session", "widgets"]

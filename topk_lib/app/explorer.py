@@ -12,36 +12,32 @@ k?" by re-thresholding only, without running the model again:
   is an index lookup. :meth:`AttentionExplorer.view` returns one head's attention map, the
   entries top-k keeps, the mass they hold and the head's output relative error
   ``‖o_k − o‖/‖o‖`` (``o_k`` from :func:`~topk_lib.kernels.attention.topk_attention`, the same
-  kernel ``use_topk`` runs). A layer's probabilities ``[H, L, L]`` are recomputed from
-  Q/K on demand (one small matmul) and the last few layers are kept in an LRU cache.
-* :func:`compare_continuations`: greedy continuation of a prompt with exact attention and
-  under decode-time top-k (``use_topk`` around ``model.generate``; the prompt's prefill
-  runs top-k too), and the index of the first generated token where they differ.
+  kernel ``use_topk`` runs). One head's probabilities ``[L, L]`` are recomputed from its
+  Q/K on demand (one small matmul; a layer slider move needs one head, not the layer) and
+  the most recent heads are kept in an LRU cache.
+* :func:`log_k_steps`: the k values of the k slider, dense where small k changes most.
 
-The widgets of the notebook call :class:`topk_lib.app.session.ExplorerSession`, which keeps the
-explorers of recent (model, text) pairs.
+Continuations (exact vs top-k generation) live in :mod:`topk_lib.app.continuations`; the
+widgets of the notebook in :mod:`topk_lib.app.widgets`, over
+:class:`topk_lib.app.session.ExplorerSession`, which keeps the explorers of recent (model, text)
+pairs within a memory budget.
 
 Memory, SmolLM2-135M (30 layers, 9 query / 3 KV heads, d = 64) at 512 tokens, float32:
 Q/K/V of all layers take 30 × (9 + 3 + 3) × 512 × 64 × 4 B ≈ 59 MB, the mass table 0.55 MB,
-one layer's probabilities 9.4 MB (the LRU holds 4: 38 MB), instead of 283 MB for the
-probabilities of all layers.
+one head's probabilities 1 MB (the LRU holds 4 layers' worth, 36 heads: 38 MB), instead of
+283 MB for the probabilities of all layers; :attr:`AttentionExplorer.nbytes` is that sum.
 
 Measured: ``python -m topk_lib.app.explorer --tokens 512 --repeats 7`` (SmolLM2 on the start of
-Moby Dick, float32, torch 2.13 CPU, a 2-core machine shared with other jobs; medians over
-random (layer, head, k)):
-
-=====================================  =======  =============  ============  ===========
-run                                    build    head/k change  layer change  figure draw
-=====================================  =======  =============  ============  ===========
-2 threads, a quiet moment (load ~2)    1.9 s    3 ms           9 ms          0.14 s
-2 threads, another job busy (load ~3)  15 s     145 ms         210 ms        0.14 s
-1 thread, another job busy (load ~3)   3.6 s    4 ms           13 ms         0.13 s
-=====================================  =======  =============  ============  ===========
-
-"head/k change" is :meth:`AttentionExplorer.view` on a cached layer, "layer change" the same
-with the layer's probabilities recomputed, "figure draw" creating the figure and rendering it
-with Agg. A slider move therefore answers in 0.15-0.35 s, well under a second; two torch
-threads fighting another process for two cores are what make the small ops slow.
+Moby Dick, float32, torch 2.13 CPU, a 2-core machine shared with other jobs, load ~3; medians
+over random (layer, head, k)): building the explorer 11 s with 2 threads (3.2 s with 1); a view
+5 ms on a cached head, 12 ms with the head's probabilities recomputed; updating the live figure
+and encoding its PNG 64 ms; a whole widget slider move (control value to the Image's new PNG,
+:func:`simulate_slider_moves`) 70-75 ms for k, layer and head alike, at most 86 ms. Where the
+time of a move goes (load ~6): view 12 ms, artists updated 8 ms, Agg paint over the kept
+background 73 ms, PNG encode (PIL, zlib level 1, ~180 kB) 22 ms, base64 0.2 ms. The figure used
+to be rebuilt and saved with ``bbox_inches="tight"`` per move: 0.1 s + 0.45 s at that load
+(0.6-0.9 s + 1.7-2.1 s on a busier machine). A view runs in one torch thread: two threads
+competing with other processes for two cores made it ~20x slower (99 ms against 5 ms).
 
 Scale: attention is ``softmax(q·kᵀ / sqrt(d))`` with the causal mask where the model's
 attention module is causal (decoders), none otherwise (encoders, one text without padding).
@@ -53,7 +49,8 @@ from __future__ import annotations
 
 import argparse
 import collections
-import html
+import contextlib
+import os
 import statistics
 import sys
 import time
@@ -65,19 +62,15 @@ from topk_lib._validate import index, int_at_least, positive_int
 from topk_lib.analysis.approximations import attention_probs, record_qkv
 from topk_lib.analysis.metrics import relative_error
 from topk_lib.hf.layers import describe_layers
-from topk_lib.hf.patching import use_topk
 from topk_lib.kernels.attention import topk_attention
 
 __all__ = [
     "AttentionExplorer",
     "HeadView",
     "kept_mask",
-    "Continuations",
-    "compare_continuations",
-    "first_divergence",
-    "continuations_html",
-    "continuations_text",
+    "log_k_steps",
     "measure_latency",
+    "simulate_slider_moves",
 ]
 
 
@@ -103,6 +96,35 @@ def kept_mask(probs: torch.Tensor, k: int, *, causal: bool) -> torch.Tensor:
         allowed.tril_()  # key j <= query i
     top = probs.topk(min(k, n), dim=-1).indices  # [..., L, k]
     return torch.zeros(probs.shape, dtype=torch.bool, device=probs.device).scatter_(-1, top, True) & allowed  # [..., L, L]
+
+
+def log_k_steps(length: int) -> list[int]:
+    """k values for a slider over ``1..length``: 1, 2, 3, 4, 6, 8, 12, 16, ... (2^i and 1.5 * 2^i), then ``length``.
+
+    About two steps per doubling, so k = 1..8 take five of the ~17 steps at 512 tokens where a
+    linear slider gives them 1.5 % of its width.
+    """
+    length = positive_int(length, "length")
+    steps, power = [1], 2
+    while power < length:
+        steps += [v for v in (power, power * 3 // 2) if v < length]
+        power *= 2
+    return sorted(set(steps + [length]))
+
+
+@contextlib.contextmanager
+def _one_thread():
+    """Run a slider's small ops ([L, L] matrices) in one torch thread, then restore the setting.
+
+    Two threads fighting other processes for two cores made a view 20x slower (99 ms against
+    5 ms at 512 tokens, load ~3); on tensors this small a second thread buys nothing.
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def _token_label(tokenizer, token_id):
@@ -131,7 +153,8 @@ class AttentionExplorer:
     """Scores of one (model, text), computed once; :meth:`view` only re-thresholds.
 
     ``max_tokens``: the text is cut to this many tokens (after the tokenizer's special
-    tokens). ``cache_layers``: how many layers' probabilities ``[H, L, L]`` to keep.
+    tokens). ``cache_layers``: how many layers' worth of single-head probabilities
+    ``[L, L]`` to keep (``cache_layers × heads`` maps).
     """
 
     def __init__(self, model, tokenizer, text, *, max_tokens: int = 512, cache_layers: int = 4):
@@ -154,7 +177,7 @@ class AttentionExplorer:
         self._v = {layer: v[0].float() for layer, (_, _, v) in qkv.items()}  # [Hkv, L, dv]
         self.n_heads = self._q[self.layers[0]].shape[0]
         self.length = ids.shape[1]
-        self._probs: collections.OrderedDict = collections.OrderedDict()  # layer -> [H, L, L], LRU
+        self._heads: collections.OrderedDict = collections.OrderedDict()  # (layer, head) -> [L, L], LRU
         curves = []
         for layer in self.layers:
             srt = self.probs(layer).sort(dim=-1, descending=True).values  # [H, L, L]
@@ -165,16 +188,31 @@ class AttentionExplorer:
     def n_layers(self) -> int:
         return len(self.layers)
 
+    @property
+    def nbytes(self) -> int:
+        """Bytes this explorer may hold: Q/K/V, the mass table and a full head cache."""
+        tensors = [*self._q.values(), *self._k.values(), *self._v.values(), self._curves, self.input_ids]
+        held = sum(t.numel() * t.element_size() for t in tensors)
+        return held + self.cache_layers * self.n_heads * self.length**2 * 4  # float32 [L, L] per cached head
+
     def probs(self, layer: int) -> torch.Tensor:
-        """Exact attention probabilities of every head of ``layer``: ``[H, L, L]``."""
+        """Exact attention probabilities of every head of ``layer``: ``[H, L, L]`` (not cached)."""
         layer = self._layer(layer)
-        if layer in self._probs:
-            self._probs.move_to_end(layer)
-            return self._probs[layer]
-        p = attention_probs(self._q[layer], self._k[layer], causal=self.causal)  # [H, L, L]
-        self._probs[layer] = p
-        while len(self._probs) > self.cache_layers:
-            self._probs.popitem(last=False)
+        return attention_probs(self._q[layer], self._k[layer], causal=self.causal)  # [H, L, L]
+
+    def head_probs(self, layer: int, head: int) -> torch.Tensor:
+        """Exact attention probabilities of one head: ``[L, L]``, kept in an LRU of recent heads."""
+        layer = self._layer(layer)
+        head = index(head, "head", self.n_heads, "heads")
+        key = (layer, head)
+        if key in self._heads:
+            self._heads.move_to_end(key)
+            return self._heads[key]
+        kv = head // (self.n_heads // self._k[layer].shape[0])  # GQA: the KV head this query head reads
+        p = attention_probs(self._q[layer][head:head + 1], self._k[layer][kv:kv + 1], causal=self.causal)[0]  # [L, L]
+        self._heads[key] = p
+        while len(self._heads) > self.cache_layers * self.n_heads:
+            self._heads.popitem(last=False)
         return p
 
     def profile(self, *, k: int) -> torch.Tensor:
@@ -189,11 +227,15 @@ class AttentionExplorer:
 
     def view(self, *, layer: int, head: int, k: int) -> HeadView:
         """One head at one k: map, kept entries, mass kept, output error, per-layer profile."""
+        with _one_thread():
+            return self._view(layer=layer, head=head, k=k)
+
+    def _view(self, *, layer, head, k):
         layer = self._layer(layer)
         head = index(head, "head", self.n_heads, "heads")
         k = positive_int(k, "k")
         kk = min(k, self.length)
-        probs = self.probs(layer)[head]  # [L, L]
+        probs = self.head_probs(layer, head)  # [L, L]
         kept = kept_mask(probs, kk, causal=self.causal)  # [L, L]; never a masked key
         row_mass = (probs * kept).sum(dim=-1)  # [L]
         group = self.n_heads // self._k[layer].shape[0]  # query heads per KV head (GQA)
@@ -220,123 +262,73 @@ class AttentionExplorer:
         return layer
 
 
-# --------------------------------------------------------------------------- continuations
-
-
-def first_divergence(a, b) -> int | None:
-    """Index of the first position where token lists ``a`` and ``b`` differ; None if equal.
-
-    When one is a prefix of the other (one stopped early at EOS), that is the shorter length.
-    """
-    a, b = list(a), list(b)
-    for i, (x, y) in enumerate(zip(a, b)):
-        if x != y:
-            return i
-    return None if len(a) == len(b) else min(len(a), len(b))
-
-
-@dataclass
-class Continuations:
-    """Greedy continuations of one prompt, exact and top-k, as generated token ids."""
-
-    k: int
-    prompt_tokens: int
-    vanilla: list
-    topk: list
-    diverge: int | None  # index into the generated tokens; None = identical
-
-
-@torch.no_grad()
-def compare_continuations(model, tokenizer, prompt, *, k: int, max_new_tokens: int = 32, chat: bool = False
-                          ) -> Continuations:
-    """Greedy continuation of ``prompt`` with exact attention and with top-``k`` attention.
-
-    Top-k applies to every attention call inside ``generate`` (the prompt's prefill and each
-    decoding step, which attends the KV cache). ``chat=True`` wraps the prompt in the
-    tokenizer's chat template (instruct models), otherwise the raw text is continued.
-    """
-    k = positive_int(k, "k")
-    max_new_tokens = positive_int(max_new_tokens, "max_new_tokens")
-    _non_empty_text(prompt, "prompt")
-    if not (hasattr(model, "generate") and model.can_generate()):
-        raise ValueError(f"model: {type(model).__name__} cannot generate; use a decoder (e.g. smollm2-135m)")
-    if chat:
-        ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
-                                            return_tensors="pt", return_dict=True)["input_ids"]  # [1, P]
-    else:
-        ids = tokenizer(prompt, return_tensors="pt").input_ids  # [1, P]
-    ids = ids.to(next(model.parameters()).device)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    # Greedy, and the sampling defaults of the model's generation config switched off explicitly.
-    kwargs = dict(attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens, do_sample=False,
-                  temperature=None, top_p=None, top_k=None, pad_token_id=pad)
-    vanilla = model.generate(ids, **kwargs)[0, ids.shape[1]:].tolist()
-    with use_topk(model, attn_k=k):
-        approx = model.generate(ids, **kwargs)[0, ids.shape[1]:].tolist()
-    return Continuations(k=k, prompt_tokens=ids.shape[1], vanilla=vanilla, topk=approx,
-                         diverge=first_divergence(vanilla, approx))
-
-
-def continuations_html(result: Continuations, tokenizer, *, prompt: str | None = None) -> str:
-    """The two continuations side by side as HTML, tokens from the divergence on highlighted."""
-    def tokens(ids, color):
-        cut = len(ids) if result.diverge is None else result.diverge
-        same = html.escape(tokenizer.decode(ids[:cut]))
-        rest = html.escape(tokenizer.decode(ids[cut:]))
-        mark = f'<span style="background:{color};border-left:3px solid #c00">{rest}</span>' if rest else ""
-        return f'<span style="white-space:pre-wrap">{same}{mark}</span>'
-
-    where = ("identical" if result.diverge is None
-             else f"first differ at generated token {result.diverge} (0-based), highlighted")
-    head = f"<p><b>prompt</b> ({result.prompt_tokens} tokens): <i>{html.escape(prompt)}</i></p>" if prompt else ""
-    return (f"{head}<p>greedy continuations, {len(result.vanilla)} / {len(result.topk)} new tokens: {where}</p>"
-            '<table style="text-align:left"><tr><th>exact</th><td style="text-align:left">'
-            f"{tokens(result.vanilla, '#ffe9a8')}</td></tr>"
-            f'<tr><th>top-{result.k}</th><td style="text-align:left">{tokens(result.topk, "#ffc9c9")}</td></tr></table>')
-
-
-def continuations_text(result: Continuations, tokenizer) -> str:
-    """Plain-text version of :func:`continuations_html` (for logs and headless runs)."""
-    def line(ids):
-        cut = len(ids) if result.diverge is None else result.diverge
-        return tokenizer.decode(ids[:cut]) + ("⟦" + tokenizer.decode(ids[cut:]) + "⟧" if cut < len(ids) else "")
-
-    where = "identical" if result.diverge is None else f"diverge at generated token {result.diverge} (⟦ ⟧ after it)"
-    return f"{where}\nexact : {line(result.vanilla)!r}\ntop-{result.k}: {line(result.topk)!r}"
-
-
 # --------------------------------------------------------------------------- latency measurement
 
 
 def measure_latency(explorer: AttentionExplorer, *, repeats: int = 5, draw: bool = True, seed: int = 0) -> dict:
-    """Median seconds of slider updates: head/k change (cached layer), layer change, figure draw."""
+    """Median seconds of the parts of a slider move, over random (layer, head, k).
+
+    ``view_cached_s``: :meth:`AttentionExplorer.view` of a head in the cache (a k move);
+    ``view_new_head_s``: the same with the head's probabilities recomputed (a layer or head
+    move); with ``draw``, ``render_s``: updating the live figure in place and encoding its PNG
+    (:class:`~topk_lib.plots.explorer.ExplorerFigure`), and ``first_render_s``: building it.
+    """
     import random
 
-    import matplotlib.pyplot as plt
-
-    from topk_lib.plots.explorer import plot_explorer_view
+    from topk_lib.plots.explorer import ExplorerFigure
 
     rng = random.Random(seed)
-    ks = [1, 4, 16, 64, explorer.length]
-    same_layer, new_layer, drawing = [], [], []
+    ks = log_k_steps(explorer.length)
+    cached, new_head, rendering = [], [], []
+    figure = None
     for _ in range(repeats):
-        layer = rng.choice(explorer.layers)
-        explorer._probs.pop(layer, None)  # force an LRU miss: the layer-slider case
+        layer, head = rng.choice(explorer.layers), rng.randrange(explorer.n_heads)
+        explorer._heads.pop((layer, head), None)  # force an LRU miss: the layer-slider case
         start = time.perf_counter()
-        explorer.view(layer=layer, head=rng.randrange(explorer.n_heads), k=rng.choice(ks))
-        new_layer.append(time.perf_counter() - start)
+        explorer.view(layer=layer, head=head, k=rng.choice(ks))
+        new_head.append(time.perf_counter() - start)
         start = time.perf_counter()
-        view = explorer.view(layer=layer, head=rng.randrange(explorer.n_heads), k=rng.choice(ks))
-        same_layer.append(time.perf_counter() - start)
+        view = explorer.view(layer=layer, head=head, k=rng.choice(ks))
+        cached.append(time.perf_counter() - start)
         if draw:
             start = time.perf_counter()
-            fig = plot_explorer_view(view, tokens=explorer.tokens)
-            fig.canvas.draw()  # what display(fig) pays before encoding the PNG
-            plt.close(fig)
-            drawing.append(time.perf_counter() - start)
-    out = {"view_same_layer_s": statistics.median(same_layer), "view_new_layer_s": statistics.median(new_layer)}
+            if figure is None:
+                figure = ExplorerFigure(view, tokens=explorer.tokens)
+                figure.png()
+                first = time.perf_counter() - start
+                continue
+            figure.update(view)
+            figure.png()
+            rendering.append(time.perf_counter() - start)
+    out = {"view_cached_s": statistics.median(cached), "view_new_head_s": statistics.median(new_head)}
     if draw:
-        out["draw_s"] = statistics.median(drawing)
+        out["first_render_s"] = first
+        if rendering:
+            out["render_s"] = statistics.median(rendering)
+    return out
+
+
+def simulate_slider_moves(panel, *, repeats: int = 5, seed: int = 0) -> dict:
+    """Move an :class:`~topk_lib.app.widgets.ExplorerPanel`'s k, layer and head controls as a user would.
+
+    Returns per kind of move the median and the largest seconds from the control's new value
+    to the Image's new value, over new views only (kept PNGs would answer at once).
+    """
+    import random
+
+    rng = random.Random(seed)
+    ex = panel.session.explorer(panel.model_w.value, panel.text_w.value, panel.custom_w.value)
+    out = {}
+    for kind, control, values in [("k", panel.k_w, list(panel.k_w.options)), ("layer", panel.layer_w, ex.layers),
+                                  ("head", panel.head_w, list(range(ex.n_heads)))]:
+        times = []
+        for _ in range(repeats):
+            panel._pngs.clear()
+            value = rng.choice([v for v in values if v != control.value])
+            panel.timings.clear()
+            control.value = value
+            times += panel.timings
+        out[f"{kind}_move_median_s"], out[f"{kind}_move_max_s"] = statistics.median(times), max(times)
     return out
 
 
@@ -358,9 +350,19 @@ def main(argv=None) -> int:
     explorer = AttentionExplorer(model, tokenizer, text[: args.tokens * 8], max_tokens=args.tokens)
     built = time.perf_counter() - start
     times = measure_latency(explorer, repeats=args.repeats)
+    from topk_lib.app.session import ExplorerSession
+    from topk_lib.app.widgets import ExplorerPanel
+
+    session = ExplorerSession(models={args.model: args.model}, texts={"text": text[: args.tokens * 8]},
+                              max_tokens=args.tokens, loader=lambda name: (model, tokenizer))
+    session._explorers[(args.model, text[: args.tokens * 8])] = explorer  # the one built above
+    panel = ExplorerPanel(session, model=args.model, text="text", layer=explorer.layers[len(explorer.layers) // 2],
+                          head=0, k=16)
+    moves = simulate_slider_moves(panel, repeats=args.repeats)
     print(f"{args.model}, {explorer.length} tokens, {explorer.n_layers} layers x {explorer.n_heads} heads, "
-          f"{torch.get_num_threads()} threads, torch {torch.__version__}")
+          f"{torch.get_num_threads()} threads, torch {torch.__version__}, load {os.getloadavg()[0]:.1f}")
     print(f"build {built:.2f} s; " + "; ".join(f"{name} {value * 1000:.0f} ms" for name, value in times.items()))
+    print("widget slider moves: " + "; ".join(f"{name} {value * 1000:.0f} ms" for name, value in moves.items()))
     return 0
 
 

@@ -1,77 +1,18 @@
-"""The k explorer (topk_lib.app.explorer and .session, plot_explorer): views against eager attention and metrics.py,
-slider latency, continuations under decode-time top-k, the widget session."""
+"""The k explorer (topk_lib.app.explorer) and its live figure (plots.explorer): views against eager attention and
+metrics.py, the head cache, log-spaced k steps, in-place figure updates, slider latency."""
 
+import dataclasses
+import io
 
 import matplotlib
+import numpy as np
 import pytest
 import torch
-from transformers import AutoTokenizer, BertConfig, BertModel, LlamaConfig, LlamaForCausalLM
 
-from topk_lib.app import explorer as ex_mod
-from topk_lib.app import session as session_mod
-from topk_lib.hf import loading as models
-from topk_lib.app.explorer import (
-    AttentionExplorer,
-    Continuations,
-    compare_continuations,
-    continuations_html,
-    continuations_text,
-    first_divergence,
-    measure_latency,
-)
-from topk_lib.app.session import CUSTOM_TEXT, ExplorerSession
 from topk_lib.analysis.metrics import mass_kept, relative_error, topk_probs
-from topk_lib.hf.patching import use_topk
-from topk_lib.plots.explorer import plot_explorer_view
-
-TEXT = " ".join(f"the {w} sat on the {v} mat number {i}." for i, (w, v) in
-                enumerate(zip(["cat", "dog", "whale", "ship"] * 40, ["red", "old", "wet", "big", "new"] * 32)))
-
-
-def _sharpen(model, factor):
-    # Random weights give near-uniform attention; trained heads are peaky.
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if name.endswith(("q_proj.weight", "query.weight")):
-                param.mul_(factor)
-    return model
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return AutoTokenizer.from_pretrained(models._package_file("minilm-l6"))  # a real offline tokenizer
-
-
-def tiny_llama(tok, *, layers=2, hidden=32, heads=4, kv_heads=2, head_dim=None, d_ff=64):
-    torch.manual_seed(0)
-    cfg = LlamaConfig(hidden_size=hidden, intermediate_size=d_ff, num_hidden_layers=layers, num_attention_heads=heads,
-                      num_key_value_heads=kv_heads, head_dim=head_dim or hidden // heads, vocab_size=tok.vocab_size,
-                      max_position_embeddings=1024, pad_token_id=0, eos_token_id=102, bos_token_id=101,
-                      attn_implementation="eager")
-    return _sharpen(LlamaForCausalLM(cfg).eval(), 6.0)
-
-
-@pytest.fixture(scope="module")
-def llama(tok):
-    return tiny_llama(tok)
-
-
-@pytest.fixture(scope="module")
-def bert(tok):
-    torch.manual_seed(0)
-    cfg = BertConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                     vocab_size=tok.vocab_size, max_position_embeddings=256, attn_implementation="eager")
-    return _sharpen(BertModel(cfg).eval(), 6.0)
-
-
-@pytest.fixture(scope="module")
-def llama_ex(llama, tok):
-    return AttentionExplorer(llama, tok, TEXT, max_tokens=40)
-
-
-@pytest.fixture(scope="module")
-def bert_ex(bert, tok):
-    return AttentionExplorer(bert, tok, TEXT, max_tokens=30)
+from topk_lib.app import explorer as ex_mod
+from topk_lib.app.explorer import AttentionExplorer, log_k_steps, measure_latency
+from topk_lib.plots.explorer import ExplorerFigure, plot_explorer_view
 
 
 # --------------------------------------------------------------------------- views
@@ -127,16 +68,43 @@ def test_error_shrinks_with_k(llama_ex):
     assert errors == sorted(errors, reverse=True) and errors[0] > 0.01
 
 
-def test_probs_cache_is_bounded(llama, tok):
-    ex = AttentionExplorer(llama, tok, TEXT, max_tokens=16, cache_layers=1)
-    first = ex.probs(0)
-    assert ex.probs(0) is first  # cached
-    ex.probs(1)
-    assert list(ex._probs) == [1]
-    torch.testing.assert_close(ex.probs(0), first)  # recomputed, same values
+def test_head_cache_is_bounded_and_exact(llama, tok, text):
+    ex = AttentionExplorer(llama, tok, text, max_tokens=16, cache_layers=1)  # 1 layer's worth: 4 heads
+    first = ex.head_probs(0, 1)
+    assert ex.head_probs(0, 1) is first  # cached
+    for head in range(4):
+        ex.head_probs(1, head)
+    assert list(ex._heads) == [(1, 0), (1, 1), (1, 2), (1, 3)]  # (0, 1) dropped as least recently used
+    again = ex.head_probs(0, 1)
+    assert again is not first and torch.equal(again, first)  # recomputed, the same bits
+    for layer in ex.layers:  # one head alone gives the bits of the whole layer's batched product
+        full = ex.probs(layer)  # [H, L, L]
+        assert all(torch.equal(full[h], ex.head_probs(layer, h)) for h in range(ex.n_heads))
 
 
-def test_bad_arguments_name_themselves(llama, tok, llama_ex):
+def test_nbytes_counts_qkv_table_and_a_full_head_cache(llama_ex):
+    ex = llama_ex  # 2 layers, 4 query / 2 KV heads of 8 dims, 40 tokens
+    qkv = 2 * (4 + 2 + 2) * 40 * 8 * 4
+    table = 2 * 4 * 40 * 4
+    heads = 4 * 4 * 40 * 40 * 4  # cache_layers (4) x heads (4) maps of [40, 40] float32
+    assert ex.nbytes == qkv + table + heads + 40 * 8  # + the int64 token ids
+
+
+@pytest.mark.parametrize("length, steps", [
+    (1, [1]),
+    (2, [1, 2]),
+    (7, [1, 2, 3, 4, 6, 7]),
+    (16, [1, 2, 3, 4, 6, 8, 12, 16]),
+    (512, [1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512]),
+    (40, [1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 40]),
+])
+def test_log_k_steps(length, steps):
+    assert log_k_steps(length) == steps
+    with pytest.raises(ValueError, match="length"):
+        log_k_steps(0)
+
+
+def test_bad_arguments_name_themselves(llama, tok, llama_ex, text):
     with pytest.raises(ValueError, match="layer"):
         llama_ex.view(layer=2, head=0, k=1)
     with pytest.raises(ValueError, match="head"):
@@ -146,11 +114,11 @@ def test_bad_arguments_name_themselves(llama, tok, llama_ex):
     with pytest.raises(ValueError, match="text"):
         AttentionExplorer(llama, tok, "   ")
     with pytest.raises(ValueError, match="max_tokens"):
-        AttentionExplorer(llama, tok, TEXT, max_tokens=0)
+        AttentionExplorer(llama, tok, text, max_tokens=0)
 
 
-def test_text_is_cut_to_max_tokens(llama, tok):
-    ex = AttentionExplorer(llama, tok, TEXT, max_tokens=17)
+def test_text_is_cut_to_max_tokens(llama, tok, text):
+    ex = AttentionExplorer(llama, tok, text, max_tokens=17)
     assert ex.length == 17 and len(ex.tokens) == 17 and ex.input_ids.shape == (1, 17)
 
 
@@ -173,132 +141,92 @@ def test_figure_draws_full_and_zoomed(llama_ex):
     matplotlib.pyplot.close("all")
 
 
+def _dense_kept(p, k, causal):
+    """Reference: per row, the k largest probabilities among the keys the query may attend."""
+    n = p.shape[0]
+    kept = np.zeros((n, n), dtype=bool)
+    for i in range(n):
+        keys = np.arange(i + 1 if causal else n)
+        order = keys[np.argsort(-p[i, keys], kind="stable")]
+        kept[i, order[:k]] = True
+    return kept
+
+
+def _saved(fig):
+    out = io.BytesIO()
+    fig.savefig(out, format="png", metadata={"Software": None})
+    return out.getvalue()
+
+
+def test_figure_updates_in_place(llama_ex):
+    ex = llama_ex
+    first = ex.view(layer=0, head=1, k=3)
+    live = ExplorerFigure(first, tokens=ex.tokens, title="tiny")
+    fig, artists = live.figure, (live.kept, live.dropped, live.mean, live.star, live.suptitle)
+    before = live.png()
+    for layer, head, k in [(1, 2, 1), (0, 3, 8), (1, 0, 40)]:
+        view = ex.view(layer=layer, head=head, k=k)
+        live.update(view)
+        assert live.figure is fig and (live.kept, live.dropped, live.mean, live.star, live.suptitle) == artists
+        p = ex.probs(layer)[head].numpy()  # [L, L]
+        want = _dense_kept(p, k, causal=True)
+        kept, dropped = live.kept.get_array(), live.dropped.get_array()
+        np.testing.assert_array_equal(np.ma.getmaskarray(kept), ~want)  # coloured: exactly the top k
+        np.testing.assert_array_equal(np.ma.getmaskarray(dropped), want)  # grey: the rest
+        np.testing.assert_array_equal(kept.data, p)
+        mass = (p * want).sum(-1).mean()
+        assert f"head mass kept {mass:.1%}" in live.suptitle.get_text() and f"k = {k}" in live.suptitle.get_text()
+        assert live.map_axes.get_title() == f"layer {layer}, head {head}: top-{min(k, ex.length)} per row"
+        profile = np.array([(ex.probs(l).numpy() * np.stack([_dense_kept(q, k, True) for q in ex.probs(l).numpy()]))
+                            .sum(-1).mean() for l in ex.layers])
+        np.testing.assert_allclose(live.mean.get_ydata(), profile, atol=1e-5)
+        np.testing.assert_allclose(live.star.get_offsets(), [[layer, mass]], atol=1e-5)
+        assert live.png() != before
+    live.update(first)
+    assert live.png() == before  # back to the first view: the identical bytes
+    assert live.draws == 1  # every probability map here has a 1.0 (row 0): one background, reused
+    # the same state as a figure built for that view, rendered and saved
+    fresh = ExplorerFigure(first, tokens=ex.tokens, title="tiny")
+    assert fresh.png() == before
+    live.update(ex.view(layer=1, head=2, k=4))
+    assert _saved(live.figure) != _saved(fresh.figure)
+    live.update(first)
+    assert _saved(live.figure) == _saved(fresh.figure)
+    with pytest.raises(ValueError, match="view must come from"):
+        live.update(dataclasses.replace(first, causal=False))
+    matplotlib.pyplot.close("all")
+
+
+def test_figure_background_follows_the_colour_range(bert_ex):
+    # zoomed rows of a bidirectional head: each head has its own largest probability
+    live = ExplorerFigure(bert_ex.view(layer=0, head=0, k=2), rows=(5, 9))
+    one = live.png()
+    live.update(bert_ex.view(layer=1, head=3, k=2))
+    assert live.norm.vmax == pytest.approx(float(bert_ex.probs(1)[3, 5:9].max()))
+    other = live.png()
+    live.update(bert_ex.view(layer=0, head=0, k=2))
+    assert live.png() == one and other != one and live.draws == 3
+    assert not matplotlib.pyplot.get_fignums()  # the live figure is not a pyplot figure
+
+
 # --------------------------------------------------------------------------- latency
 
 
-def test_slider_update_is_fast_at_512_tokens(tok):
+def test_slider_update_is_fast_at_512_tokens(make_llama, tok, text):
     """SmolLM2's attention geometry (9 query / 3 KV heads, d = 64) at 512 tokens, 3 layers.
 
-    A slider move costs one view (plus one layer's probabilities on a layer change); the
-    bound is generous because the CPU is shared. The figure redraw is bounded separately.
+    A slider move costs one view (plus one head's probabilities on a layer change) and one
+    in-place render; the bounds are generous because the CPU is shared.
     """
     torch.set_num_threads(2)
-    model = tiny_llama(tok, layers=3, hidden=576, heads=9, kv_heads=3, head_dim=64, d_ff=64)
-    ex = AttentionExplorer(model, tok, TEXT * 4, max_tokens=512)
+    model = make_llama(layers=3, hidden=576, heads=9, kv_heads=3, head_dim=64, d_ff=64)
+    ex = AttentionExplorer(model, tok, text * 4, max_tokens=512)
     assert ex.length == 512
-    times = measure_latency(ex, repeats=3, draw=True)
-    assert times["view_same_layer_s"] < 0.5, times
-    assert times["view_new_layer_s"] < 0.5, times
-    assert times["view_new_layer_s"] + times["draw_s"] < 3.0, times
+    times = measure_latency(ex, repeats=4, draw=True)
+    assert times["view_cached_s"] < 0.5, times
+    assert times["view_new_head_s"] < 0.5, times
+    assert times["view_new_head_s"] + times["render_s"] < 1.0, times
     matplotlib.pyplot.close("all")
-
-
-# --------------------------------------------------------------------------- continuations
-
-
-@pytest.mark.parametrize("a, b, expected", [
-    ([1, 2, 3], [1, 2, 3], None),
-    ([1, 2, 3], [1, 5, 3], 1),
-    ([4], [5], 0),
-    ([1, 2], [1, 2, 3], 2),  # one stopped early
-    ([], [], None),
-])
-def test_first_divergence(a, b, expected):
-    assert first_divergence(a, b) == expected
-
-
-def test_continuations_large_k_are_identical(llama, tok):
-    result = compare_continuations(llama, tok, "the cat sat on the mat", k=1000, max_new_tokens=6)
-    assert result.diverge is None and result.vanilla == result.topk and len(result.vanilla) == 6
-    assert result.prompt_tokens == len(tok("the cat sat on the mat").input_ids)
-
-
-def test_continuations_match_generate_under_use_topk(llama, tok):
-    prompt = "the whale sat on the old mat number 3. the dog"
-    result = compare_continuations(llama, tok, prompt, k=2, max_new_tokens=8)
-    ids = tok(prompt, return_tensors="pt").input_ids
-    kw = dict(attention_mask=torch.ones_like(ids), max_new_tokens=8, do_sample=False, pad_token_id=0)
-    with torch.no_grad():
-        vanilla = llama.generate(ids, **kw)[0, ids.shape[1]:].tolist()
-        with use_topk(llama, attn_k=2):
-            approx = llama.generate(ids, **kw)[0, ids.shape[1]:].tolist()
-    assert result.vanilla == vanilla and result.topk == approx
-    assert result.diverge == first_divergence(vanilla, approx)
-
-
-def test_continuations_reject_encoders_and_bad_k(bert, llama, tok):
-    with pytest.raises(ValueError, match="model"):
-        compare_continuations(bert, tok, "hello there", k=4)
-    with pytest.raises(ValueError, match="k must be"):
-        compare_continuations(llama, tok, "hello there", k=0)
-    with pytest.raises(ValueError, match="prompt"):
-        compare_continuations(llama, tok, "  ", k=4)
-
-
-def test_continuations_html_marks_divergence(tok):
-    same = tok("the cat sat", add_special_tokens=False).input_ids
-    result = Continuations(k=4, prompt_tokens=3, vanilla=same + tok(" on <b>", add_special_tokens=False).input_ids,
-                           topk=same + tok(" under", add_special_tokens=False).input_ids, diverge=len(same))
-    page = continuations_html(result, tok, prompt="a <prompt>")
-    assert "top-4" in page and f"token {len(same)}" in page
-    assert "<b>" not in page.split("</b>", 1)[1] and "&lt;prompt&gt;" in page  # escaped
-    assert page.count("border-left") == 2
-    assert "⟦" in continuations_text(result, tok)
-
-
-# --------------------------------------------------------------------------- session and widgets
-
-
-def _session(llama, bert, tok, **kw):
-    loaded = {"llama": (llama, tok), "bert": (bert, tok)}
-    return ExplorerSession(models={"Llama": "llama", "BERT": "bert"}, texts={"cats": TEXT, "short": TEXT[:60]},
-                           max_tokens=24, loader=loaded.__getitem__, progress=False, **kw)
-
-
-def test_session_caches_explorers(llama, bert, tok):
-    session = _session(llama, bert, tok, keep=2)
-    a = session.explorer("Llama", "cats")
-    assert session.explorer("Llama", "cats") is a
-    session.explorer("BERT", "cats")
-    session.explorer("BERT", "short")
-    assert session.explorer("Llama", "cats") is not a  # dropped as least recently used
-    assert session.explorer("Llama", CUSTOM_TEXT, "a text of my own").length > 3
-    with pytest.raises(ValueError, match="custom_text"):
-        session.explorer("Llama", CUSTOM_TEXT, " ")
-    with pytest.raises(ValueError, match="model must be one of"):
-        session.explorer("GPT", "cats")
-
-
-def test_session_widgets_follow_the_model(llama, bert, tok, capsys):
-    import ipywidgets as widgets
-
-    session = _session(llama, bert, tok)
-    model = widgets.Dropdown(options=["Llama", "BERT"], value="Llama")
-    text = widgets.Dropdown(options=["cats", "short", CUSTOM_TEXT], value="cats")
-    custom = widgets.Textarea(value="")
-    layer, head = widgets.IntSlider(value=1, max=1), widgets.IntSlider(value=3, max=3)
-    k = widgets.IntSlider(value=8, min=1, max=512)
-    rows = widgets.IntRangeSlider(value=(0, 511), max=511)
-    session.follow(model=model, text=text, custom_text=custom, layer=layer, head=head, k=k, rows=rows)
-    assert (layer.max, head.max, k.max, rows.value) == (1, 3, 24, (0, 23))
-    calls = []
-    out = widgets.interactive_output(lambda **kw: calls.append(kw), dict(model=model, text=text, custom_text=custom,
-                                                                       layer=layer, head=head, k=k, rows=rows))
-    assert calls and out is not None  # the default call happens at creation
-    text.value = "short"
-    short = session.explorer("Llama", "short").length
-    assert k.max == short and rows.value == (0, short - 1)
-    session.show(model="Llama", text="cats", layer=1, head=3, k=4, rows=(2, 9))
-    session.show(model="BERT", text="cats", layer=9, head=9, k=99)  # clamped, no error
-    session.show(model="Llama", text=CUSTOM_TEXT, custom_text="", layer=0, head=0, k=1)
-    assert "Type a text" in capsys.readouterr().out
-    matplotlib.pyplot.close("all")
-
-
-def test_sample_texts_always_have_pydoc():
-    texts = session_mod.sample_texts(chars=500)
-    assert any("pydoc" in name for name in texts)
-    assert all(0 < len(t) <= 500 for t in texts.values())
 
 
 def test_kept_mask_keeps_k_allowed_keys_per_row():
