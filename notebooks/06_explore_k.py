@@ -44,7 +44,6 @@ from topk_lib.infra.outputs import notebook_setup
 notebook_setup("06_explore_k", globals())  # checks the values above; says where this run writes
 
 # %%
-import ipywidgets as widgets
 import torch
 from IPython.display import display
 
