@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from topk_lib.kernels.checks import check_attention_inputs, first_order_only
 from topk_lib.kernels.chunking import causal_end, chunk_scores, flat_rows, grouped_mask
 from topk_lib.kernels.product import KeptMatrix, resolve_product
+from topk_lib.kernels.scan import can_scan, select_chunk
 from topk_lib.kernels.selection import DEFAULT_SELECTOR, RowSelector
 
 __all__ = ["topk_attention", "chunked_attention", "vanilla_attention"]
@@ -91,16 +92,20 @@ class _TopkAttention(torch.autograd.Function):
         # [..., Hkv, G, Lq, k] and [..., Hkv, G, Lq, 1]
         idx_all = torch.full((*batch, hkv, g, lq, k_eff), -1, dtype=torch.int32, device=query.device)
         lse = query.new_full((*batch, hkv, g, lq, 1), float("-inf"), dtype=_lse_dtype(query.dtype))
+        fused = selector.method == "auto" and can_scan(query)
         for r0 in range(0, lq, chunk_size):
             r1 = min(r0 + chunk_size, lq)
             k_end = causal_end(is_causal, lq, lk, r1)
             if k_end == 0:
                 continue
-            # [..., Hkv, G, c, k_end]
-            scores = chunk_scores(q_grouped, key, mask_grouped, r0, r1, k_end, lq, lk, is_causal, scale)
             k_chunk = min(k_eff, k_end)
-            vals, idx = selector(scores, k_chunk)  # [..., Hkv, G, c, k_chunk]
-            del scores
+            if fused:  # scores slab by slab in cache, compiled selection (see .scan)
+                vals, idx = select_chunk(q_grouped, key, mask_grouped, r0, r1, lq, lk, is_causal, scale, k_chunk,
+                                         selector)  # [..., Hkv, G, c, k_chunk]
+            else:  # [..., Hkv, G, c, k_end], then the k largest of each row
+                scores = chunk_scores(q_grouped, key, mask_grouped, r0, r1, k_end, lq, lk, is_causal, scale)
+                vals, idx = selector(scores, k_chunk)  # [..., Hkv, G, c, k_chunk]
+                del scores
             p, lse[..., r0:r1, :] = _softmax_kept(vals)  # [..., Hkv, G, c, k_chunk]
             kept = KeptMatrix(idx, offsets, v_flat.shape[0], backend=backend)
             out_grouped[..., r0:r1, :] = kept.times(p, v_flat)  # [..., Hkv, G, c, dv]

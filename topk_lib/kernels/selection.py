@@ -42,11 +42,30 @@ class RowSelector:
     ``threads=None`` uses ``torch.get_num_threads()`` at each call. Threads start on the
     first call that has more than one block of rows and live until :meth:`close` (or the
     end of a ``with`` block); reused across calls, a selector keeps them.
+
+    ``method`` says how :func:`~topk_lib.kernels.attention.topk_attention`'s forward selects:
+    ``"auto"`` fuses the scores with the compiled selection (:mod:`.scan`, :mod:`.native`)
+    where it runs (CPU float32/float64, a C++ compiler) and scores whole chunks then calls
+    this selector elsewhere; ``"chunked"`` always does the latter (the path before the fused
+    one, kept to compare against). Both keep the same entries up to ties.
     """
 
-    def __init__(self, threads: int | None = None):
+    METHODS = ("auto", "chunked")
+
+    def __init__(self, threads: int | None = None, method: str = "auto"):
         self.threads = None if threads is None else positive_int(threads, "threads")
+        if method not in self.METHODS:
+            raise ValueError(f"method must be one of {self.METHODS}, got {method!r}")
+        self.method = method
         self._pool, self._pool_size = None, 0
+
+    def thread_count(self) -> int:
+        """How many threads a call may use now."""
+        return self.threads or torch.get_num_threads()
+
+    def workers(self, threads: int):
+        """The pool of at least ``threads`` worker threads (started, or grown, on demand)."""
+        return self._workers(threads)
 
     def __enter__(self):
         return self

@@ -1,0 +1,121 @@
+"""The top-k forward's scores and selection, fused slab by slab so the scores stay in cache (Gupta et al. 2021, 3.1).
+
+The chunked path (:func:`~topk_lib.kernels.chunking.chunk_scores`, then
+:class:`~topk_lib.kernels.selection.RowSelector` over the whole chunk) writes a ``[..., c, Lk]``
+score block per chunk to memory, masks it in full and reads it back to select. Here a chunk
+is cut into slabs of a few key/value heads and query rows whose scores fit in the CPU caches
+(:data:`SLAB_BYTES`): each slab's ``Q K^T`` goes into one reused buffer (no fresh pages per
+chunk), the causal rule becomes a per-row length (each slab also stops at its own last
+visible key, so fewer masked scores are computed), and the compiled selection of
+:mod:`.native` reads the buffer while it is still cached. The result is the same kept set
+(up to ties at the k-th score) and the same values as the chunked path.
+
+Where a transform of the scores goes (a soft cap, say): on the slab's buffer right after its
+product, before the mask (marked in :func:`select_chunk`); a monotone transform with no float mask may
+instead be applied to the kept values only, since it keeps the same top k.
+
+Dimensions
+----------
+``B``   batch dims (any number, written ``...``); ``Hkv`` key/value heads; ``G`` query heads per
+        key/value head; ``c`` queries of the chunk; ``k`` kept keys per query; ``d`` head dim
+``hb``  key/value heads of a slab; ``ra`` query rows of a slab; ``ke`` keys a slab can see
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import torch
+
+from topk_lib.kernels import native
+from topk_lib.kernels.chunking import causal_end
+
+__all__ = ["SLAB_BYTES", "can_scan", "select_chunk"]
+
+#: Score bytes per slab: one matmul per slab, so big enough for BLAS to run near its peak on two cores
+#: (smaller slabs measured slower, see the module docstring) yet far below a whole chunk.
+SLAB_BYTES = 64 * 1024**2
+
+
+def can_scan(query) -> bool:
+    """Whether :func:`select_chunk` runs for ``query``: CPU float32/float64 and the compiled selection built."""
+    return query.device.type == "cpu" and query.dtype in (torch.float32, torch.float64) and native.available()
+
+
+def select_chunk(q_grouped, key, mask_grouped, r0, r1, lq, lk, is_causal, scale, k, selector):
+    """The ``k`` largest masked, scaled scores of query rows ``r0:r1`` against each row's visible keys.
+
+    ``q_grouped [..., Hkv, G, Lq, d]``, ``key [..., Hkv, Lk, d]``, ``mask_grouped`` from
+    :func:`~topk_lib.kernels.chunking.grouped_mask` (or ``None``); ``selector`` lends its
+    worker threads. Returns ``(values, indices)``, each ``[..., Hkv, G, c, k]`` (indices int64);
+    as :func:`~topk_lib.kernels.chunking.chunk_scores` then a selection would give, except that
+    a row with fewer than ``k`` visible keys fills its spare slots with ``-inf`` at key 0.
+    """
+    lib = native.load()
+    batch, (hkv, g, _, d) = q_grouped.shape[:-4], q_grouped.shape[-4:]
+    c = r1 - r0
+    q_chunk = q_grouped[..., r0:r1, :] * scale  # [..., Hkv, G, c, d] scaled first, as chunk_scores does
+    vals = q_chunk.new_empty(*q_chunk.shape[:-1], k)  # [..., Hkv, G, c, k]
+    idx = torch.empty(vals.shape, dtype=torch.int64)
+    item = q_chunk.element_size()
+    k_end = causal_end(is_causal, lq, lk, r1)
+    # slab: hb heads x ra rows, hb*G*ra*ke*item <= SLAB_BYTES (at least one head and one row)
+    per_head = g * c * k_end * item
+    hb = max(1, min(hkv, SLAB_BYTES // max(per_head, 1)))
+    ra = c if hb > 1 or per_head <= SLAB_BYTES else max(1, SLAB_BYTES // (g * k_end * item))
+    buf = torch.empty(hb * g * min(ra, c) * k_end, dtype=q_chunk.dtype)  # reused by every slab
+    mask_b = None if mask_grouped is None else mask_grouped.expand(*batch, *mask_grouped.shape[-4:])
+    fn = lib.topk_rows_f32 if q_chunk.dtype == torch.float32 else lib.topk_rows_f64
+    for bi in itertools.product(*(range(s) for s in batch)):
+        q_b, k_b, v_out, i_out = q_chunk[bi], key[bi], vals[bi], idx[bi]  # [Hkv, G, c, d], [Hkv, Lk, d], ...
+        m_b = None if mask_b is None else mask_b[bi]  # [Hkv|1, G|1, Lq|1, Lk|1]
+        for h0 in range(0, hkv, hb):
+            h1 = min(hkv, h0 + hb)
+            for a0 in range(0, c, ra):
+                a1 = min(c, a0 + ra)
+                ke = causal_end(is_causal, lq, lk, r0 + a1)
+                rows = (h1 - h0) * g * (a1 - a0)
+                if ke == 0:
+                    v_out[h0:h1, :, a0:a1].fill_(float("-inf"))
+                    i_out[h0:h1, :, a0:a1].zero_()
+                    continue
+                q_rows = q_b[h0:h1, :, a0:a1].reshape(h1 - h0, g * (a1 - a0), d)  # [hb, G*ra, d]
+                scores = buf[: rows * ke].view(h1 - h0, g * (a1 - a0), ke)
+                torch.matmul(q_rows, k_b[h0:h1, :ke].transpose(-1, -2), out=scores)
+                # a transform of the raw scores (a soft cap) goes here, before the mask
+                if m_b is not None:
+                    m = m_b[h0:h1] if m_b.shape[0] != 1 else m_b
+                    m = m[..., r0 + a0 : r0 + a1, :] if m.shape[-2] != 1 else m
+                    m = m[..., :ke] if m.shape[-1] != 1 else m  # [hb|1, G|1, ra|1, ke|1]
+                    grid = scores.view(h1 - h0, g, a1 - a0, ke)
+                    grid.masked_fill_(~m, float("-inf")) if m.dtype == torch.bool else grid.add_(m)
+                lens = None
+                if is_causal:  # row a sees keys up to its absolute position lk - lq + r0 + a
+                    lens = np.clip(np.arange(lk - lq + r0 + a0 + 1, lk - lq + r0 + a1 + 1), 0, ke).astype(np.int64)
+                    lens = np.tile(lens, rows // (a1 - a0))  # one per row of [hb, G, ra]
+                ov = torch.empty(rows, k, dtype=q_chunk.dtype)
+                oi = torch.empty(rows, k, dtype=torch.int64)
+                _run_rows(selector, fn, scores, rows, ke, lens, k, ov, oi)
+                v_out[h0:h1, :, a0:a1] = ov.view(h1 - h0, g, a1 - a0, k)
+                i_out[h0:h1, :, a0:a1] = oi.view(h1 - h0, g, a1 - a0, k)
+    return vals, idx
+
+
+def _run_rows(selector, fn, scores, rows, ke, lens, k, ov, oi):
+    """The compiled selection over ``rows`` rows of ``scores`` (row lengths ``lens`` or all ``ke``), across threads."""
+    item = scores.element_size()
+    base, vbase, ibase = scores.data_ptr(), ov.data_ptr(), oi.data_ptr()
+    lens_ptr = None if lens is None else lens.ctypes.data
+
+    def part(span):
+        a, b = span
+        lp = None if lens_ptr is None else lens_ptr + a * 8
+        fn(base + a * ke * item, b - a, ke, lp, b - a, ke, k, vbase + a * k * item, ibase + a * k * 8)
+
+    threads = min(selector.thread_count(), rows // 32)  # under 32 rows a thread costs more than it saves
+    if threads <= 1:
+        part((0, rows))
+        return
+    step = -(-rows // threads)
+    list(selector.workers(threads).map(part, [(a, min(rows, a + step)) for a in range(0, rows, step)]))
