@@ -2,7 +2,8 @@
 
 Command line::
 
-    python -m topk_lib.bench kernels      # one causal layer, L in {2048 .. 16384}, 4 kernels, with targets
+    python -m topk_lib.bench kernels      # one causal layer, L in {2048 .. 16384}, 4 kernels timed
+                                          # interleaved in one process per length, ratios and targets
     python -m topk_lib.bench attention    # one causal layer, L from 1024 doubling until only top-k fits
     python -m topk_lib.bench chunk        # chunk size C at fixed L
     python -m topk_lib.bench ff           # one feed-forward layer vs d_ff
@@ -30,7 +31,7 @@ import torch
 
 from topk_lib.bench.harness import DEFAULT_TIMEOUT_S, check_device, point_main
 from topk_lib.bench.meters import parse_bytes
-from topk_lib.bench.report import format_table, kernel_targets
+from topk_lib.bench.report import format_table, kernel_ratios, kernel_targets
 from topk_lib.bench.store import results_path
 from topk_lib.bench.suites import MIN_TIMEOUT_S, SUITES, check_budget, check_timeout, run_suite
 
@@ -101,7 +102,10 @@ def main(argv=None) -> int:
     print(f"\n{args.suite}{' (--quick: tiny sizes)' if args.quick else ''}: {SUITES[args.suite]}")
     print(format_table(rows, args.suite))
     if args.suite == "kernels":
-        print("\ntargets, top-k against chunked attention:")
+        print("\nratios (times interleaved in one process per length and pass):")
+        for line in kernel_ratios(rows):
+            print("  " + line)
+        print("\ntargets, top-k against SDPA and chunked attention:")
         for name, measured, met in kernel_targets(rows):
             verdict = {True: "MET", False: "MISSED", None: "n/a"}[met]
             print(f"  {verdict:<7} {name}: {measured}")

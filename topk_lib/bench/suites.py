@@ -1,6 +1,10 @@
 """The benchmark suites: which points each one measures, run one after another, each row saved as it lands.
 
-``kernels``: one causal attention layer at four lengths, the four exact and top-k kernels.
+``kernels``: one causal attention layer at four lengths, the four exact and top-k kernels. Its
+times are interleaved: per length and pass each method first runs once in a process of its own
+(peak memory, and whether it fits), then the methods that fit run in one process, alternating
+over the repeats (:func:`~topk_lib.bench.harness.run_interleaved`), so a busy moment of a shared
+machine slows all of them alike and the ratios hold; each row's note gives the load average.
 ``attention``: one layer from L=1024 doubling until only top-k fits, with SDPA and Performer.
 ``chunk``: the chunk-size trade-off at a fixed length. ``ff``: one feed-forward layer against its
 width. ``model12``: a 12-layer model, forward+backward. ``product``: the sparse-weights-times-V
@@ -13,11 +17,12 @@ from __future__ import annotations
 
 import math
 import numbers
+import statistics
 import sys
 from pathlib import Path
 
 from topk_lib.bench.harness import (DEFAULT_RESERVE, DEFAULT_TIMEOUT_S, PASSES, check_device, row_template,
-                                    run_point)
+                                    run_interleaved, run_point)
 from topk_lib.bench.store import Merged, merge_rows, results_path
 
 __all__ = ["SUITES", "DEFAULT_BUDGET", "MIN_BUDGET", "MIN_TIMEOUT_S", "SuiteRows", "check_budget", "check_timeout",
@@ -150,6 +155,33 @@ _FIXED_SPECS = {
 }
 
 
+def _interleaved_suite(common, quick, cuda, measure, timeout_s, reserve_bytes, isolation):
+    """Per (L, pass): each method alone once (memory), then the ones that fit timed together, alternating."""
+    groups = {}
+    for spec in _kernels_specs(common, quick, cuda):
+        groups.setdefault((spec["L"], spec["pass"]), []).append(spec)
+    for specs in groups.values():
+        alone = [run_point({**spec, "warmup": 0, "repeats": 1}, timeout_s=timeout_s, reserve_bytes=reserve_bytes,
+                           isolation=isolation) for spec in specs]
+        fits = [i for i, row in enumerate(alone) if row["status"] == "ok"]
+        timed = run_interleaved([specs[i] for i in fits], warmup=specs[0]["warmup"], repeats=specs[0]["repeats"],
+                                timeout_s=timeout_s, reserve_bytes=reserve_bytes,
+                                isolation=isolation) if fits else None
+        names = ", ".join(specs[i]["method"] for i in fits)
+        for i, (spec, row) in enumerate(zip(specs, alone)):
+            row.update(warmup=spec["warmup"], repeats=spec["repeats"])
+            if i in fits and timed["status"] == "ok":
+                times = timed["times"][fits.index(i)]
+                lo, hi = timed["load"]
+                row.update(median_s=statistics.median(times), min_s=min(times),
+                           note=f"time interleaved with {names} in one process (median of {len(times)} after "
+                                f"{spec['warmup']} warm-up); 1-min load {lo:.1f}-{hi:.1f}; memory from one call alone")
+            elif i in fits:  # the lone call's time stands, said so
+                row.update(note=f"interleaved timing failed ({timed['status']}: {timed.get('note', '')}); time of "
+                                "one call alone")
+            measure(spec, skipped=row)
+
+
 def _attention_suite(common, quick, cuda, max_len, measure, min_len=None):
     """L doubles from 1024 (or ``min_len``) until top-k is the only method that fits (or fails itself,
     or L > max_len).
@@ -241,6 +273,8 @@ def run_suite(suite: str, *, quick=False, device="cpu", dtype="float32", budget=
     try:
         if suite == "attention":
             _attention_suite(common, quick, cuda, max_len, measure, min_len)
+        elif suite == "kernels":
+            _interleaved_suite(common, quick, cuda, measure, timeout_s, reserve_bytes, isolation)
         else:
             for spec in _FIXED_SPECS[suite](common, quick, cuda):
                 measure(spec)

@@ -37,7 +37,7 @@ import tempfile
 import threading
 from pathlib import Path
 
-__all__ = ["load", "available", "SOURCE"]
+__all__ = ["load", "available", "topk_rows", "SOURCE"]
 
 SOURCE = r"""
 #include <algorithm>
@@ -282,3 +282,32 @@ def load():
 def available() -> bool:
     """Whether the compiled selection can run here (builds it if needed)."""
     return load() is not None
+
+
+def topk_rows(scores, k, lens=None):
+    """The ``k`` largest entries of each row of ``scores [R, n]`` (CPU float32/float64), in one thread.
+
+    ``lens`` (``None`` or ``R`` ints) counts the entries of each row that take part; slots a
+    short row cannot fill hold ``-inf`` at index 0. Returns ``(values [R, k], indices [R, k])``,
+    indices int64, in no particular order. Raises ``RuntimeError`` when the library cannot be
+    built (no C++ compiler, or ``TOPK_LIB_NATIVE=0``).
+    """
+    import numpy as np
+    import torch
+
+    lib = load()
+    if lib is None:
+        raise RuntimeError("the compiled selection is not available: install a C++ compiler (g++) or unset "
+                           "TOPK_LIB_NATIVE=0")
+    if scores.dim() != 2 or scores.dtype not in (torch.float32, torch.float64) or scores.device.type != "cpu":
+        raise ValueError(f"scores must be a 2-d CPU float32/float64 tensor, got {tuple(scores.shape)} "
+                         f"{scores.dtype} on {scores.device}")
+    scores = scores.contiguous()
+    rows, n = scores.shape
+    vals = scores.new_empty(rows, k)
+    idx = torch.empty(rows, k, dtype=torch.int64)
+    lens_arr = None if lens is None else np.ascontiguousarray(np.asarray(lens, dtype=np.int64))
+    fn = lib.topk_rows_f32 if scores.dtype == torch.float32 else lib.topk_rows_f64
+    fn(scores.data_ptr(), rows, n, None if lens_arr is None else lens_arr.ctypes.data, max(rows, 1), n, k,
+       vals.data_ptr(), idx.data_ptr())
+    return vals, idx

@@ -94,11 +94,13 @@ def select_chunk(q_grouped, key, mask_grouped, r0, r1, lq, lk, is_causal, scale,
                 if is_causal:  # row a sees keys up to its absolute position lk - lq + r0 + a
                     lens = np.clip(np.arange(lk - lq + r0 + a0 + 1, lk - lq + r0 + a1 + 1), 0, ke).astype(np.int64)
                     lens = np.tile(lens, rows // (a1 - a0))  # one per row of [hb, G, ra]
-                ov = torch.empty(rows, k, dtype=q_chunk.dtype)
-                oi = torch.empty(rows, k, dtype=torch.int64)
+                whole = a1 - a0 == c  # then the slab's rows are contiguous in the outputs: written in place
+                ov = v_out[h0:h1].view(rows, k) if whole else torch.empty(rows, k, dtype=q_chunk.dtype)
+                oi = i_out[h0:h1].view(rows, k) if whole else torch.empty(rows, k, dtype=torch.int64)
                 _run_rows(selector, fn, scores, rows, ke, lens, k, ov, oi)
-                v_out[h0:h1, :, a0:a1] = ov.view(h1 - h0, g, a1 - a0, k)
-                i_out[h0:h1, :, a0:a1] = oi.view(h1 - h0, g, a1 - a0, k)
+                if not whole:
+                    v_out[h0:h1, :, a0:a1] = ov.view(h1 - h0, g, a1 - a0, k)
+                    i_out[h0:h1, :, a0:a1] = oi.view(h1 - h0, g, a1 - a0, k)
     return vals, idx
 
 
