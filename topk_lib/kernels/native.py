@@ -75,19 +75,29 @@ int64_t survivors(const T* x, int64_t i0, int64_t n, T tau, int32_t* cand) {
 }
 
 #if defined(__AVX2__)
+// lane positions of the set bits of each 8-bit mask, packed to the front (AVX2 has no compress instruction)
+struct PackTable {
+  alignas(32) int32_t lanes[256][8];
+  PackTable() {
+    for (int mask = 0; mask < 256; ++mask) {
+      int n = 0;
+      for (int j = 0; j < 8; ++j) if (mask >> j & 1) lanes[mask][n++] = j;
+      for (; n < 8; ++n) lanes[mask][n] = 0;
+    }
+  }
+};
+const PackTable pack_table;
+
 template <>
 int64_t survivors<float>(const float* x, int64_t i0, int64_t n, float tau, int32_t* cand) {
   const __m256 t = _mm256_set1_ps(tau);
   int64_t cnt = 0, i = 0;
-  for (; i + 32 <= n; i += 32) {  // 32 entries per test; _CMP_NLT_UQ is !(x < tau), true for NaN
-    uint32_t bits = (uint32_t)_mm256_movemask_ps(_mm256_cmp_ps(_mm256_loadu_ps(x + i), t, _CMP_NLT_UQ)) |
-                    (uint32_t)_mm256_movemask_ps(_mm256_cmp_ps(_mm256_loadu_ps(x + i + 8), t, _CMP_NLT_UQ)) << 8 |
-                    (uint32_t)_mm256_movemask_ps(_mm256_cmp_ps(_mm256_loadu_ps(x + i + 16), t, _CMP_NLT_UQ)) << 16 |
-                    (uint32_t)_mm256_movemask_ps(_mm256_cmp_ps(_mm256_loadu_ps(x + i + 24), t, _CMP_NLT_UQ)) << 24;
-    while (bits) {
-      cand[cnt++] = (int32_t)(i0 + i + __builtin_ctz(bits));
-      bits &= bits - 1;
-    }
+  for (; i + 8 <= n; i += 8) {  // branch-free: store all 8 packed positions, advance by the survivors
+    int mask = _mm256_movemask_ps(_mm256_cmp_ps(_mm256_loadu_ps(x + i), t, _CMP_NLT_UQ));  // !(x < tau): NaN too
+    __m256i pos = _mm256_add_epi32(_mm256_load_si256((const __m256i*)pack_table.lanes[mask]),
+                                   _mm256_set1_epi32((int32_t)(i0 + i)));
+    _mm256_storeu_si256((__m256i*)(cand + cnt), pos);
+    cnt += __builtin_popcount(mask);
   }
   return cnt + survivors_scalar(x + i, i0 + i, n - i, tau, cand + cnt);
 }
@@ -153,6 +163,35 @@ T lower_bound_of_kth(T* gm, int64_t m, int64_t k) {
   return lo;
 }
 
+// The k-th largest of v[0:n] (finite or infinite, no NaN; n >= k): bisection on the value keeps
+// count(v >= lo) >= k > count(v >= hi) with one vectorised count per step; nth_element if it stalls.
+template <typename T>
+T kth_largest(T* v, int64_t n, int64_t k) {
+  T lo = v[0], hi = v[0];
+  for (int64_t j = 1; j < n; ++j) { lo = v[j] < lo ? v[j] : lo; hi = v[j] > hi ? v[j] : hi; }
+  if (std::isfinite(lo) && std::isfinite(hi)) {
+    int64_t c_hi = 0;
+    for (int64_t j = 0; j < n; ++j) c_hi += v[j] >= hi;
+    if (c_hi >= k) return hi;
+    for (int it = 0; it < 80; ++it) {
+      T mid = lo + (hi - lo) / 2;
+      if (!(mid > lo && mid < hi)) {  // adjacent floats: the k-th value is lo (ties at lo fill the rest)
+        return lo;
+      }
+      int64_t c = 0;
+      for (int64_t j = 0; j < n; ++j) c += v[j] >= mid;
+      if (c == k) {  // the k-th largest is the smallest value >= mid
+        T best = hi;
+        for (int64_t j = 0; j < n; ++j) best = (v[j] >= mid && v[j] < best) ? v[j] : best;
+        return best;
+      }
+      if (c > k) lo = mid; else hi = mid;
+    }
+  }
+  std::nth_element(v, v + (k - 1), v + n, [](T a, T b) { return a > b; });
+  return v[k - 1];
+}
+
 template <typename T>
 void select_row(const T* x, int64_t n, int64_t k, T* ov, int64_t* oi, std::vector<T>& gmax,
                 std::vector<int32_t>& cand) {
@@ -179,8 +218,7 @@ void select_row(const T* x, int64_t n, int64_t k, T* ov, int64_t* oi, std::vecto
     T* vals = gmax.data();  // the group maxima are spent; survivors beyond 4k take the slow path below
     if (cnt <= m) {
       for (int64_t i = 0; i < cnt; ++i) vals[i] = x[cand[i]];
-      std::nth_element(vals, vals + (k - 1), vals + cnt, [](T a, T b) { return a > b; });
-      const T kth = vals[k - 1];
+      const T kth = kth_largest(vals, cnt, k);
       int64_t above = 0, out = 0;
       for (int64_t i = 0; i < cnt; ++i) above += x[cand[i]] > kth;
       int64_t ties = k - above;  // entries equal to the k-th value that fill the remaining slots
@@ -204,7 +242,7 @@ template <typename T>
 void select_rows(const T* s, int64_t rows, int64_t ld, const int64_t* lens, int64_t period, int64_t n, int64_t k,
                  T* ov, int64_t* oi) {
   std::vector<T> gmax(4 * k);
-  std::vector<int32_t> cand(std::max<int64_t>(n, 1) + 1);  // + 1: the branch-free scalar tail writes one ahead
+  std::vector<int32_t> cand(std::max<int64_t>(n, 1) + 8);  // + 8: the branch-free stores write past the count
   for (int64_t r = 0; r < rows; ++r) {
     int64_t len = lens ? std::min(lens[r % period], n) : n;
     select_row(s + r * ld, std::max<int64_t>(len, 0), k, ov + r * k, oi + r * k, gmax, cand);

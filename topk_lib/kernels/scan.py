@@ -23,7 +23,9 @@ Dimensions
 
 from __future__ import annotations
 
+import contextlib
 import itertools
+import threading
 
 import numpy as np
 import torch
@@ -36,6 +38,10 @@ __all__ = ["SLAB_BYTES", "can_scan", "select_chunk"]
 #: Score bytes per slab: one matmul per slab, so big enough for BLAS to run near its peak on two cores
 #: (smaller slabs measured slower, see the module docstring) yet far below a whole chunk.
 SLAB_BYTES = 64 * 1024**2
+#: Score bytes per slab when each worker thread runs its own slabs: about one core's L2 cache.
+WORKER_SLAB_BYTES = 2 * 1024**2
+#: Whether worker threads run whole slabs (product and selection); else one thread runs the products.
+WORKERS = True
 
 
 def can_scan(query) -> bool:
@@ -52,7 +58,6 @@ def select_chunk(q_grouped, key, mask_grouped, r0, r1, lq, lk, is_causal, scale,
     as :func:`~topk_lib.kernels.chunking.chunk_scores` then a selection would give, except that
     a row with fewer than ``k`` visible keys fills its spare slots with ``-inf`` at key 0.
     """
-    lib = native.load()
     batch, (hkv, g, _, d) = q_grouped.shape[:-4], q_grouped.shape[-4:]
     c = r1 - r0
     q_chunk = q_grouped[..., r0:r1, :] * scale  # [..., Hkv, G, c, d] scaled first, as chunk_scores does
@@ -60,48 +65,92 @@ def select_chunk(q_grouped, key, mask_grouped, r0, r1, lq, lk, is_causal, scale,
     idx = torch.empty(vals.shape, dtype=torch.int64)
     item = q_chunk.element_size()
     k_end = causal_end(is_causal, lq, lk, r1)
-    # slab: hb heads x ra rows, hb*G*ra*ke*item <= SLAB_BYTES (at least one head and one row)
+    threads = selector.thread_count()
+    workers = WORKERS and threads > 1
+    budget = WORKER_SLAB_BYTES if workers else SLAB_BYTES
+    # slab: hb heads x ra rows, hb*G*ra*ke*item <= budget (at least one head and one row)
     per_head = g * c * k_end * item
-    hb = max(1, min(hkv, SLAB_BYTES // max(per_head, 1)))
-    ra = c if hb > 1 or per_head <= SLAB_BYTES else max(1, SLAB_BYTES // (g * k_end * item))
-    buf = torch.empty(hb * g * min(ra, c) * k_end, dtype=q_chunk.dtype)  # reused by every slab
+    hb = max(1, min(hkv, budget // max(per_head, 1)))
+    ra = c if hb > 1 or per_head <= budget else max(1, budget // (g * k_end * item))
+    slabs = [(bi, h0, min(hkv, h0 + hb), a0, min(c, a0 + ra)) for bi in itertools.product(*(range(s) for s in batch))
+             for h0 in range(0, hkv, hb) for a0 in range(0, c, ra)]
     mask_b = None if mask_grouped is None else mask_grouped.expand(*batch, *mask_grouped.shape[-4:])
-    fn = lib.topk_rows_f32 if q_chunk.dtype == torch.float32 else lib.topk_rows_f64
-    for bi in itertools.product(*(range(s) for s in batch)):
-        q_b, k_b, v_out, i_out = q_chunk[bi], key[bi], vals[bi], idx[bi]  # [Hkv, G, c, d], [Hkv, Lk, d], ...
-        m_b = None if mask_b is None else mask_b[bi]  # [Hkv|1, G|1, Lq|1, Lk|1]
-        for h0 in range(0, hkv, hb):
-            h1 = min(hkv, h0 + hb)
-            for a0 in range(0, c, ra):
-                a1 = min(c, a0 + ra)
-                ke = causal_end(is_causal, lq, lk, r0 + a1)
-                rows = (h1 - h0) * g * (a1 - a0)
-                if ke == 0:
-                    v_out[h0:h1, :, a0:a1].fill_(float("-inf"))
-                    i_out[h0:h1, :, a0:a1].zero_()
-                    continue
-                q_rows = q_b[h0:h1, :, a0:a1].reshape(h1 - h0, g * (a1 - a0), d)  # [hb, G*ra, d]
-                scores = buf[: rows * ke].view(h1 - h0, g * (a1 - a0), ke)
-                torch.matmul(q_rows, k_b[h0:h1, :ke].transpose(-1, -2), out=scores)
-                # a transform of the raw scores (a soft cap) goes here, before the mask
-                if m_b is not None:
-                    m = m_b[h0:h1] if m_b.shape[0] != 1 else m_b
-                    m = m[..., r0 + a0 : r0 + a1, :] if m.shape[-2] != 1 else m
-                    m = m[..., :ke] if m.shape[-1] != 1 else m  # [hb|1, G|1, ra|1, ke|1]
-                    grid = scores.view(h1 - h0, g, a1 - a0, ke)
-                    grid.masked_fill_(~m, float("-inf")) if m.dtype == torch.bool else grid.add_(m)
-                lens = None
-                if is_causal:  # row a sees keys up to its absolute position lk - lq + r0 + a
-                    lens = np.clip(np.arange(lk - lq + r0 + a0 + 1, lk - lq + r0 + a1 + 1), 0, ke).astype(np.int64)
-                    lens = np.tile(lens, rows // (a1 - a0))  # one per row of [hb, G, ra]
-                whole = a1 - a0 == c  # then the slab's rows are contiguous in the outputs: written in place
-                ov = v_out[h0:h1].view(rows, k) if whole else torch.empty(rows, k, dtype=q_chunk.dtype)
-                oi = i_out[h0:h1].view(rows, k) if whole else torch.empty(rows, k, dtype=torch.int64)
-                _run_rows(selector, fn, scores, rows, ke, lens, k, ov, oi)
-                if not whole:
-                    v_out[h0:h1, :, a0:a1] = ov.view(h1 - h0, g, a1 - a0, k)
-                    i_out[h0:h1, :, a0:a1] = oi.view(h1 - h0, g, a1 - a0, k)
+    job = dict(q_chunk=q_chunk, key=key, mask_b=mask_b, vals=vals, idx=idx, r0=r0, c=c, lq=lq, lk=lk,
+               is_causal=is_causal, k=k, buf_numel=hb * g * min(ra, c) * k_end)
+    workers = workers and len(slabs) > 1
+    if not workers:  # one thread runs the products (torch's threads) and hands each slab's rows to the pool
+        _run_slabs(slabs, job, selector)
+        return vals, idx
+    # each worker runs whole slabs, product and selection, with torch single-threaded: no thread ever
+    # waits for another between a product and its selection (on a busy machine those waits dominate)
+    n = min(threads, len(slabs))
+    with _torch_threads(1):
+        list(selector.workers(n).map(lambda part: _run_slabs(part, job, None), [slabs[t::n] for t in range(n)]))
     return vals, idx
+
+
+def _run_slabs(slabs, job, selector):
+    """Scores and selection of each slab ``(batch index, h0, h1, a0, a1)`` of ``job`` (see :func:`select_chunk`)."""
+    if selector is None:
+        torch.set_num_threads(1)  # a worker thread: its own OpenMP setting
+    q_chunk, key, mask_b, vals, idx = (job[n] for n in ("q_chunk", "key", "mask_b", "vals", "idx"))
+    r0, c, lq, lk, is_causal, k = (job[n] for n in ("r0", "c", "lq", "lk", "is_causal", "k"))
+    g, d = q_chunk.shape[-3], q_chunk.shape[-1]
+    lib = native.load()
+    fn = lib.topk_rows_f32 if q_chunk.dtype == torch.float32 else lib.topk_rows_f64
+    buf = torch.empty(job["buf_numel"], dtype=q_chunk.dtype)  # reused by every slab of this thread
+    for bi, h0, h1, a0, a1 in slabs:
+        q_b, k_b, v_out, i_out = q_chunk[bi], key[bi], vals[bi], idx[bi]  # [Hkv, G, c, d], [Hkv, Lk, d], ...
+        ke = causal_end(is_causal, lq, lk, r0 + a1)
+        rows = (h1 - h0) * g * (a1 - a0)
+        if ke == 0:
+            v_out[h0:h1, :, a0:a1].fill_(float("-inf"))
+            i_out[h0:h1, :, a0:a1].zero_()
+            continue
+        q_rows = q_b[h0:h1, :, a0:a1].reshape(h1 - h0, g * (a1 - a0), d)  # [hb, G*ra, d]
+        scores = buf[: rows * ke].view(h1 - h0, g * (a1 - a0), ke)
+        torch.matmul(q_rows, k_b[h0:h1, :ke].transpose(-1, -2), out=scores)
+        # a transform of the raw scores (a soft cap) goes here, before the mask
+        if mask_b is not None:
+            m = mask_b[bi]  # [Hkv|1, G|1, Lq|1, Lk|1]
+            m = m[h0:h1] if m.shape[0] != 1 else m
+            m = m[..., r0 + a0 : r0 + a1, :] if m.shape[-2] != 1 else m
+            m = m[..., :ke] if m.shape[-1] != 1 else m  # [hb|1, G|1, ra|1, ke|1]
+            grid = scores.view(h1 - h0, g, a1 - a0, ke)
+            grid.masked_fill_(~m, float("-inf")) if m.dtype == torch.bool else grid.add_(m)
+        lens = None
+        if is_causal:  # row a sees keys up to its absolute position lk - lq + r0 + a
+            lens = np.clip(np.arange(lk - lq + r0 + a0 + 1, lk - lq + r0 + a1 + 1), 0, ke).astype(np.int64)
+            lens = np.tile(lens, rows // (a1 - a0))  # one per row of [hb, G, ra]
+        whole = a1 - a0 == c  # then the slab's rows are contiguous in the outputs: written in place
+        ov = v_out[h0:h1].view(rows, k) if whole else torch.empty(rows, k, dtype=q_chunk.dtype)
+        oi = i_out[h0:h1].view(rows, k) if whole else torch.empty(rows, k, dtype=torch.int64)
+        _run_rows(selector, fn, scores, rows, ke, lens, k, ov, oi)
+        if not whole:
+            v_out[h0:h1, :, a0:a1] = ov.view(h1 - h0, g, a1 - a0, k)
+            i_out[h0:h1, :, a0:a1] = oi.view(h1 - h0, g, a1 - a0, k)
+
+
+_threads_lock = threading.Lock()
+_threads_state = {"users": 0, "saved": None}
+
+
+@contextlib.contextmanager
+def _torch_threads(n):
+    """torch's intra-op threads set to ``n`` while any caller is inside; the first one in saves the setting,
+    the last one out restores it (so calls from several threads never leave it changed)."""
+    with _threads_lock:
+        if _threads_state["users"] == 0:
+            _threads_state["saved"] = torch.get_num_threads()
+        _threads_state["users"] += 1
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        with _threads_lock:
+            _threads_state["users"] -= 1
+            if _threads_state["users"] == 0:
+                torch.set_num_threads(_threads_state["saved"])
 
 
 def _run_rows(selector, fn, scores, rows, ke, lens, k, ov, oi):
@@ -115,7 +164,7 @@ def _run_rows(selector, fn, scores, rows, ke, lens, k, ov, oi):
         lp = None if lens_ptr is None else lens_ptr + a * 8
         fn(base + a * ke * item, b - a, ke, lp, b - a, ke, k, vbase + a * k * item, ibase + a * k * 8)
 
-    threads = min(selector.thread_count(), rows // 32)  # under 32 rows a thread costs more than it saves
+    threads = 1 if selector is None else min(selector.thread_count(), rows // 32)  # a thread per 32 rows at least
     if threads <= 1:
         part((0, rows))
         return

@@ -77,9 +77,16 @@ def test_nan_ranks_above_every_number_as_in_torch_topk():
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("mask", [None, "bool", "float"])
 @pytest.mark.parametrize("lq, lk", [(300, 300), (40, 300), (300, 250)])
-def test_fused_forward_equals_the_chunked_path(causal, mask, lq, lk, monkeypatch):
-    """Small slabs force several heads and row blocks per chunk; the kept keys and outputs equal the chunked path's."""
+@pytest.mark.parametrize("threads", [1, 2])
+def test_fused_forward_equals_the_chunked_path(causal, mask, lq, lk, threads, monkeypatch):
+    """Small slabs force several heads and row blocks per chunk; the outputs equal the chunked path's.
+
+    One thread: the products run in the caller, the rows of each slab in the selector's threads
+    (a single one here); two: each worker thread runs whole slabs.
+    """
     monkeypatch.setattr(scan, "SLAB_BYTES", 4096)
+    monkeypatch.setattr(scan, "WORKER_SLAB_BYTES", 4096)
+    before = torch.get_num_threads()
     g = torch.Generator().manual_seed(lq + lk)
     q = torch.randn(2, 4, lq, 8, generator=g, dtype=torch.float64)
     k = torch.randn(2, 2, lk, 8, generator=g, dtype=torch.float64)
@@ -88,9 +95,11 @@ def test_fused_forward_equals_the_chunked_path(causal, mask, lq, lk, monkeypatch
     attn_mask = {None: None, "bool": m, "float": torch.where(m, 0.0, -2.0).double()}[mask]
     for topk in (3, 20):
         kw = dict(topk=topk, chunk_size=64, is_causal=causal, attn_mask=attn_mask)
-        fused = topk_attention(q, k, v, **kw)
+        with RowSelector(threads=threads) as selector:
+            fused = topk_attention(q, k, v, **kw, selector=selector)
         chunked = topk_attention(q, k, v, **kw, selector=RowSelector(method="chunked"))
         torch.testing.assert_close(fused, chunked)
+        assert torch.get_num_threads() == before  # the workers' single-threaded torch is undone
 
 
 @needs_native
