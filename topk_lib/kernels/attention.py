@@ -6,7 +6,8 @@ softmax runs over those only, and their values are summed with the kept weights.
 is O(C*Lk + Lq*k) instead of O(Lq*Lk).
 
 The code is in tiers: backends in their own modules (:mod:`.chunking` for the score chunks,
-:mod:`.selection` for the per-row top-k, :mod:`.product` for the sparse weights x V products,
+:mod:`.selection` for the per-row top-k, :mod:`.scan` and :mod:`.native` for the CPU forward
+that fuses the scores with a compiled selection, :mod:`.product` for the sparse weights x V products,
 :mod:`.checks` for the argument checks), here ``torch.autograd.Function`` classes that save
 a row log-sum-exp instead of any Lq x Lk tensor, and the public functions
 :func:`topk_attention`, :func:`chunked_attention` and :func:`vanilla_attention`, whose
@@ -310,8 +311,10 @@ def topk_attention(
             (CSR kernels on CPU float32/float64, gathers elsewhere), ``"csr"`` or ``"gather"``.
             The result is the same within float rounding.
         selector: the :class:`~topk_lib.kernels.selection.RowSelector` that selects the top-k
-            (it owns the CPU worker threads); ``None`` uses
-            :data:`~topk_lib.kernels.selection.DEFAULT_SELECTOR`.
+            (it owns the CPU worker threads, and its ``method`` picks the fused or the chunked
+            forward); ``None`` uses :data:`~topk_lib.kernels.selection.DEFAULT_SELECTOR`. While
+            the fused forward's worker threads run, torch's intra-op threads are set to one
+            (restored when it returns).
 
     Returns:
         ``[..., Hq, Lq, dv]``, the dtype of ``query``.
@@ -331,9 +334,10 @@ def topk_attention(
     Semantics:
         * Masked keys never count: a row with fewer than ``k`` allowed keys uses only the
           allowed ones; a row with none returns zeros, and zero gradients.
-        * Ties at the k-th score are broken by the selection backend (numpy's
-          ``argpartition`` on CPU float32/float64, ``torch.topk`` elsewhere), which differs
-          across devices: outputs are well defined only up to such ties.
+        * Ties at the k-th score are broken by the selection backend (on CPU float32/float64
+          the compiled selection of :mod:`.native`, or numpy's ``argpartition`` without a C++
+          compiler or with ``RowSelector(method="chunked")``; ``torch.topk`` elsewhere), which
+          differs across backends: outputs are well defined only up to such ties.
         * Scores are scaled before the product (no float16 overflow); the softmax of half
           precision inputs runs in float32.
         * Empty inputs behave as in SDPA: no batch, rows or value features give an empty

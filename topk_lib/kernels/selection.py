@@ -4,7 +4,10 @@ Selecting the ``k`` largest scores of each query row costs more than computing t
 ``torch.topk`` takes up to 2.3 times as long as the Q.K^T product of the same chunk. numpy's
 introselect (``argpartition``) releases the GIL, so blocks of rows run in parallel threads;
 on CPU float32/float64 that is 1.4-3.5x faster than ``torch.topk``. Elsewhere (CUDA, half
-precision, ``k >= n``) ``torch.topk`` runs.
+precision, ``k >= n``) ``torch.topk`` runs. On CPU float32/float64 with a C++ compiler,
+:func:`~topk_lib.kernels.attention.topk_attention`'s forward does not call it at all: it fuses
+the scores with a compiled selection (:mod:`.scan`, :mod:`.native`) and only lends this
+selector's threads; ``RowSelector(method="chunked")`` keeps the path below.
 
 One chunk of 12 heads x 1024 queries, d=64, k=128, float32, median ms of 5 on this project's
 2-core CPU (AMD EPYC, torch 2.13.0, 2 threads; ``python -m topk_lib.bench product``):
