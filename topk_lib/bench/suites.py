@@ -155,10 +155,17 @@ _FIXED_SPECS = {
 }
 
 
-def _interleaved_suite(common, quick, cuda, measure, timeout_s, reserve_bytes, isolation):
-    """Per (L, pass): each method alone once (memory), then the ones that fit timed together, alternating."""
+def _interleaved_suite(common, quick, cuda, measure, timeout_s, reserve_bytes, isolation, passes=PASSES,
+                       min_len=None, max_len=None):
+    """Per (L, pass): each method alone once (memory), then the ones that fit timed together, alternating.
+
+    ``passes``, ``min_len`` and ``max_len`` keep only some of the points (e.g. to remeasure one pass).
+    """
+    min_len, max_len = min_len or 0, max_len or math.inf
     groups = {}
     for spec in _kernels_specs(common, quick, cuda):
+        if spec["pass"] not in passes or not min_len <= spec["L"] <= max_len:
+            continue
         groups.setdefault((spec["L"], spec["pass"]), []).append(spec)
     for specs in groups.values():
         alone = [run_point({**spec, "warmup": 0, "repeats": 1}, timeout_s=timeout_s, reserve_bytes=reserve_bytes,
@@ -224,13 +231,14 @@ def _attention_suite(common, quick, cuda, max_len, measure, min_len=None):
 def run_suite(suite: str, *, quick=False, device="cpu", dtype="float32", budget=DEFAULT_BUDGET,
               timeout_s=DEFAULT_TIMEOUT_S, warmup=1, repeats=None, threads=None, out=None, save=True,
               max_len=None, min_len=None, reserve_bytes=DEFAULT_RESERVE, isolation="forkserver",
-              progress=True, replace=False) -> SuiteRows:
+              progress=True, replace=False, passes=PASSES) -> SuiteRows:
     """Run every point of ``suite``, merging each row into ``out`` as it lands; returns the rows.
 
     ``budget`` is bytes per point over its inputs (0 = unlimited, else at least 64 MiB); ``timeout_s``
     at least 10 s. A failed point's row never replaces an ``ok`` row of the same point in ``out``
     unless ``replace=True`` (:func:`topk_lib.bench.store.merge_rows`); the returned rows' ``merged``
-    counts what was added, replaced and kept. Arguments are checked before any point runs.
+    counts what was added, replaced and kept. ``passes`` (kernels suite) keeps only those passes, and
+    ``min_len``/``max_len`` bound its lengths there too. Arguments are checked before any point runs.
     """
     from tqdm.auto import tqdm
 
@@ -250,13 +258,16 @@ def run_suite(suite: str, *, quick=False, device="cpu", dtype="float32", budget=
         raise ValueError(f"min_len ({min_len}) must be <= max_len ({max_len})")
     if warmup < 0 or repeats < 1:
         raise ValueError(f"need warmup >= 0 and repeats >= 1, got warmup={warmup}, repeats={repeats}")
+    passes = tuple(passes)
+    if not passes or any(p not in PASSES for p in passes):
+        raise ValueError(f"passes must be a non-empty subset of {PASSES}, got {passes!r}")
     cuda = device.startswith("cuda")
     out = Path(out) if out else results_path(device, quick=quick)
     common = dict(suite=suite, device=device, dtype=dtype, warmup=warmup, repeats=repeats,
                   budget_bytes=int(budget), threads=threads, quick=bool(quick))
     rows = SuiteRows()
     rows.merged = Merged(out)
-    total = None if suite == "attention" else len(list(_FIXED_SPECS[suite](common, quick, cuda)))
+    total = None if suite in ("attention", "kernels") else len(list(_FIXED_SPECS[suite](common, quick, cuda)))
     bar = tqdm(total=total, desc=suite, unit="point", disable=not progress, file=sys.stderr)
 
     def measure(spec, skipped=None):
@@ -274,7 +285,8 @@ def run_suite(suite: str, *, quick=False, device="cpu", dtype="float32", budget=
         if suite == "attention":
             _attention_suite(common, quick, cuda, max_len, measure, min_len)
         elif suite == "kernels":
-            _interleaved_suite(common, quick, cuda, measure, timeout_s, reserve_bytes, isolation)
+            _interleaved_suite(common, quick, cuda, measure, timeout_s, reserve_bytes, isolation, passes,
+                               min_len, max_len)
         else:
             for spec in _FIXED_SPECS[suite](common, quick, cuda):
                 measure(spec)

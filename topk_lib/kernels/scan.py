@@ -115,8 +115,11 @@ def select_chunk(q_grouped, key, mask_grouped, r0, r1, lq, lk, is_causal, scale,
 
 def _run_slabs(slabs, job, selector):
     """Scores and selection of each slab ``(batch index, h0, h1, a0, a1)`` of ``job`` (see :func:`select_chunk`)."""
-    if selector is None:
-        torch.set_num_threads(1)  # a worker thread: its own OpenMP setting
+    if selector is None:  # a worker thread: grad mode is per thread, and no op here may record a graph
+        torch.set_num_threads(1)
+        with torch.no_grad():
+            return _run_slabs(slabs, job, _NO_SELECTOR)
+    selector = None if selector is _NO_SELECTOR else selector
     q_chunk, key, mask_b, vals, idx = (job[n] for n in ("q_chunk", "key", "mask_b", "vals", "idx"))
     r0, c, lq, lk, is_causal, k = (job[n] for n in ("r0", "c", "lq", "lk", "is_causal", "k"))
     g, d = q_chunk.shape[-3], q_chunk.shape[-1]
@@ -155,6 +158,7 @@ def _run_slabs(slabs, job, selector):
             i_out[h0:h1, :, a0:a1] = oi.view(h1 - h0, g, a1 - a0, k)
 
 
+_NO_SELECTOR = object()  # marks a worker thread's own call: select in this thread
 _threads_lock = threading.Lock()
 _threads_state = {"users": 0, "saved": None}
 

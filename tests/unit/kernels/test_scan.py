@@ -103,12 +103,16 @@ def test_fused_forward_equals_the_chunked_path(causal, mask, lq, lk, threads, mo
 
 
 @needs_native
-def test_fused_forward_is_used_and_gradients_match(monkeypatch):
+@pytest.mark.parametrize("threads", [1, 2])
+def test_fused_forward_is_used_and_gradients_match(threads, monkeypatch):
+    """Inputs that require grad: the worker threads (their own grad mode) must record nothing."""
     calls = []
     real = scan.select_chunk
     monkeypatch.setattr("topk_lib.kernels.attention.select_chunk", lambda *a: calls.append(1) or real(*a))
+    monkeypatch.setattr(scan, "WORKER_SLAB_BYTES", 4096)  # several slabs: the worker threads run
     q, k, v = (torch.randn(1, 2, 200, 8, dtype=torch.float64, requires_grad=True) for _ in range(3))
-    out = topk_attention(q, k, v, topk=6, chunk_size=50, is_causal=True)
+    with RowSelector(threads=threads) as selector:
+        out = topk_attention(q, k, v, topk=6, chunk_size=50, is_causal=True, selector=selector)
     grads = torch.autograd.grad(out.square().sum(), (q, k, v))
     assert calls
     ref_out = topk_attention(q, k, v, topk=6, chunk_size=50, is_causal=True, selector=RowSelector(method="chunked"))
