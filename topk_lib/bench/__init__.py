@@ -2,12 +2,14 @@
 
 from topk_lib.bench.harness import (  # noqa: F401
     row_template,
+    run_interleaved,
     run_point,
 )
 from topk_lib.bench.meters import parse_bytes  # noqa: F401
 from topk_lib.bench.report import (  # noqa: F401
     attention_caption,
     format_table,
+    kernel_ratios,
     kernel_targets,
     longest_fitting,
     method_label,
@@ -33,6 +35,7 @@ __all__ = [
     "KEY_COLUMNS",
     "Merged",
     "run_point",
+    "run_interleaved",
     "row_template",
     "run_suite",
     "measured_suites",
@@ -43,6 +46,7 @@ __all__ = [
     "device_slug",
     "parse_bytes",
     "format_table",
+    "kernel_ratios",
     "kernel_targets",
     "method_label",
     "longest_fitting",

@@ -2,14 +2,15 @@
 
 Command line::
 
-    python -m topk_lib.bench kernels      # one causal layer, L in {2048 .. 16384}, 4 kernels, with targets
+    python -m topk_lib.bench kernels      # one causal layer, L in {2048 .. 16384}, 4 kernels timed
+                                          # interleaved in one process per length, ratios and targets
     python -m topk_lib.bench attention    # one causal layer, L from 1024 doubling until only top-k fits
     python -m topk_lib.bench chunk        # chunk size C at fixed L
     python -m topk_lib.bench ff           # one feed-forward layer vs d_ff
     python -m topk_lib.bench model12      # 12-layer model vs L, forward+backward
     python -m topk_lib.bench product      # sparse weights x V and torch.topk micro-benchmark
     options: --quick --budget 16GiB --timeout 900 --warmup 1 --repeats 3 --device cpu|cuda
-             --dtype float32 --threads N --min-L N --max-L N --out PATH --no-save --replace
+             --dtype float32 --threads N --min-L N --max-L N --pass fwd|fwd+bwd --out PATH --no-save --replace
              --isolation forkserver|subprocess
 
 Each point runs in a process of its own under a memory budget (:mod:`topk_lib.bench.harness`);
@@ -30,7 +31,7 @@ import torch
 
 from topk_lib.bench.harness import DEFAULT_TIMEOUT_S, check_device, point_main
 from topk_lib.bench.meters import parse_bytes
-from topk_lib.bench.report import format_table, kernel_targets
+from topk_lib.bench.report import format_table, kernel_ratios, kernel_targets
 from topk_lib.bench.store import results_path
 from topk_lib.bench.suites import MIN_TIMEOUT_S, SUITES, check_budget, check_timeout, run_suite
 
@@ -54,9 +55,12 @@ def _parser():
     p.add_argument("--repeats", type=int, default=None,
                    help="timed calls per point (default 3; product 5; --quick 1)")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads in each point")
-    p.add_argument("--max-L", dest="max_len", type=int, default=None, help="attention suite: largest L")
+    p.add_argument("--max-L", dest="max_len", type=int, default=None, help="attention and kernels suites: largest L")
+    p.add_argument("--pass", dest="passes", choices=("fwd", "fwd+bwd"), default=None,
+                   help="kernels suite: measure this pass only (default both)")
     p.add_argument("--min-L", dest="min_len", type=int, default=None,
-                   help="attention suite: first L (default 1024), e.g. to measure long inputs with fewer repeats")
+                   help="attention suite: first L (default 1024), e.g. to measure long inputs with fewer repeats; "
+                   "kernels suite: smallest L")
     p.add_argument("--out", default=None, help="CSV to merge into (default data/results/bench_<device>.csv; "
                    "--quick: data/results/quick/)")
     p.add_argument("--isolation", choices=("forkserver", "subprocess"), default="forkserver",
@@ -97,11 +101,15 @@ def main(argv=None) -> int:
                      budget=budget, timeout_s=timeout_s, warmup=args.warmup,
                      repeats=args.repeats, threads=args.threads, out=out, save=not args.no_save,
                      max_len=args.max_len, min_len=args.min_len, reserve_bytes=reserve,
-                     isolation=args.isolation, replace=args.replace)
+                     isolation=args.isolation, replace=args.replace,
+                     passes=(args.passes,) if args.passes else ("fwd", "fwd+bwd"))
     print(f"\n{args.suite}{' (--quick: tiny sizes)' if args.quick else ''}: {SUITES[args.suite]}")
     print(format_table(rows, args.suite))
     if args.suite == "kernels":
-        print("\ntargets, top-k against chunked attention:")
+        print("\nratios (times interleaved in one process per length and pass):")
+        for line in kernel_ratios(rows):
+            print("  " + line)
+        print("\ntargets, top-k against SDPA and chunked attention:")
         for name, measured, met in kernel_targets(rows):
             verdict = {True: "MET", False: "MISSED", None: "n/a"}[met]
             print(f"  {verdict:<7} {name}: {measured}")

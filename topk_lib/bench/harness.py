@@ -40,7 +40,8 @@ from topk_lib.bench.store import COLUMNS, device_name
 from topk_lib.infra import paths
 from topk_lib.infra.cache import atomic_write
 
-__all__ = ["PASSES", "DEFAULT_TIMEOUT_S", "DEFAULT_RESERVE", "run_point", "row_template", "point_main",
+__all__ = ["PASSES", "DEFAULT_TIMEOUT_S", "DEFAULT_RESERVE", "run_point", "run_interleaved", "row_template",
+           "point_main",
            "forkserver_context", "available_devices", "check_device"]
 
 GiB = 1024**3
@@ -99,8 +100,45 @@ def check_device(device, arg: str = "device") -> str:
 # --------------------------------------------------------------------------- the child
 
 
+def _interleaved_child(spec: dict) -> dict:
+    """Runs inside one process: every method of ``spec["points"]`` built, warmed up, then timed in turn.
+
+    Repeat ``r`` runs the methods in order, repeat ``r + 1`` in reverse, so no method always
+    follows the same one; the 1-minute load average is read before and after each round.
+    """
+    if spec.get("threads"):
+        torch.set_num_threads(int(spec["threads"]))
+    device = torch.device(spec["device"])
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    dtype = getattr(torch, spec["dtype"])
+    torch.manual_seed(0)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    try:
+        runs = [workloads.build(p, device, dtype) for p in spec["points"]]
+        for run in runs:
+            for _ in range(int(spec["warmup"])):
+                run()
+        times, loads = [[] for _ in runs], [os.getloadavg()[0]]
+        for r in range(int(spec["repeats"])):
+            order = range(len(runs)) if r % 2 == 0 else reversed(range(len(runs)))
+            for i in order:
+                sync()
+                t0 = time.perf_counter()
+                runs[i]()
+                sync()
+                times[i].append(time.perf_counter() - t0)
+            loads.append(os.getloadavg()[0])
+    except Exception as exc:  # one method failing fails the round: its times would be incomparable
+        status, note = _classify(exc)
+        return {"status": status, "note": note}
+    return {"status": "ok", "times": times, "load": [min(loads), max(loads)], "threads": torch.get_num_threads()}
+
+
 def _point_child(spec: dict) -> dict:
     """Runs inside the point's process: build inputs, set the budget, time the pass, read the peak."""
+    if spec.get("kind") == "interleaved":
+        return _interleaved_child(spec)
     if spec.get("threads"):
         torch.set_num_threads(int(spec["threads"]))
     device = torch.device(spec["device"])
@@ -234,6 +272,44 @@ class _Child:
         except OSError:
             return ""
         return " | ".join(text.strip().splitlines()[-lines:])[-400:]
+
+
+def run_interleaved(specs: list[dict], *, warmup: int, repeats: int, timeout_s: float = DEFAULT_TIMEOUT_S,
+                    reserve_bytes: int = DEFAULT_RESERVE, isolation: str = "forkserver") -> dict:
+    """Time several points' methods in one process, alternating them over ``repeats`` rounds.
+
+    ``specs`` are point specs of one device, dtype and thread count (each's own inputs are built
+    in the one process, so together they must fit). Returns ``{"status": "ok", "times": [[s, ..]
+    per spec], "load": [min, max] 1-minute load average}``, or a status and ``note`` when the
+    process failed, timed out (after ``timeout_s`` per spec) or ran out of memory. Time only:
+    peak memory needs a process per point (:func:`run_point`).
+    """
+    if not specs:
+        raise ValueError("run_interleaved needs at least one point spec")
+    if warmup < 0 or repeats < 1:
+        raise ValueError(f"need warmup >= 0 and repeats >= 1, got warmup={warmup}, repeats={repeats}")
+    for spec in specs:
+        _check_point({**spec, "warmup": warmup, "repeats": repeats}, timeout_s, isolation)
+    first = specs[0]
+    spec = {"kind": "interleaved", "points": specs, "device": first["device"], "dtype": first["dtype"],
+            "threads": first.get("threads"), "warmup": warmup, "repeats": repeats}
+    limit = timeout_s * len(specs)
+    with tempfile.TemporaryDirectory(prefix="topk-bench-") as tmp:
+        result_file, log_file = os.path.join(tmp, "row.json"), os.path.join(tmp, "out.log")
+        t0 = time.monotonic()
+        child = _Child(isolation, spec, result_file, log_file)
+        killed = _watch(child, t0, limit, reserve_bytes)
+        rc = child.returncode()
+        if killed == "timeout":
+            return {"status": "timeout", "note": f"killed after {limit:g} s"}
+        if killed == "memory":
+            return {"status": "did not fit", "note": f"killed: the machine had under {reserve_bytes / GiB:.1f} GiB"}
+        if os.path.exists(result_file):
+            with open(result_file) as fh:
+                return json.load(fh)
+        tail = child.log_tail()
+        status = "did not fit" if rc == -signal.SIGKILL or _is_oom(tail) else "error"
+        return {"status": status, "note": f"child failed (rc={rc}): {tail}"}
 
 
 def row_template(spec: dict) -> dict:

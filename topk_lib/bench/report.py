@@ -10,7 +10,7 @@ import pandas as pd
 
 from topk_lib.bench.harness import PASSES
 
-__all__ = ["format_table", "kernel_targets", "method_label", "longest_fitting", "ratio_at", "attention_caption",
+__all__ = ["format_table", "kernel_ratios", "kernel_targets", "method_label", "longest_fitting", "ratio_at", "attention_caption",
            "ratio_caption"]
 
 
@@ -94,11 +94,31 @@ def _time(t):
     return f"{t:.2f} s" if t >= 1.0 else f"{t * 1e3:.2f} ms"
 
 
+def kernel_ratios(rows) -> list[str]:
+    """One line per (L, pass): top-k's time over SDPA's and chunked's, beside the times and the row's load note."""
+    lines = []
+    by_point = {(int(_num(r["L"])), r["pass"], r["method"]): r for r in rows if r.get("status") == "ok"}
+    for n, ps in sorted({(n, ps) for n, ps, _ in by_point}):
+        t = _num(by_point.get((n, ps, "topk"), {}).get("median_s"))
+        if t is None:
+            continue
+        parts = [f"L={n:<6} {ps:<8} top-k {_time(t)}"]
+        for base in ("sdpa", "chunked", "vanilla"):
+            b = _num(by_point.get((n, ps, base), {}).get("median_s"))
+            if b:
+                parts.append(f"{t / b:.2f}x {base} ({_time(b)})")
+        note = by_point[(n, ps, "topk")].get("note") or ""
+        load = note[note.find("1-min load"):].split(";")[0] if "1-min load" in note else ""
+        lines.append(", ".join(parts) + (f"; {load}" if load else ""))
+    return lines
+
+
 def kernel_targets(rows) -> list[tuple[str, str, bool | None]]:
     """The ``kernels`` suite's targets: (target, measured, met), met None when unmeasured.
 
-    Top-k's time within 1.5x (fwd) and 2x (fwd+bwd) of chunked attention at every L; at the
-    largest L its fwd+bwd peak within 1.2x of chunked's and growing at most linearly in L.
+    Top-k's time within 1.5x (fwd) and 1.0x (fwd+bwd) of SDPA's from L=8192, its fwd time within
+    0.6x chunked attention's, and within 1.5x (fwd) and 2x (fwd+bwd) of chunked attention at every
+    L; at the largest L its fwd+bwd peak within 1.2x of chunked's and growing at most linearly in L.
     """
 
     def get(method, ps, n, field):
@@ -109,6 +129,14 @@ def kernel_targets(rows) -> list[tuple[str, str, bool | None]]:
 
     out = []
     lengths = sorted({int(_num(r["L"])) for r in rows})
+    for ps, base, limit, from_len in (("fwd", "sdpa", 1.5, 8192), ("fwd+bwd", "sdpa", 1.0, 8192),
+                                      ("fwd", "chunked", 0.6, 8192)):
+        for n in (n for n in lengths if n >= from_len):
+            t, c = get("topk", ps, n, "median_s"), get(base, ps, n, "median_s")
+            ratio = t / c if t and c else None
+            out.append((f"top-k {ps} time <= {limit}x {base} at L={n}",
+                        f"{ratio:.2f}x ({_time(t)} / {_time(c)})" if ratio else "not measured",
+                        None if ratio is None else ratio <= limit))
     for ps, limit in (("fwd", 1.5), ("fwd+bwd", 2.0)):
         for n in lengths:
             t, c = get("topk", ps, n, "median_s"), get("chunked", ps, n, "median_s")

@@ -1,6 +1,10 @@
 """The benchmark suites: which points each one measures, run one after another, each row saved as it lands.
 
-``kernels``: one causal attention layer at four lengths, the four exact and top-k kernels.
+``kernels``: one causal attention layer at four lengths, the four exact and top-k kernels. Its
+times are interleaved: per length and pass each method first runs once in a process of its own
+(peak memory, and whether it fits), then the methods that fit run in one process, alternating
+over the repeats (:func:`~topk_lib.bench.harness.run_interleaved`), so a busy moment of a shared
+machine slows all of them alike and the ratios hold; each row's note gives the load average.
 ``attention``: one layer from L=1024 doubling until only top-k fits, with SDPA and Performer.
 ``chunk``: the chunk-size trade-off at a fixed length. ``ff``: one feed-forward layer against its
 width. ``model12``: a 12-layer model, forward+backward. ``product``: the sparse-weights-times-V
@@ -13,11 +17,12 @@ from __future__ import annotations
 
 import math
 import numbers
+import statistics
 import sys
 from pathlib import Path
 
 from topk_lib.bench.harness import (DEFAULT_RESERVE, DEFAULT_TIMEOUT_S, PASSES, check_device, row_template,
-                                    run_point)
+                                    run_interleaved, run_point)
 from topk_lib.bench.store import Merged, merge_rows, results_path
 
 __all__ = ["SUITES", "DEFAULT_BUDGET", "MIN_BUDGET", "MIN_TIMEOUT_S", "SuiteRows", "check_budget", "check_timeout",
@@ -150,6 +155,40 @@ _FIXED_SPECS = {
 }
 
 
+def _interleaved_suite(common, quick, cuda, measure, timeout_s, reserve_bytes, isolation, passes=PASSES,
+                       min_len=None, max_len=None):
+    """Per (L, pass): each method alone once (memory), then the ones that fit timed together, alternating.
+
+    ``passes``, ``min_len`` and ``max_len`` keep only some of the points (e.g. to remeasure one pass).
+    """
+    min_len, max_len = min_len or 0, max_len or math.inf
+    groups = {}
+    for spec in _kernels_specs(common, quick, cuda):
+        if spec["pass"] not in passes or not min_len <= spec["L"] <= max_len:
+            continue
+        groups.setdefault((spec["L"], spec["pass"]), []).append(spec)
+    for specs in groups.values():
+        alone = [run_point({**spec, "warmup": 0, "repeats": 1}, timeout_s=timeout_s, reserve_bytes=reserve_bytes,
+                           isolation=isolation) for spec in specs]
+        fits = [i for i, row in enumerate(alone) if row["status"] == "ok"]
+        timed = run_interleaved([specs[i] for i in fits], warmup=specs[0]["warmup"], repeats=specs[0]["repeats"],
+                                timeout_s=timeout_s, reserve_bytes=reserve_bytes,
+                                isolation=isolation) if fits else None
+        names = ", ".join(specs[i]["method"] for i in fits)
+        for i, (spec, row) in enumerate(zip(specs, alone)):
+            row.update(warmup=spec["warmup"], repeats=spec["repeats"])
+            if i in fits and timed["status"] == "ok":
+                times = timed["times"][fits.index(i)]
+                lo, hi = timed["load"]
+                row.update(median_s=statistics.median(times), min_s=min(times),
+                           note=f"time interleaved with {names} in one process (median of {len(times)} after "
+                                f"{spec['warmup']} warm-up); 1-min load {lo:.1f}-{hi:.1f}; memory from one call alone")
+            elif i in fits:  # the lone call's time stands, said so
+                row.update(note=f"interleaved timing failed ({timed['status']}: {timed.get('note', '')}); time of "
+                                "one call alone")
+            measure(spec, skipped=row)
+
+
 def _attention_suite(common, quick, cuda, max_len, measure, min_len=None):
     """L doubles from 1024 (or ``min_len``) until top-k is the only method that fits (or fails itself,
     or L > max_len).
@@ -192,13 +231,14 @@ def _attention_suite(common, quick, cuda, max_len, measure, min_len=None):
 def run_suite(suite: str, *, quick=False, device="cpu", dtype="float32", budget=DEFAULT_BUDGET,
               timeout_s=DEFAULT_TIMEOUT_S, warmup=1, repeats=None, threads=None, out=None, save=True,
               max_len=None, min_len=None, reserve_bytes=DEFAULT_RESERVE, isolation="forkserver",
-              progress=True, replace=False) -> SuiteRows:
+              progress=True, replace=False, passes=PASSES) -> SuiteRows:
     """Run every point of ``suite``, merging each row into ``out`` as it lands; returns the rows.
 
     ``budget`` is bytes per point over its inputs (0 = unlimited, else at least 64 MiB); ``timeout_s``
     at least 10 s. A failed point's row never replaces an ``ok`` row of the same point in ``out``
     unless ``replace=True`` (:func:`topk_lib.bench.store.merge_rows`); the returned rows' ``merged``
-    counts what was added, replaced and kept. Arguments are checked before any point runs.
+    counts what was added, replaced and kept. ``passes`` (kernels suite) keeps only those passes, and
+    ``min_len``/``max_len`` bound its lengths there too. Arguments are checked before any point runs.
     """
     from tqdm.auto import tqdm
 
@@ -218,13 +258,16 @@ def run_suite(suite: str, *, quick=False, device="cpu", dtype="float32", budget=
         raise ValueError(f"min_len ({min_len}) must be <= max_len ({max_len})")
     if warmup < 0 or repeats < 1:
         raise ValueError(f"need warmup >= 0 and repeats >= 1, got warmup={warmup}, repeats={repeats}")
+    passes = tuple(passes)
+    if not passes or any(p not in PASSES for p in passes):
+        raise ValueError(f"passes must be a non-empty subset of {PASSES}, got {passes!r}")
     cuda = device.startswith("cuda")
     out = Path(out) if out else results_path(device, quick=quick)
     common = dict(suite=suite, device=device, dtype=dtype, warmup=warmup, repeats=repeats,
                   budget_bytes=int(budget), threads=threads, quick=bool(quick))
     rows = SuiteRows()
     rows.merged = Merged(out)
-    total = None if suite == "attention" else len(list(_FIXED_SPECS[suite](common, quick, cuda)))
+    total = None if suite in ("attention", "kernels") else len(list(_FIXED_SPECS[suite](common, quick, cuda)))
     bar = tqdm(total=total, desc=suite, unit="point", disable=not progress, file=sys.stderr)
 
     def measure(spec, skipped=None):
@@ -241,6 +284,9 @@ def run_suite(suite: str, *, quick=False, device="cpu", dtype="float32", budget=
     try:
         if suite == "attention":
             _attention_suite(common, quick, cuda, max_len, measure, min_len)
+        elif suite == "kernels":
+            _interleaved_suite(common, quick, cuda, measure, timeout_s, reserve_bytes, isolation, passes,
+                               min_len, max_len)
         else:
             for spec in _FIXED_SPECS[suite](common, quick, cuda):
                 measure(spec)

@@ -6,7 +6,8 @@ softmax runs over those only, and their values are summed with the kept weights.
 is O(C*Lk + Lq*k) instead of O(Lq*Lk).
 
 The code is in tiers: backends in their own modules (:mod:`.chunking` for the score chunks,
-:mod:`.selection` for the per-row top-k, :mod:`.product` for the sparse weights x V products,
+:mod:`.selection` for the per-row top-k, :mod:`.scan` and :mod:`.native` for the CPU forward
+that fuses the scores with a compiled selection, :mod:`.product` for the sparse weights x V products,
 :mod:`.logits` for soft-capping and attention sinks, :mod:`.checks` for the argument checks),
 here ``torch.autograd.Function`` classes that save a row log-sum-exp instead of any Lq x Lk
 tensor, and the public functions :func:`topk_attention`, :func:`chunked_attention` and
@@ -33,6 +34,7 @@ from topk_lib.kernels.checks import check_attention_inputs, first_order_only
 from topk_lib.kernels.chunking import causal_end, chunk_scores, flat_rows, grouped_mask, mask_scores
 from topk_lib.kernels.logits import add_sink, as_sink_rows, cap_with_derivative, empty_lse, row_shift, rows, sink_grad
 from topk_lib.kernels.product import KeptMatrix, resolve_product
+from topk_lib.kernels.scan import can_scan, select_chunk
 from topk_lib.kernels.selection import DEFAULT_SELECTOR, RowSelector
 
 __all__ = ["topk_attention", "chunked_attention", "vanilla_attention"]
@@ -96,16 +98,21 @@ class _TopkAttention(torch.autograd.Function):
         idx_all = torch.full((*batch, hkv, g, lq, k_eff), -1, dtype=torch.int32, device=query.device)
         sinks_grouped = grouped_mask(sinks, query, hkv)  # [..., Hkv|1, G|1, Lq|1, 1] or None
         lse = empty_lse(q_grouped, sinks_grouped, _lse_dtype(query.dtype))  # [..., Hkv, G, Lq, 1]
+        # The fused forward selects on the raw scores; soft-capped ones go through the chunks.
+        fused = selector.method == "auto" and softcap is None and can_scan(query)
         for r0 in range(0, lq, chunk_size):
             r1 = min(r0 + chunk_size, lq)
             k_end = causal_end(is_causal, lq, lk, r1)
             if k_end == 0:
                 continue
-            # [..., Hkv, G, c, k_end]
-            scores = chunk_scores(q_grouped, key, mask_grouped, r0, r1, k_end, lq, lk, is_causal, scale, softcap)
             k_chunk = min(k_eff, k_end)
-            vals, idx = selector(scores, k_chunk)  # [..., Hkv, G, c, k_chunk]
-            del scores
+            if fused:  # scores slab by slab in cache, compiled selection (see .scan)
+                vals, idx = select_chunk(q_grouped, key, mask_grouped, r0, r1, lq, lk, is_causal, scale, k_chunk,
+                                         selector)  # [..., Hkv, G, c, k_chunk]
+            else:  # [..., Hkv, G, c, k_end], then the k largest of each row
+                scores = chunk_scores(q_grouped, key, mask_grouped, r0, r1, k_end, lq, lk, is_causal, scale, softcap)
+                vals, idx = selector(scores, k_chunk)  # [..., Hkv, G, c, k_chunk]
+                del scores
             p, lse[..., r0:r1, :] = _softmax_kept(vals, rows(sinks_grouped, r0, r1))  # [..., Hkv, G, c, k_chunk]
             kept = KeptMatrix(idx, offsets, v_flat.shape[0], backend=backend)
             out_grouped[..., r0:r1, :] = kept.times(p, v_flat)  # [..., Hkv, G, c, dv]
@@ -329,11 +336,13 @@ def topk_attention(
             (CSR kernels on CPU float32/float64, gathers elsewhere), ``"csr"`` or ``"gather"``.
             The result is the same within float rounding.
         selector: the :class:`~topk_lib.kernels.selection.RowSelector` that selects the top-k
-            (it owns the CPU worker threads); ``None`` uses
-            :data:`~topk_lib.kernels.selection.DEFAULT_SELECTOR`.
+            (it owns the CPU worker threads, and its ``method`` picks the fused or the chunked
+            forward); ``None`` uses :data:`~topk_lib.kernels.selection.DEFAULT_SELECTOR`. While
+            the fused forward's worker threads run, torch's intra-op threads are set to one
+            (restored when it returns).
         softcap: ``c``, a positive number, or ``None``: the scores become ``c * tanh(s / c)``
             before the mask is added and the top-k selected (Gemma-2's
-            ``attn_logit_softcapping``).
+            ``attn_logit_softcapping``); soft-capped calls run the chunked forward.
         sinks: ``None``, or sink logits of the query dtype and device: ``[Hq]`` (one per query
             head, GPT-OSS's ``sinks``) or broadcastable to ``[..., Hq, Lq, 1]``. Each row's
             softmax denominator gets ``exp(sink)`` (a key with no value), so the kept weights
@@ -358,9 +367,10 @@ def topk_attention(
         * Masked keys never count: a row with fewer than ``k`` allowed keys uses only the
           allowed ones; a row with none returns zeros, and zero gradients (with a sink too:
           all its mass is on the sink, which has no value).
-        * Ties at the k-th score are broken by the selection backend (numpy's
-          ``argpartition`` on CPU float32/float64, ``torch.topk`` elsewhere), which differs
-          across devices: outputs are well defined only up to such ties.
+        * Ties at the k-th score are broken by the selection backend (on CPU float32/float64
+          the compiled selection of :mod:`.native`, or numpy's ``argpartition`` without a C++
+          compiler or with ``RowSelector(method="chunked")``; ``torch.topk`` elsewhere), which
+          differs across backends: outputs are well defined only up to such ties.
         * Scores are scaled before the product (no float16 overflow); the softmax of half
           precision inputs runs in float32.
         * Empty inputs behave as in SDPA: no batch, rows or value features give an empty

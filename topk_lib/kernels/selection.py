@@ -4,7 +4,10 @@ Selecting the ``k`` largest scores of each query row costs more than computing t
 ``torch.topk`` takes up to 2.3 times as long as the Q.K^T product of the same chunk. numpy's
 introselect (``argpartition``) releases the GIL, so blocks of rows run in parallel threads;
 on CPU float32/float64 that is 1.4-3.5x faster than ``torch.topk``. Elsewhere (CUDA, half
-precision, ``k >= n``) ``torch.topk`` runs.
+precision, ``k >= n``) ``torch.topk`` runs. On CPU float32/float64 with a C++ compiler,
+:func:`~topk_lib.kernels.attention.topk_attention`'s forward does not call it at all: it fuses
+the scores with a compiled selection (:mod:`.scan`, :mod:`.native`) and only lends this
+selector's threads; ``RowSelector(method="chunked")`` keeps the path below.
 
 One chunk of 12 heads x 1024 queries, d=64, k=128, float32, median ms of 5 on this project's
 2-core CPU (AMD EPYC, torch 2.13.0, 2 threads; ``python -m topk_lib.bench product``):
@@ -42,11 +45,30 @@ class RowSelector:
     ``threads=None`` uses ``torch.get_num_threads()`` at each call. Threads start on the
     first call that has more than one block of rows and live until :meth:`close` (or the
     end of a ``with`` block); reused across calls, a selector keeps them.
+
+    ``method`` says how :func:`~topk_lib.kernels.attention.topk_attention`'s forward selects:
+    ``"auto"`` fuses the scores with the compiled selection (:mod:`.scan`, :mod:`.native`)
+    where it runs (CPU float32/float64, a C++ compiler) and scores whole chunks then calls
+    this selector elsewhere; ``"chunked"`` always does the latter (the path before the fused
+    one, kept to compare against). Both keep the same entries up to ties.
     """
 
-    def __init__(self, threads: int | None = None):
+    METHODS = ("auto", "chunked")
+
+    def __init__(self, threads: int | None = None, method: str = "auto"):
         self.threads = None if threads is None else positive_int(threads, "threads")
+        if method not in self.METHODS:
+            raise ValueError(f"method must be one of {self.METHODS}, got {method!r}")
+        self.method = method
         self._pool, self._pool_size = None, 0
+
+    def thread_count(self) -> int:
+        """How many threads a call may use now."""
+        return self.threads or torch.get_num_threads()
+
+    def workers(self, threads: int):
+        """The pool of at least ``threads`` worker threads (started, or grown, on demand)."""
+        return self._workers(threads)
 
     def __enter__(self):
         return self

@@ -482,3 +482,59 @@ def test_budget_zero_is_unlimited_and_documented(monkeypatch, tmp_path, capsys):
         bench_main(["--help"])
     help_text = " ".join(capsys.readouterr().out.split())
     assert "0 = unlimited" in help_text and "--replace" in help_text
+
+
+def test_run_interleaved_alternates_the_methods_in_one_process():
+    specs = [_calibrate("sleep", sleep_s=0.02), _calibrate("sleep", sleep_s=0.06)]
+    res = bench.run_interleaved(specs, warmup=0, repeats=3, timeout_s=30)
+    assert res["status"] == "ok", res
+    assert [len(t) for t in res["times"]] == [3, 3]
+    assert all(0.02 <= t < 0.5 for t in res["times"][0]) and all(0.06 <= t < 0.5 for t in res["times"][1])
+    lo, hi = res["load"]
+    assert 0 <= lo <= hi
+    failed = bench.run_interleaved([_calibrate("nope")], warmup=0, repeats=1, timeout_s=30)
+    assert failed["status"] == "error" and "nope" in failed["note"]
+    with pytest.raises(ValueError, match="repeats"):
+        bench.run_interleaved(specs, warmup=0, repeats=0)
+
+
+def test_kernel_ratios_and_sdpa_targets():
+    rows = []
+    for n, times in {8192: dict(topk=0.9, sdpa=0.6, chunked=1.8), 16384: dict(topk=4.0, sdpa=2.0, chunked=8.0)}.items():
+        for method, t in times.items():
+            for ps, scale in (("fwd", 1.0), ("fwd+bwd", 3.0)):
+                rows.append(dict(method=method, L=str(n), status="ok", median_s=str(t * scale), peak_bytes="1",
+                                 note="time interleaved with sdpa, chunked, topk; 1-min load 0.5-0.7", **{"pass": ps}))
+    lines = bench.kernel_ratios(rows)
+    assert lines[0].startswith("L=8192") and "1.50x sdpa" in lines[0] and "0.50x chunked" in lines[0]
+    assert "1-min load 0.5-0.7" in lines[0]
+    verdicts = {name: met for name, _, met in bench.kernel_targets(rows)}
+    assert verdicts["top-k fwd time <= 1.5x sdpa at L=8192"] is True  # 1.5x exactly
+    assert verdicts["top-k fwd time <= 1.5x sdpa at L=16384"] is False  # 2x
+    assert verdicts["top-k fwd+bwd time <= 1.0x sdpa at L=8192"] is False
+    assert verdicts["top-k fwd time <= 0.6x chunked at L=16384"] is True
+
+
+def test_kernels_suite_takes_times_from_the_interleaved_run_and_memory_from_the_lone_one(monkeypatch, tmp_path):
+    lone, together = [], []
+
+    def fake_point(spec, **kw):
+        lone.append(spec)
+        fits = not (spec["method"] == "vanilla" and spec["L"] == 512)
+        return {**bench.row_template(spec), "status": "ok" if fits else "did not fit", "median_s": 99.0,
+                "min_s": 99.0, "peak_bytes": 1000}
+
+    def fake_interleaved(specs, *, warmup, repeats, **kw):
+        together.append([s["method"] for s in specs])
+        return {"status": "ok", "times": [[0.1 * (i + 1)] * repeats for i in range(len(specs))], "load": [0.4, 0.6]}
+
+    monkeypatch.setattr(suites, "run_point", fake_point)
+    monkeypatch.setattr(suites, "run_interleaved", fake_interleaved)
+    rows = bench.run_suite("kernels", quick=True, out=tmp_path / "b.csv", progress=False)
+    assert all(s["repeats"] == 1 and s["warmup"] == 0 for s in lone)  # alone: one call, for memory
+    assert together[0] == ["vanilla", "sdpa", "chunked", "topk"]
+    assert together[-1] == ["sdpa", "chunked", "topk"]  # vanilla did not fit at 512: not timed with the others
+    topk = [r for r in rows if r["method"] == "topk"]
+    assert all(r["median_s"] == pytest.approx(0.4 if r["L"] == 256 else 0.3) and r["peak_bytes"] == 1000 for r in topk)
+    assert all("interleaved with" in r["note"] and "1-min load 0.4-0.6" in r["note"] for r in topk)
+    assert all(r["repeats"] == 1 for r in rows)  # quick mode's repeats, what the interleaved run used
