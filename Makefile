@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: test test-all figures lab data data-test install browser
+.PHONY: test test-all figures lab data data-test install system
 
 install: $(STAMP)
 
@@ -27,20 +27,23 @@ data: $(STAMP)
 data-test: $(STAMP)
 	$(BIN)/python -m topk_lib.data moby-dick sotu spam fortunes polarity trivia
 
-# Debian's Chromium and its driver for the browser test (tests/integration/test_browser.py), installed
-# when missing and run as root (as CI is); otherwise that test is skipped, naming this command.
-browser:
-	@if command -v chromium >/dev/null && command -v chromedriver >/dev/null; then :; \
+# Debian packages the tests use, installed when missing and run as root (as CI is): Chromium and its
+# driver for the browser test (tests/integration/test_browser.py; skipped without them, naming this
+# command) and a C++ compiler for the compiled top-k selection (topk_lib/kernels/native.py; without
+# one the numpy selection runs and its tests are skipped).
+system:
+	@if command -v chromium >/dev/null && command -v chromedriver >/dev/null && command -v g++ >/dev/null; then :; \
 	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 		DEBIAN_FRONTEND=noninteractive apt-get update -qq && \
-		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null; \
-	else echo "no chromium: the browser test is skipped (as root: apt-get install -y chromium chromium-driver)"; fi
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver g++ >/dev/null \
+		|| echo "apt-get could not install chromium, chromium-driver, g++: their tests are skipped"; \
+	else echo "missing chromium, chromedriver or g++: their tests are skipped (as root: apt-get install -y chromium chromium-driver g++)"; fi
 
 # Fast suite plus the notebook smoke runs and the browser test; `make test-all` adds the tests marked slow.
-test: $(STAMP) data-test browser
+test: $(STAMP) data-test system
 	$(BIN)/python -m pytest -m "not gpu"
 
-test-all: $(STAMP) data-test browser
+test-all: $(STAMP) data-test system
 	$(BIN)/python -m pytest -m "not gpu" --runslow
 
 figures: $(STAMP)

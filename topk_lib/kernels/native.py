@@ -17,11 +17,11 @@ exact selection over the whole row. Ties at the k-th value are broken by positio
 survivor list (any of the tied entries is a correct answer).
 
 The C++ source below is compiled with the system C++ compiler (``$CXX`` or ``g++``) into a
-shared library under ``$TOPK_LIB_BUILD_DIR`` (default ``~/.cache/topk_lib``), named by a hash
+shared library under ``paths.cache() / "native"`` (``~/.cache/topk-lab/native``), named by a hash
 of the source, the flags and the CPU, and loaded with :mod:`ctypes` (which releases the GIL,
 so Python threads run rows in parallel). Building takes about a second, once per machine.
 Without a compiler :func:`load` returns ``None`` and the kernels use
-:class:`~topk_lib.kernels.selection.RowSelector`'s numpy path; ``TOPK_LIB_NATIVE=0`` forces
+:class:`~topk_lib.kernels.selection.RowSelector`'s numpy path; ``TOPK_LAB_NATIVE=0`` forces
 that.
 """
 
@@ -36,6 +36,8 @@ import subprocess
 import tempfile
 import threading
 from pathlib import Path
+
+from topk_lib.infra import paths
 
 __all__ = ["load", "available", "topk_rows", "SOURCE"]
 
@@ -280,7 +282,7 @@ def _cpu_tag() -> str:
 
 def _build(cxx: str) -> Path | None:
     key = hashlib.sha256("\0".join([SOURCE, cxx, *FLAGS, _cpu_tag()]).encode()).hexdigest()[:16]
-    build_dir = Path(os.environ.get("TOPK_LIB_BUILD_DIR") or Path.home() / ".cache" / "topk_lib")
+    build_dir = paths.cache() / "native"
     lib = build_dir / f"topk_rows_{key}.so"
     if lib.exists():
         return lib
@@ -302,7 +304,7 @@ def load():
             return _loaded["lib"]
         lib = None
         cxx = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
-        if os.environ.get("TOPK_LIB_NATIVE", "1") != "0" and cxx:
+        if os.environ.get("TOPK_LAB_NATIVE", "1") != "0" and cxx:
             try:
                 path = _build(cxx)
                 lib = ctypes.CDLL(str(path)) if path else None
@@ -328,7 +330,7 @@ def topk_rows(scores, k, lens=None):
     ``lens`` (``None`` or ``R`` ints) counts the entries of each row that take part; slots a
     short row cannot fill hold ``-inf`` at index 0. Returns ``(values [R, k], indices [R, k])``,
     indices int64, in no particular order. Raises ``RuntimeError`` when the library cannot be
-    built (no C++ compiler, or ``TOPK_LIB_NATIVE=0``).
+    built (no C++ compiler, or ``TOPK_LAB_NATIVE=0``).
     """
     import numpy as np
     import torch
@@ -336,7 +338,7 @@ def topk_rows(scores, k, lens=None):
     lib = load()
     if lib is None:
         raise RuntimeError("the compiled selection is not available: install a C++ compiler (g++) or unset "
-                           "TOPK_LIB_NATIVE=0")
+                           "TOPK_LAB_NATIVE=0")
     if scores.dim() != 2 or scores.dtype not in (torch.float32, torch.float64) or scores.device.type != "cpu":
         raise ValueError(f"scores must be a 2-d CPU float32/float64 tensor, got {tuple(scores.shape)} "
                          f"{scores.dtype} on {scores.device}")
