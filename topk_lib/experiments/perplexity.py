@@ -77,8 +77,15 @@ def main(argv=None):
     ap.add_argument("--n-windows", type=int, default=4)
     ap.add_argument("--quick", action="store_true", help="one window, baseline and the smallest k only")
     ap.add_argument("--out", default=None, help="CSV path (default data/results/<model>_moby_dick_perplexity.csv)")
+    ap.add_argument("--attn-ks", default=None, help="comma-separated attention k, each alone beside the vanilla "
+                    "row (with --ff-ks: instead of the default sweep, e.g. for a model of another d_ff)")
+    ap.add_argument("--ff-ks", default=None, help="comma-separated feed-forward k, each alone")
     args = ap.parse_args(argv)
-    settings = [Setting.of(), Setting.of(8, 48)] if args.quick else sweep_settings()
+    if args.attn_ks or args.ff_ks:
+        ks = [[int(k) for k in (arg or "").split(",") if k.strip()] for arg in (args.attn_ks, args.ff_ks)]
+        settings = [Setting.of()] + [Setting.of(k, None) for k in ks[0]] + [Setting.of(None, k) for k in ks[1]]
+    else:
+        settings = [Setting.of(), Setting.of(8, 48)] if args.quick else sweep_settings()
     n_windows = 1 if args.quick else args.n_windows
     model, tokenizer = load_model(args.model)
     t0 = time.perf_counter()
