@@ -189,6 +189,6 @@ def test_gemma3_large_k_reproduces_logits_past_the_sliding_window(gemma3):
             out = model(ids).logits
         with use_topk(model, attn_k=8, ff_k=128):
             small = model(ids).logits
-    assert (out - ref).abs().max() < 2e-3 * ref.abs().max()
-    assert (out.argmax(-1) == ref.argmax(-1)).float().mean() > 0.99
+    assert (out - ref).abs().max() < 1e-3  # float32 over 18 layers: measured 9.2e-5 on logits of size ~44
+    assert (out.argmax(-1) == ref.argmax(-1)).all()
     assert (small - ref).abs().max() > 1e-2
