@@ -341,7 +341,7 @@ def _build(module, layout, k, chunk_size, arg, name, skipped_dropout):
             out.index_add_(0, tokens, (y * top_k_weights[tokens, pos, None]).to(out.dtype))
         return out
 
-    return _with_accelerate_hooks(module, entry, experts_forward if layout.experts else forward)
+    return _with_accelerate_hooks(module, layout, entry, experts_forward if layout.experts else forward)
 
 
 def _offloaded(m):
@@ -350,16 +350,21 @@ def _offloaded(m):
     return hook is not None and getattr(hook, "offload", False)
 
 
-def _with_accelerate_hooks(module, entry, forward):
+def _with_accelerate_hooks(module, layout, entry, forward):
     """``forward`` as accelerate's big-model hooks would run it, for a model dispatched with a ``device_map``.
 
     accelerate replaces ``entry.forward`` on the instance with a wrapper that moves the inputs
     to the execution device and loads offloaded weights; the replacement takes the place of
     that wrapper and reads the weights itself, so it runs the entry's hook around the call and
-    loads the offloaded weights of every part of ``module`` for its duration.
+    loads the offloaded weights of the projections it reads for its duration (not those of the
+    rest of a block, for block-level layouts).
     """
     hook = getattr(entry, "_hf_hook", None)
-    parts = [m for m in module.modules() if m is not entry and _offloaded(m)]
+    owners = [entry]
+    for path in filter(None, (layout.w_in, layout.w_gate, layout.w_out)):
+        part = layout.part(module, path)  # a Linear, or a 3D parameter whose module holds it
+        owners.append(part if isinstance(part, nn.Module) else layout.part(module, path.rpartition(".")[0]) or module)
+    parts = list(dict.fromkeys(m for o in owners for m in o.modules() if m is not entry and _offloaded(m)))
     if hook is None and not parts:
         return forward
 

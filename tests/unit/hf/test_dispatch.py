@@ -112,3 +112,30 @@ def test_device_map_auto_on_this_machine(saved):
     ids = tok("the old ship", return_tensors="pt")["input_ids"].to(expected)
     with torch.no_grad():
         assert torch.isfinite(model(input_ids=ids).logits).all()
+
+
+def test_a_block_level_layout_on_disk_bert(tmp_path):
+    """BERT's feed-forward sits on the block (intermediate runs the product, output.dense becomes
+    the identity): with layer 1 on disk, use_topk's ff_k and attn_k equal the plain model."""
+    from transformers import BertConfig, BertModel
+
+    tok = bert_tokenizer()
+    torch.manual_seed(0)
+    cfg = BertConfig(hidden_size=32, intermediate_size=D_FF, num_hidden_layers=2, num_attention_heads=4,
+                     vocab_size=tok.vocab_size, max_position_embeddings=64)
+    BertModel(cfg).eval().save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    device_map = {"embeddings": "cpu", "encoder.layer.0": "cpu", "encoder.layer.1": "disk", "pooler": "cpu"}
+    plain, _ = load_model(str(tmp_path))
+    dispatched, _ = load_model(str(tmp_path), device_map=device_map, offload_folder=tmp_path / "offload")
+    assert dispatched.encoder.layer[1].intermediate.dense.weight.is_meta
+    ids = tok("the whale sat on the old mat and the ship sailed on", return_tensors="pt")["input_ids"]
+
+    def hidden(model, **topk):
+        with torch.no_grad(), use_topk(model, **topk):
+            return model(input_ids=ids).last_hidden_state
+
+    before = {name: m.__dict__.get("forward") for name, m in dispatched.named_modules()}
+    for topk in ({}, dict(ff_k=D_FF), dict(ff_k=8), dict(attn_k=3, ff_k=8)):
+        torch.testing.assert_close(hidden(dispatched, **topk), hidden(plain, **topk), rtol=1e-5, atol=1e-5)
+    assert all(m.__dict__.get("forward") is before[name] for name, m in dispatched.named_modules())
