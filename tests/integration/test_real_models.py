@@ -1,4 +1,4 @@
-"""MiniLM and SmolLM2 from their packages: architecture, cache, embeddings, and use_topk at large k reproducing the model."""
+"""MiniLM, SmolLM2 and Gemma-3 from their packages: architecture, cache, embeddings, and use_topk at large k reproducing the model."""
 
 import shutil
 from pathlib import Path
@@ -147,3 +147,48 @@ def test_packaged_models_have_the_fingerprints_the_committed_sweep_records_carry
     for path in sorted((paths.ROOT / "data" / "results" / "accuracy").glob("*/*.json")):
         rec = json.loads(path.read_text())
         assert rec["model_fingerprint"] == mine[rec["config"]["model"]], path
+
+
+# --------------------------------------------------------------------------- Gemma-3-270M (slow: first load de-quantises)
+
+
+@pytest.fixture(scope="module")
+def gemma3():
+    return load_model("gemma3-270m")
+
+
+@pytest.mark.slow
+def test_gemma3_architecture_and_cache(gemma3):
+    """18 layers, 4 query heads over 1 KV head of dim 256, local (window 512) layers with every 6th global, GeGLU."""
+    model, tok = gemma3
+    cfg = model.config
+    assert type(model).__name__ == "Gemma3ForCausalLM" and not model.training
+    assert (cfg.num_hidden_layers, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim) == (18, 4, 1, 256)
+    assert cfg.intermediate_size == 2048 and cfg.hidden_activation == "gelu_pytorch_tanh"  # GeGLU: gelu(gate) * up
+    assert cfg.sliding_window == 512
+    assert cfg.layer_types == ["full_attention" if (i + 1) % 6 == 0 else "sliding_attention" for i in range(18)]
+    mlp = model.model.layers[0].mlp
+    assert {n for n, _ in mlp.named_children()} >= {"gate_proj", "up_proj", "down_proj"}
+    assert cfg._attn_implementation == "sdpa" and not hasattr(cfg, "quantization_config")
+    parts = [models._package_file("gemma3-270m", part=i) for i in range(4)]
+    assert models._cache_is_valid(models.model_cache_dir("gemma3-270m"), parts)
+    assert not list(models.model_cache_dir("gemma3-270m").glob("*.gguf"))  # the assembled GGUF is not kept
+    ids = tok(PROMPT)["input_ids"]
+    assert ids[0] == tok.bos_token_id == 2 and ids.count(tok.bos_token_id) == 1  # BOS at the start
+
+
+@pytest.mark.slow
+def test_gemma3_large_k_reproduces_logits_past_the_sliding_window(gemma3):
+    """600 tokens: the local layers attend within 512 keys, the global ones to all; k >= L keeps everything."""
+    model, tok = gemma3
+    ids = tok(PROMPT * 30, return_tensors="pt").input_ids[:, :600]  # [1, 600]
+    assert ids.shape[1] == 600 > model.config.sliding_window
+    with torch.no_grad():
+        ref = model(ids).logits
+        with use_topk(model, attn_k=ids.shape[1], ff_k=2048):  # the GeGLU probe passes on every layer
+            out = model(ids).logits
+        with use_topk(model, attn_k=8, ff_k=128):
+            small = model(ids).logits
+    assert (out - ref).abs().max() < 1e-3  # float32 over 18 layers: measured 9.2e-5 on logits of size ~44
+    assert (out.argmax(-1) == ref.argmax(-1)).all()
+    assert (small - ref).abs().max() > 1e-2

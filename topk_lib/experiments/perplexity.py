@@ -13,7 +13,7 @@ import time
 from topk_lib.experiments.settings import Setting
 from topk_lib.tasks.lm import perplexity_of_windows, token_windows
 
-__all__ = ["perplexity_sweep", "ATTN_KS", "FF_KS", "sweep_settings", "main"]
+__all__ = ["perplexity_sweep", "ATTN_KS", "FF_KS", "sweep_settings", "cli_settings", "main"]
 
 #: Attention k swept on their own (None = vanilla).
 ATTN_KS = (None, 256, 128, 64, 32, 16, 8)
@@ -25,6 +25,17 @@ def sweep_settings():
     """Vanilla, attention k alone, FF k alone, then both paired by position (256/768 ... 16/48)."""
     pairs = [(k, None) for k in ATTN_KS] + [(None, k) for k in FF_KS[1:]] + list(zip(ATTN_KS[1:6], FF_KS[1:]))
     return [Setting.of(attn_k, ff_k) for attn_k, ff_k in pairs]
+
+
+def cli_settings(attn_ks=None, ff_ks=None, *, quick=False):
+    """The command line's settings: vanilla and each k of ``"128,64"``-style lists alone, else the default sweep."""
+    if attn_ks or ff_ks:
+        try:
+            ks = [[int(k) for k in (arg or "").split(",") if k.strip()] for arg in (attn_ks, ff_ks)]
+        except ValueError as err:
+            raise ValueError(f"--attn-ks/--ff-ks take comma-separated ints such as 128,64,32: {err}") from err
+        return [Setting.of()] + [Setting.of(k, None) for k in ks[0]] + [Setting.of(None, k) for k in ks[1]]
+    return [Setting.of(), Setting.of(8, 48)] if quick else sweep_settings()
 
 
 def perplexity_sweep(
@@ -77,8 +88,11 @@ def main(argv=None):
     ap.add_argument("--n-windows", type=int, default=4)
     ap.add_argument("--quick", action="store_true", help="one window, baseline and the smallest k only")
     ap.add_argument("--out", default=None, help="CSV path (default data/results/<model>_moby_dick_perplexity.csv)")
+    ap.add_argument("--attn-ks", default=None, help="comma-separated attention k, each alone beside the vanilla "
+                    "row (with --ff-ks: instead of the default sweep, e.g. for a model of another d_ff)")
+    ap.add_argument("--ff-ks", default=None, help="comma-separated feed-forward k, each alone")
     args = ap.parse_args(argv)
-    settings = [Setting.of(), Setting.of(8, 48)] if args.quick else sweep_settings()
+    settings = cli_settings(args.attn_ks, args.ff_ks, quick=args.quick)
     n_windows = 1 if args.quick else args.n_windows
     model, tokenizer = load_model(args.model)
     t0 = time.perf_counter()

