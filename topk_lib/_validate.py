@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numbers
 
-__all__ = ["positive_int", "int_at_least", "optional_k", "index", "int_sequence", "fraction_sequence"]
+__all__ = ["positive_int", "int_at_least", "optional_k", "index", "int_sequence", "fraction_sequence", "non_empty_text"]
 
 
 def _is_int(value) -> bool:
@@ -75,3 +75,12 @@ def fraction_sequence(values, arg: str, *, example: str = "(0.9, 0.99)") -> tupl
     if not values or any(not 0 < f <= 1 for f in values):
         raise ValueError(what)
     return tuple(float(f) for f in values)
+
+
+def non_empty_text(value, arg: str) -> str:
+    """``value`` when it is a string with something besides whitespace."""
+    if not isinstance(value, str):
+        raise TypeError(f"{arg} must be a non-empty string, got {type(value).__name__}")
+    if not value.strip():
+        raise ValueError(f"{arg} must be a non-empty string")
+    return value

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from topk_lib._validate import positive_int
+from topk_lib._validate import non_empty_text, positive_int
 from topk_lib.hf.patching import use_topk
 
 __all__ = [
@@ -29,14 +29,6 @@ __all__ = [
     "continuations_html",
     "continuations_text",
 ]
-
-
-def _non_empty_text(value, arg: str) -> str:
-    if not isinstance(value, str):
-        raise TypeError(f"{arg} must be a non-empty string, got {type(value).__name__}")
-    if not value.strip():
-        raise ValueError(f"{arg} must be a non-empty string")
-    return value
 
 
 def first_divergence(a, b) -> int | None:
@@ -153,7 +145,7 @@ def compare_continuations(model, tokenizer, prompt, *, k: int, max_new_tokens: i
     """
     k = positive_int(k, "k")
     max_new_tokens = positive_int(max_new_tokens, "max_new_tokens")
-    _non_empty_text(prompt, "prompt")
+    non_empty_text(prompt, "prompt")
     if not (hasattr(model, "generate") and model.can_generate()):
         raise ValueError(f"model: {type(model).__name__} cannot generate; use a decoder (e.g. smollm2-135m)")
     runs = {}

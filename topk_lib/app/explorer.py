@@ -58,7 +58,7 @@ from dataclasses import dataclass
 
 import torch
 
-from topk_lib._validate import index, int_at_least, positive_int
+from topk_lib._validate import index, int_at_least, non_empty_text, positive_int
 from topk_lib.analysis.approximations import attention_probs, record_qkv
 from topk_lib.analysis.metrics import relative_error
 from topk_lib.hf.layers import describe_layers
@@ -72,15 +72,6 @@ __all__ = [
     "measure_latency",
     "simulate_slider_moves",
 ]
-
-
-def _non_empty_text(value, arg: str) -> str:
-    """``value`` when it is a string with something besides whitespace."""
-    if not isinstance(value, str):
-        raise TypeError(f"{arg} must be a non-empty string, got {type(value).__name__}")
-    if not value.strip():
-        raise ValueError(f"{arg} must be a non-empty string")
-    return value
 
 
 def kept_mask(probs: torch.Tensor, k: int, *, causal: bool) -> torch.Tensor:
@@ -160,7 +151,7 @@ class AttentionExplorer:
     def __init__(self, model, tokenizer, text, *, max_tokens: int = 512, cache_layers: int = 4):
         max_tokens = positive_int(max_tokens, "max_tokens")
         self.cache_layers = positive_int(cache_layers, "cache_layers")
-        _non_empty_text(text, "text")
+        non_empty_text(text, "text")
         ids = tokenizer(text, truncation=True, max_length=max_tokens, return_tensors="pt").input_ids  # [1, L]
         if ids.shape[1] < 2:
             raise ValueError(f"text gives {ids.shape[1]} token(s); use a longer text (at least 2 tokens)")

@@ -293,23 +293,29 @@ def run_interleaved(specs: list[dict], *, warmup: int, repeats: int, timeout_s: 
     first = specs[0]
     spec = {"kind": "interleaved", "points": specs, "device": first["device"], "dtype": first["dtype"],
             "threads": first.get("threads"), "warmup": warmup, "repeats": repeats}
-    limit = timeout_s * len(specs)
+    return _in_child(spec, timeout_s * len(specs), reserve_bytes, isolation)
+
+
+def _in_child(spec: dict, timeout_s: float, reserve_bytes: int, isolation: str) -> dict:
+    """Run ``spec`` in a child process: what it wrote, or a ``status`` and ``note`` saying how it failed."""
     with tempfile.TemporaryDirectory(prefix="topk-bench-") as tmp:
         result_file, log_file = os.path.join(tmp, "row.json"), os.path.join(tmp, "out.log")
         t0 = time.monotonic()
         child = _Child(isolation, spec, result_file, log_file)
-        killed = _watch(child, t0, limit, reserve_bytes)
+        killed = _watch(child, t0, timeout_s, reserve_bytes)
         rc = child.returncode()
         if killed == "timeout":
-            return {"status": "timeout", "note": f"killed after {limit:g} s"}
+            return {"status": "timeout", "note": f"killed after {timeout_s:g} s"}
         if killed == "memory":
-            return {"status": "did not fit", "note": f"killed: the machine had under {reserve_bytes / GiB:.1f} GiB"}
+            return {"status": "did not fit",
+                    "note": f"killed: the machine had under {reserve_bytes / GiB:.1f} GiB available"}
         if os.path.exists(result_file):
             with open(result_file) as fh:
                 return json.load(fh)
         tail = child.log_tail()
-        status = "did not fit" if rc == -signal.SIGKILL or _is_oom(tail) else "error"
-        return {"status": status, "note": f"child failed (rc={rc}): {tail}"}
+        if rc == -signal.SIGKILL or _is_oom(tail):
+            return {"status": "did not fit", "note": f"child died (rc={rc}), likely out of memory: {tail}"}
+        return {"status": "error", "note": f"child failed (rc={rc}): {tail}"}
 
 
 def row_template(spec: dict) -> dict:
@@ -369,25 +375,4 @@ def run_point(spec: dict, *, timeout_s: float = DEFAULT_TIMEOUT_S, reserve_bytes
     ``"subprocess"`` starts ``python -m topk_lib.bench _point`` (slower to start, nothing shared).
     """
     _check_point(spec, timeout_s, isolation)
-    row = row_template(spec)
-    with tempfile.TemporaryDirectory(prefix="topk-bench-") as tmp:
-        result_file, log_file = os.path.join(tmp, "row.json"), os.path.join(tmp, "out.log")
-        t0 = time.monotonic()
-        child = _Child(isolation, spec, result_file, log_file)
-        killed = _watch(child, t0, timeout_s, reserve_bytes)
-        rc = child.returncode()
-        if killed == "timeout":
-            row.update(status="timeout", note=f"killed after {timeout_s:g} s")
-        elif killed == "memory":
-            row.update(status="did not fit",
-                       note=f"killed: the machine had under {reserve_bytes / GiB:.1f} GiB available")
-        elif os.path.exists(result_file):
-            with open(result_file) as fh:
-                row.update(json.load(fh))
-        else:
-            tail = child.log_tail()
-            if rc == -signal.SIGKILL or _is_oom(tail):
-                row.update(status="did not fit", note=f"child died (rc={rc}), likely out of memory: {tail}")
-            else:
-                row.update(status="error", note=f"child failed (rc={rc}): {tail}")
-    return row
+    return {**row_template(spec), **_in_child(spec, timeout_s, reserve_bytes, isolation)}
