@@ -24,6 +24,14 @@ from topk_lib._validate import optional_k, positive_int
 __all__ = ["check_attention_inputs", "check_scale", "check_softcap", "check_sinks", "first_order_only"]
 
 
+def _broadcasts_to(t, target) -> bool:
+    """True when ``t`` broadcasts to exactly ``target`` (no more dims, no size other than 1 or the target's)."""
+    try:
+        return t.dim() <= len(target) and torch.broadcast_shapes(t.shape, target) == tuple(target)
+    except RuntimeError:
+        return False
+
+
 def check_scale(scale):
     """Raise unless ``scale`` is ``None`` or a finite real number (``bool`` is not a number here).
 
@@ -70,11 +78,7 @@ def check_sinks(sinks, query):
     if sinks.dim() == 1:
         ok = sinks.shape[0] in (1, hq)
     else:
-        target = (*query.shape[:-1], 1)
-        try:
-            ok = sinks.dim() <= len(target) and torch.broadcast_shapes(sinks.shape, target) == target
-        except RuntimeError:
-            ok = False
+        ok = _broadcasts_to(sinks, (*query.shape[:-1], 1))
     if not ok:
         raise ValueError(
             f"sinks of shape {tuple(sinks.shape)} fits neither [Hq] = [{hq}] (one logit per query head) nor "
@@ -195,11 +199,7 @@ def check_attention_inputs(query, key, value, attn_mask, topk, chunk_size, scale
                 f"a float attn_mask must have the query dtype {query.dtype}, got {attn_mask.dtype}"
             )
         target = (*query.shape[:-2], query.shape[-2], key.shape[-2])
-        try:
-            ok = attn_mask.dim() <= len(target) and torch.broadcast_shapes(attn_mask.shape, target) == target
-        except RuntimeError:
-            ok = False
-        if not ok:
+        if not _broadcasts_to(attn_mask, target):
             raise ValueError(
                 f"attn_mask of shape {tuple(attn_mask.shape)} does not broadcast to [..., Hq, Lq, Lk] = "
                 f"{target}; give it singleton dims where it is shared"
