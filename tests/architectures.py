@@ -28,6 +28,8 @@ import torch.nn.functional as F
 import transformers as tf
 from torch import nn
 
+from reference import keep_topk, routed_experts_reference
+
 V = 128  # vocabulary of every tiny model
 IMAGE = V - 1  # Gemma-3's image token
 L = 10  # tokens per sequence
@@ -331,12 +333,6 @@ def eager_topk(model, k):
 W_OUT = ("down_proj", "c_proj", "fc2", "wo", "lin2", "Wo", "fc_out", "dense_4h_to_h")
 
 
-def _keep_topk(h, k, by_value):
-    score = h if by_value else h.abs()
-    idx = score.topk(min(k, h.shape[-1]), dim=-1).indices
-    return torch.zeros_like(h).scatter(-1, idx, h.gather(-1, idx))
-
-
 def _is_relu(module):
     probe = torch.linspace(-3, 3, 61)
     return torch.allclose(module(probe), F.relu(probe))
@@ -362,21 +358,6 @@ def mlp_outputs(model):
     return found
 
 
-def _experts_forward(experts, k):
-    """A dense loop over tokens and their routed experts, each a gated MLP with top-``k`` of ``|h|``."""
-
-    def forward(hidden_states, top_k_index, top_k_weights):
-        out = torch.zeros_like(hidden_states)
-        for t in range(hidden_states.shape[0]):
-            for slot, e in enumerate(top_k_index[t].tolist()):
-                gate, up = F.linear(hidden_states[t], experts.gate_up_proj[e]).chunk(2, dim=-1)
-                h = _keep_topk(experts.act_fn(gate) * up, k, by_value=False)
-                out[t] += top_k_weights[t, slot] * F.linear(h, experts.down_proj[e])
-        return out
-
-    return forward
-
-
 @contextlib.contextmanager
 def dense_topk_mlp(model, k, layers=None):
     """Keep the top-``k`` hidden units of every MLP (and routed expert) of ``model``, densely.
@@ -388,13 +369,13 @@ def dense_topk_mlp(model, k, layers=None):
     for name, w_out, by_value in mlp_outputs(model):
         if want(name):
             handles.append(w_out.register_forward_pre_hook(
-                lambda m, args, bv=by_value: (_keep_topk(args[0], k, bv),) + args[1:]))
+                lambda m, args, bv=by_value: (keep_topk(args[0], k, by_magnitude=not bv),) + args[1:]))
     for name, module in model.named_modules():
         if name in routed and want(name):
             if not hasattr(module, "act_fn"):  # e.g. GPT-OSS's clamped, interleaved SwiGLU
                 raise NotImplementedError(f"no dense reference for the experts of {type(module).__name__}")
             experts.append(module)
-            module.forward = _experts_forward(module, k)
+            module.forward = routed_experts_reference(module, k)
     try:
         yield model
     finally:

@@ -81,12 +81,59 @@ def dense_topk_feedforward(x, w_in, w_out, topk, activation="relu", w_gate=None,
     return F.linear(torch.zeros_like(h).scatter(-1, idx, h.gather(-1, idx)), w_out, b_out)
 
 
+def keep_topk(h, k, *, by_magnitude):
+    """``h`` with all but its ``k`` largest entries (``|h|`` or ``h``) per row set to zero."""
+    score = h.abs() if by_magnitude else h
+    keep = torch.zeros_like(h).scatter_(-1, score.topk(min(k, h.shape[-1]), dim=-1).indices, 1.0)
+    return h * keep
+
+
 def dense_topk_ff_mask(x, w_in, w_out, k, act, *, w_gate=None, by_magnitude, b_in=None, b_out=None):
     """Dense layer with activation ``act``; keeps the top-k hidden units by value or by magnitude."""
     h = act(x @ w_gate.T) * (x @ w_in.T) if w_gate is not None else act(x @ w_in.T + (0 if b_in is None else b_in))
-    score = h.abs() if by_magnitude else h
-    keep = torch.zeros_like(h).scatter_(-1, score.topk(k, dim=-1).indices, 1.0)
-    return (h * keep) @ w_out.T + (0 if b_out is None else b_out)
+    return keep_topk(h, k, by_magnitude=by_magnitude) @ w_out.T + (0 if b_out is None else b_out)
+
+
+def routed_experts_reference(experts, k):
+    """A forward for 3D routed experts, token by token: sum over slots of weight * down_e(topk(act(gate_e x) * up_e x)).
+
+    Top-k keeps the largest ``|h|`` (a gated MLP); the router's choice and weights come in as the
+    module's own forward gets them.
+    """
+    act = experts.act_fn
+
+    def forward(x, top_k_index, top_k_weights):  # x [T, d], index/weights [T, K]
+        rows = []
+        for t in range(x.shape[0]):
+            y = torch.zeros_like(x[t])
+            for slot in range(top_k_index.shape[1]):
+                e = int(top_k_index[t, slot])
+                w_gate_up, w_down = experts.gate_up_proj[e], experts.down_proj[e]
+                if getattr(experts, "is_transposed", False):  # stored [d, 2 d_ff] and [d_ff, d] (Aria)
+                    w_gate_up, w_down = w_gate_up.T, w_down.T
+                gate, up = (w_gate_up @ x[t]).chunk(2)  # [d_ff] each
+                h = keep_topk(act(gate) * up, k, by_magnitude=True)
+                y = y + top_k_weights[t, slot] * (w_down @ h)
+            rows.append(y)
+        return torch.stack(rows)
+
+    return forward
+
+
+# --------------------------------------------------------------------------- memory
+
+
+def saved_bytes(fn):
+    """Bytes autograd saves for backward while ``fn()`` runs, by storage (inputs included)."""
+    seen = {}
+
+    def pack(t):
+        seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return sum(seen.values())
 
 
 # --------------------------------------------------------------------------- attention statistics of a model

@@ -11,13 +11,13 @@ import contextlib
 
 import pytest
 import torch
-import torch.nn.functional as F
 import transformers as T
 from tiny_models import tiny_bert, tiny_llama, tiny_t5
 
 from topk_lib import use_topk
 from topk_lib.hf.layers import describe_layers, find_layers
 from topk_lib.hf.mlps import MLP_LAYOUTS, ff_forwards
+from reference import keep_topk, routed_experts_reference
 
 V = 101  # vocabulary of every tiny model
 TOL = 2e-5
@@ -131,35 +131,6 @@ def n_layers(model):
 # --------------------------------------------------------------------------- the dense reference
 
 
-def keep_topk(h, k, by):
-    """``h`` with all but its ``k`` largest entries (``|h|`` or ``h``) per row set to zero."""
-    score = h.abs() if by == "magnitude" else h
-    keep = torch.zeros_like(h).scatter_(-1, score.topk(k, dim=-1).indices, 1.0)
-    return h * keep
-
-
-def experts_reference(experts, k):
-    """Routed experts, token by token: sum over slots of weight * down_e(topk(act(gate_e x) * up_e x))."""
-    act = experts.act_fn
-
-    def forward(x, top_k_index, top_k_weights):  # x [T, d], index/weights [T, K]
-        rows = []
-        for t in range(x.shape[0]):
-            y = torch.zeros_like(x[t])
-            for slot in range(top_k_index.shape[1]):
-                e = int(top_k_index[t, slot])
-                w_gate_up, w_down = experts.gate_up_proj[e], experts.down_proj[e]
-                if experts.is_transposed:  # stored [d, 2 d_ff] and [d_ff, d] (Aria)
-                    w_gate_up, w_down = w_gate_up.T, w_down.T
-                gate, up = (w_gate_up @ x[t]).chunk(2)  # [d_ff] each
-                h = keep_topk((act(gate) * up)[None], k, "magnitude")[0]
-                y = y + top_k_weights[t, slot] * (w_down @ h)
-            rows.append(y)
-        return torch.stack(rows)
-
-    return forward
-
-
 @contextlib.contextmanager
 def reference(model, name, k, layers):
     """The model with the dense top-k mask on h in ``layers`` (and the reference loop in their routed experts)."""
@@ -170,12 +141,12 @@ def reference(model, name, k, layers):
     by = ARCHS[name][2]
     for layer in layers:
         if layer < len(paths):
-            mask = lambda m, args: (keep_topk(args[0], k, by),)  # noqa: E731
+            mask = lambda m, args: (keep_topk(args[0], k, by_magnitude=by == "magnitude"),)  # noqa: E731
             handles.append(model.get_submodule(paths[layer]).register_forward_pre_hook(mask))
         for mlp in describe_layers(model)[layer].mlps:
             experts = model.get_submodule(mlp)
             if isinstance(getattr(experts, "gate_up_proj", None), torch.nn.Parameter):
-                experts.forward = experts_reference(experts, k)
+                experts.forward = routed_experts_reference(experts, k)
                 patched.append(experts)
     try:
         yield model

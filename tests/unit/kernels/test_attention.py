@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from topk_lib.kernels.attention import chunked_attention, topk_attention, vanilla_attention
 from topk_lib.kernels.product import resolve_product
 from topk_lib.kernels.selection import RowSelector
-from reference import causal_mask, dense_topk_attention
+from reference import causal_mask, dense_topk_attention, saved_bytes
 
 
 @pytest.fixture(params=["csr", "gather"])
@@ -347,19 +347,6 @@ def test_double_backward_says_it_is_not_supported(product, topk):
 
 
 # ----------------------------------------------------------------------------- memory
-
-
-def saved_bytes(fn, *args):
-    """Bytes autograd saves for backward while ``fn`` runs, by storage (inputs included)."""
-    seen = {}
-
-    def pack(t):
-        seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        fn(*args)
-    return sum(seen.values())
 
 
 @pytest.mark.parametrize("topk", [64, None])

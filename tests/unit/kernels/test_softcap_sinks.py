@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from topk_lib.kernels.attention import chunked_attention, topk_attention, vanilla_attention
-from reference import causal_mask, dense_capped_sink_attention
+from reference import causal_mask, dense_capped_sink_attention, saved_bytes
 
 
 @pytest.fixture(params=["csr", "gather"])
@@ -208,19 +208,6 @@ def test_double_backward_says_it_is_not_supported():
 
 
 # ----------------------------------------------------------------------------- memory
-
-
-def saved_bytes(fn):
-    """Bytes autograd saves for backward while ``fn`` runs, by storage (inputs included)."""
-    seen = {}
-
-    def pack(t):
-        seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        fn()
-    return sum(seen.values())
 
 
 @pytest.mark.parametrize("topk", [64, None])
