@@ -2,8 +2,10 @@
 
 The figures in ``figures/`` and the result caches in ``data/results/`` are what the full-mode
 publish run (``make figures``) makes from each notebook's committed parameters. Any other run
-writes beside them: ``QUICK = True`` to a ``quick/`` folder, changed parameters to a
-``custom/`` folder (``quick/custom/`` for both), below each of the two.
+writes beside them, below each of the two: ``QUICK = True`` to a ``quick/`` folder, another
+model (a changed ``MODEL``, ``DECODER(S)`` or ``ENCODER``) to a folder named after it, e.g.
+``figures/Llama-3.2-1B/``, and other changed parameters to a ``custom/`` folder, nested in
+that order (``figures/quick/Llama-3.2-1B/custom/``); :func:`subfolder` names it.
 
 The runner decides this for the kernels it starts (its ``--quick`` and ``-p`` values) and says
 so through ``RUNNER_ENV``. A notebook run in JupyterLab has no runner, so the first code cell
@@ -27,25 +29,48 @@ as the runner leaves them.
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 from pathlib import Path
 
 from topk_lib.infra import paths
 from topk_lib.infra.parameters import cell_defaults, check_parameters
 
-__all__ = ["RUNNER_ENV", "FOLDER_ENV", "subfolder", "committed_source", "committed_defaults", "notebook_setup"]
+__all__ = ["RUNNER_ENV", "FOLDER_ENV", "MODEL_PARAMETERS", "model_folder", "subfolder", "committed_source", "committed_defaults", "notebook_setup"]
 
 RUNNER_ENV = "TOPK_LAB_RUNNER"  # set (to "1") by the runner for its kernels: folders and values are decided
 FOLDER_ENV = ("TOPK_LAB_FIGURES", "TOPK_LAB_RESULTS")
+MODEL_PARAMETERS = ("MODEL", "DECODER", "DECODERS", "ENCODER")  # parameters that name the models analysed
 
 # What notebook_setup set in this process ({variable: value}), so that a later call may change
 # or undo its own choice but never one made outside.
 _ours: dict[str, str] = {}
 
 
-def subfolder(quick: bool, custom: bool) -> Path:
-    """The folder below the published ones for a run: ``quick``, ``custom``, ``quick/custom`` or ``.``."""
-    return Path("quick" if quick else "") / ("custom" if custom else "")
+def model_folder(models) -> str:
+    """Folder name for a run on ``models`` (a name or a list of names): the last path part of
+    each, characters other than letters, digits, ``.``, ``_`` and ``-`` as ``_``, joined by ``+``.
+
+    ``"meta-llama/Llama-3.2-1B"`` -> ``"Llama-3.2-1B"``; ``["gemma3-270m", "/tmp/tiny-qwen2"]``
+    -> ``"gemma3-270m+tiny-qwen2"``.
+    """
+    names = [models] if isinstance(models, (str, os.PathLike)) else list(models)
+    parts = [re.sub(r"[^A-Za-z0-9._-]", "_", re.split(r"[\\/]", os.fspath(n).rstrip("/\\"))[-1]) for n in names]
+    return "+".join(p for p in parts if p.strip(".")) or "model"
+
+
+def subfolder(quick: bool, changed: dict) -> Path:
+    """The folder below the published ones for a run with the parameters ``changed`` from their defaults.
+
+    ``quick/`` when ``quick``; then the :func:`model_folder` of the changed
+    :data:`MODEL_PARAMETERS` values; then ``custom/`` when any other parameter (``QUICK``
+    aside) changed. ``Path(".")`` for a publish run.
+    """
+    models = [changed[key] for key in MODEL_PARAMETERS if key in changed]
+    flat = [m for value in models for m in ([value] if isinstance(value, (str, os.PathLike)) else value)]
+    others = [key for key in changed if key not in MODEL_PARAMETERS and key != "QUICK"]
+    return (Path("quick" if quick else "") / (model_folder(flat) if models else "")
+            / ("custom" if others else ""))
 
 
 def committed_source(name: str, *, root: Path | None = None, notebooks: Path | None = None) -> tuple[str, str]:
@@ -126,7 +151,7 @@ def notebook_setup(name: str, namespace: dict, **where) -> None:
     for variable in FOLDER_ENV:  # undo an earlier call's choice; keep one made outside
         if variable in _ours and os.environ.get(variable) == _ours.pop(variable):
             del os.environ[variable]
-    sub = subfolder(quick, bool(changed))
+    sub = subfolder(quick, {key: given[key] for key in changed})
     if sub != Path("."):
         for variable, base in zip(FOLDER_ENV, (paths.figures, paths.results)):
             if variable not in os.environ:

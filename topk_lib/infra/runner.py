@@ -19,8 +19,11 @@ of a process still running), older ones are deleted when a run starts.
 
 Quick mode writes figures to ``figures/quick/`` and results to ``data/results/quick/``
 so a smoke run never overwrites the published figures and result caches; a run with ``-p``
-values writes to a ``custom/`` folder below those (unless ``TOPK_LAB_FIGURES`` /
-``TOPK_LAB_RESULTS`` say otherwise), since only default parameters make published figures.
+values writes below those too, to a folder named after the model when ``-p`` names one
+(``-p DECODER=meta-llama/Llama-3.2-1B``: ``figures/Llama-3.2-1B/``) and to ``custom/`` for
+other values (:func:`topk_lib.infra.outputs.subfolder`; ``TOPK_LAB_FIGURES`` /
+``TOPK_LAB_RESULTS`` set before win), since only default parameters make published figures.
+The runner prints the folders before the first notebook starts.
 Its kernels get ``TOPK_LAB_RUNNER=1``, so each notebook's ``notebook_setup`` cell
 (:mod:`topk_lib.infra.outputs`, which makes the same choice for a run in JupyterLab) leaves the
 folders as the runner chose them.
@@ -104,12 +107,12 @@ def notebook_sources(names=None, folder: Path | None = None) -> list[Path]:
     return picked
 
 
-def quick_environment(quick: bool, custom: bool = False) -> dict[str, str]:
-    """Environment for the kernels: offline hub, headless plots, the quick/custom output folders."""
+def quick_environment(quick: bool, parameters: dict | None = None) -> dict[str, str]:
+    """Environment for the kernels: offline hub, headless plots, the output folders for ``quick`` and ``-p`` values."""
     # RUNNER_ENV tells each notebook's notebook_setup that the values are checked and the folders chosen here
     env = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "MPLBACKEND": "Agg", RUNNER_ENV: "1"}
-    if quick or custom:
-        sub = subfolder(quick, custom)
+    sub = subfolder(quick, parameters or {})
+    if sub != Path("."):
         env["TOPK_LAB_FIGURES"] = os.environ.get("TOPK_LAB_FIGURES", str(paths.figures() / sub))
         env["TOPK_LAB_RESULTS"] = os.environ.get("TOPK_LAB_RESULTS", str(paths.results() / sub))
     return env
@@ -380,8 +383,9 @@ def run_all(sources, *, quick: bool, execute_fn=None, parameters: dict | None = 
     execute_fn = execute_fn or execute
     results = []
     per_source = overrides_for(sources, parameters or {})
-    os.environ.update(quick_environment(quick, custom=bool(parameters)))
+    os.environ.update(quick_environment(quick, parameters))
     figures, results_folder, exclude = output_folders(quick)
+    print(f"outputs: figures to {paths.figures()}, result caches to {paths.results()}", flush=True)
     for source in tqdm(sources, desc="notebooks", unit="nb"):
         fig_before = snapshot_figures(figures)
         tracked = arm_read_tracking(results_folder, exclude=exclude)
@@ -426,7 +430,8 @@ def main(argv=None) -> int:
     parser.add_argument("--quick", action="store_true", help="small models and lengths (CI smoke run)")
     parser.add_argument("-p", "--param", action="append", default=[], type=parse_assignment, metavar="NAME=VALUE",
                         help="set a parameter (a Python literal, else text) in the notebooks that declare it; "
-                             "checked against its default's type; outputs go to a custom/ folder")
+                             "checked against its default's type; outputs go to a folder named after the "
+                             "model (-p DECODER=...) or to custom/")
     parser.add_argument("names", nargs="*", help="notebooks to run (number, stem or topic); default all")
     args = parser.parse_args(argv)
     sources = notebook_sources(args.names)

@@ -124,5 +124,14 @@ def test_a_notebook_without_a_parameters_cell_is_reported(repo):
 
 
 def test_subfolders():
-    assert [outputs.subfolder(q, c) for q, c in [(0, 0), (1, 0), (0, 1), (1, 1)]] == [
-        Path("."), Path("quick"), Path("custom"), Path("quick/custom")]
+    cases = [(0, {}), (1, {}), (0, {"K": 16}), (1, {"K": 16}), (1, {"QUICK": True})]
+    assert [outputs.subfolder(q, c) for q, c in cases] == [
+        Path("."), Path("quick"), Path("custom"), Path("quick/custom"), Path("quick")]
+
+
+def test_a_changed_model_names_the_folder():
+    assert outputs.subfolder(False, {"DECODER": "meta-llama/Llama-3.2-1B"}) == Path("Llama-3.2-1B")
+    assert outputs.subfolder(True, {"DECODERS": ["gemma3-270m", "/tmp/tiny qwen2/"], "K": 4}) == Path(
+        "quick/gemma3-270m+tiny_qwen2/custom")
+    assert outputs.subfolder(False, {"ENCODER": "C:\\models\\bert", "MODEL": "x"}) == Path("x+bert")
+    assert outputs.model_folder("..") == "model"  # never a folder that climbs out

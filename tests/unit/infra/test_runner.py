@@ -180,9 +180,11 @@ def test_a_bad_value_fails_that_notebook_and_names_the_parameter(numbered, folde
 def test_custom_values_write_to_a_custom_folder(monkeypatch):
     for key in ("TOPK_LAB_FIGURES", "TOPK_LAB_RESULTS"):
         monkeypatch.delenv(key, raising=False)
-    assert runner.quick_environment(False, custom=True)["TOPK_LAB_FIGURES"] == str(paths.ROOT / "figures" / "custom")
-    assert runner.quick_environment(True, custom=True)["TOPK_LAB_RESULTS"] == str(
+    assert runner.quick_environment(False, {"K": 4})["TOPK_LAB_FIGURES"] == str(paths.ROOT / "figures" / "custom")
+    assert runner.quick_environment(True, {"K": 4})["TOPK_LAB_RESULTS"] == str(
         paths.ROOT / "data" / "results" / "quick" / "custom")
+    assert runner.quick_environment(False, {"DECODER": "org/My-Model"})["TOPK_LAB_FIGURES"] == str(
+        paths.ROOT / "figures" / "My-Model")
     assert runner.quick_environment(True)["TOPK_LAB_FIGURES"] == str(paths.ROOT / "figures" / "quick")
     assert "TOPK_LAB_FIGURES" not in runner.quick_environment(False)
 
