@@ -49,8 +49,9 @@ test: $(STAMP) data-test system
 test-all: $(STAMP) data-test system
 	$(BIN)/python -m pytest -m "not gpu" --runslow
 
+# Runner options through ARGS, e.g. `make figures ARGS="-p DECODERS=meta-llama/Llama-3.2-1B -p DEVICE=cuda 01 02"`.
 figures: $(STAMP)
-	$(BIN)/python -m topk_lib.infra.runner $(if $(QUICK),--quick)
+	$(BIN)/python -m topk_lib.infra.runner $(if $(QUICK),--quick) $(ARGS)
 
 # JupyterLab on notebooks/ with the project's settings in lab/ (a .py opens as a notebook);
 # options go through LAB_ARGS, e.g. `make lab LAB_ARGS="--no-browser --port=8890"`.

@@ -5,7 +5,8 @@ numbers, head numbers or feed-forward widths. Instead a notebook states a rule a
 module applies it to the model it loaded:
 
 * layers at fractions of the depth (:func:`layer_at`) or evenly spread over it
-  (:func:`spread_layers`);
+  (:func:`spread_layers`), e.g. over the layers that attend to the whole input
+  (:meth:`ModelShape.full_layers`);
 * feed-forward ks as fractions of the model's d_ff (:func:`ff_ks`, :func:`lm_setups`);
 * the head shown in detail: the head of a layer whose statistic is the median of that
   layer's heads (:func:`median_head`);
@@ -26,7 +27,7 @@ from topk_lib.hf.loading import KNOWN_MODELS
 from topk_lib.infra.outputs import model_folder
 
 __all__ = ["ModelShape", "model_shape", "model_tag", "model_label", "layer_at", "spread_layers", "ff_ks",
-           "lm_setups", "median_head"]
+           "lm_setups", "median_index", "median_head"]
 
 _LABELS = {"smollm2-135m": "SmolLM2-135M", "gemma3-270m": "Gemma-3-270M", "minilm-l6": "MiniLM-L6"}
 
@@ -54,6 +55,11 @@ class ModelShape:
     heads: int  # query heads (the most of any layer)
     d_ff: int | None  # widest feed-forward module; None when the model has none ff_k switches
     windows: dict = field(default_factory=dict)  # layer -> sliding window (tokens), for windowed layers only
+
+    def full_layers(self, length: int, *, first: int = 1) -> list[int]:
+        """Layers from ``first`` on whose queries see every earlier key of a ``length``-token input
+        (no sliding window shorter than it)."""
+        return [layer for layer in range(first, self.n_layers) if self.windows.get(layer, length) >= length]
 
     def window_note(self, length: int) -> str:
         """A sentence for figure titles when some layers attend within a window shorter than ``length``."""
@@ -96,18 +102,22 @@ def layer_at(n_layers: int, depth: float) -> int:
     return round(_fraction(depth, "depth") * (n_layers - 1))
 
 
-def spread_layers(n_layers: int, count: int, *, first: int = 1) -> list[int]:
-    """``count`` layers evenly spaced from ``first`` to the last layer (rounded; duplicates dropped).
+def spread_layers(layers, count: int) -> list[int]:
+    """``count`` of ``layers`` (a layer count, or a list of candidate layers) evenly spaced from the
+    first to the last (rounded; duplicates dropped; all of them when there are fewer).
 
-    ``first=1`` skips layer 0, whose attention mostly mixes the token embeddings.
+    An int ``n`` means layers ``1 .. n-1``: layer 0 is skipped, its attention mostly mixes the
+    token embeddings.
     """
     if count < 1:
         raise ValueError(f"count must be at least 1, got {count}")
-    first = min(first, n_layers - 1)
+    candidates = list(range(1, layers)) or [0] if isinstance(layers, int) else sorted(layers)
+    if not candidates:
+        raise ValueError("no candidate layers to choose from")
     if count == 1:
-        return [n_layers - 1]
-    step = (n_layers - 1 - first) / (count - 1)
-    return sorted({round(first + i * step) for i in range(count)})
+        return [candidates[-1]]
+    step = (len(candidates) - 1) / (count - 1)
+    return sorted({candidates[round(i * step)] for i in range(count)})
 
 
 def ff_ks(fractions, d_ff: int) -> list[int]:
@@ -132,6 +142,15 @@ def lm_setups(setups: dict, d_ff: int) -> dict:
     return out
 
 
+def median_index(values) -> int:
+    """Position of the median of ``values`` (the lower middle one for an even count; ties: the first)."""
+    values = [float(v) for v in values]
+    if not values:
+        raise ValueError("median_index needs at least one value")
+    ordered = sorted(range(len(values)), key=lambda i: values[i])  # sorted() is stable: ties keep their order
+    return ordered[(len(ordered) - 1) // 2]
+
+
 def median_head(stats: pd.DataFrame, layer: int, metric: str = "k99_median") -> int:
     """The head of ``layer`` whose ``metric`` (bucket ``"all"``) is the median of that layer's heads.
 
@@ -139,8 +158,7 @@ def median_head(stats: pd.DataFrame, layer: int, metric: str = "k99_median") -> 
     number. ``stats`` is a frame of :func:`topk_lib.analysis.capture.capture_attention_stats`.
     """
     rows = stats[(stats.bucket == "all") & (stats.metric == metric) & (stats.layer == layer)]
-    per_head = rows.groupby("head").value.first()
+    per_head = rows.groupby("head").value.first()  # sorted by head number
     if per_head.empty:
         raise ValueError(f"no {metric!r} statistics for layer {layer}: pick a layer the statistics cover")
-    ordered = per_head.sort_values(kind="stable").index.tolist()  # stable: ties keep the lower head first
-    return int(ordered[(len(ordered) - 1) // 2])
+    return int(per_head.index[median_index(per_head.tolist())])

@@ -17,6 +17,7 @@ from topk_lib.analysis.capture import capture_attention_stats
 from topk_lib.data import moby_dick_text, pydoc_text, sotu_speeches
 from topk_lib.infra import paths
 from topk_lib.infra.cache import cached_frame, digest
+from topk_lib.infra.outputs import model_folder
 from topk_lib.tasks.lm import token_windows
 
 __all__ = ["analysis_inputs", "cached_attention_stats", "measure_head_budget", "head_budget"]
@@ -77,12 +78,13 @@ def head_budget(model, tokenizer, *, model_name, budget_file, tokens, progress=T
 
     In order: ``paths.results() / budget_file`` (notebook 02's budget, measured on one of
     its texts); a budget measured earlier by this function
-    (``accuracy/<model_name>_head_budget_k99_pydoc<tokens>.json``); else one measured now by
+    (``accuracy/<model folder>_head_budget_k99_pydoc<tokens>.json``, the
+    :func:`~topk_lib.infra.outputs.model_folder` of ``model_name``); else one measured now by
     :func:`measure_head_budget` on ``tokens`` tokens of pydoc text, which no task
     evaluates, and saved under that name.
     """
     given = paths.results() / budget_file
-    own = paths.results() / "accuracy" / f"{model_name}_head_budget_k99_pydoc{tokens}.json"
+    own = paths.results() / "accuracy" / f"{model_folder(model_name)}_head_budget_k99_pydoc{tokens}.json"
     if given.exists():
         info = json.loads(given.read_text())
         return load_budget(given), (

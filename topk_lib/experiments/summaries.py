@@ -28,6 +28,7 @@ __all__ = [
     "budget_frontier",
     "budget_table",
     "relative_to_vanilla",
+    "relative_curves",
     "main_metrics",
     "paper_reference",
     "computed_seconds",
@@ -41,6 +42,7 @@ __all__ = [
     "budget_caption",
     "retrieval_inputs_caption",
     "retrieval_caption",
+    "relative_caption",
     "paper_caption",
     "closing_caption",
 ]
@@ -122,6 +124,24 @@ def relative_to_vanilla(summary, *, metrics, kind="ff", d_ff=1536):
             rows.append({"task": task, "metric": metric, "k": r.x, "k_frac": r.x / d_ff,
                          "relative": r.value / base if base else math.nan})
     return pd.DataFrame(rows, columns=["task", "metric", "k", "k_frac", "relative"])
+
+
+def relative_curves(models, *, metric):
+    """Attention and feed-forward rows of several models as ``value / vanilla``, to compare curves.
+
+    ``models`` maps a model label to ``(summary, d_ff)``. Rows: ``model, task, kind, k, x,
+    relative``, where ``x`` is the attention k, or k / d_ff for the feed-forward rows (models of
+    different widths line up at the same share of units).
+    """
+    rows = []
+    for label, (summary, d_ff) in models.items():
+        df = summary[summary.metric == metric]
+        for task in dict.fromkeys(df.task):
+            base = _vanilla(df, task, metric)
+            for _, r in df[(df.task == task) & df.kind.isin(["attention", "ff"])].iterrows():
+                rows.append({"model": label, "task": task, "kind": r.kind, "k": r.x,
+                             "x": r.x / d_ff if r.kind == "ff" else r.x, "relative": r.value / base if base else math.nan})
+    return pd.DataFrame(rows, columns=["model", "task", "kind", "k", "x", "relative"])
 
 
 def paper_reference():
@@ -284,12 +304,22 @@ def retrieval_caption(retrieval, n_documents):
             f"{t.cosine.min():.3f} at {t.cosine.idxmin()}; computed for {computed_seconds(retrieval):.0f} s this run")
 
 
+def relative_caption(curves, *, metric):
+    """Per model and kind, ``metric / vanilla`` at each k, pooled over tasks (the mean of the tasks' ratios)."""
+    lines = []
+    for (model, kind), g in curves.groupby(["model", "kind"], sort=False):
+        points = g.groupby("x", sort=True).relative.mean()
+        name = "attention k" if kind == "attention" else "FF k/d_ff"
+        lines.append(f"{model}, {name}: " + ", ".join(f"{x:g} -> {v:.3f}" for x, v in points.items()))
+    return f"{metric} relative to vanilla (mean over texts and window lengths):\n" + "\n".join(lines)
+
+
 def paper_caption(ours, paper):
     """The smallest k/d_ff where each of the paper's models stays within 1 % of full, and ours per task."""
     return ("k/d_ff where the paper's models stay within 1 % of full: "
             + ", ".join(f"{m}: down to {g[g.relative >= 0.99].k_frac.min():.4f}"
                         for m, g in paper.groupby("model", sort=False))
-            + "\nours (SmolLM2 and MiniLM, relative to vanilla): "
+            + "\nours (relative to vanilla): "
             + "; ".join(f"{task}: " + ", ".join(f"{r.k_frac:.3f} -> {r.relative:.2f}" for _, r in g.iterrows())
                         for task, g in ours.groupby("task", sort=False)))
 

@@ -40,7 +40,7 @@ __all__ = ["RUNNER_ENV", "FOLDER_ENV", "MODEL_PARAMETERS", "model_folder", "subf
 
 RUNNER_ENV = "TOPK_LAB_RUNNER"  # set (to "1") by the runner for its kernels: folders and values are decided
 FOLDER_ENV = ("TOPK_LAB_FIGURES", "TOPK_LAB_RESULTS")
-MODEL_PARAMETERS = ("MODEL", "DECODER", "DECODERS", "ENCODER")  # parameters that name the models analysed
+MODEL_PARAMETERS = ("MODEL", "MODELS", "DECODER", "DECODERS", "ENCODER")  # parameters that name the models analysed
 
 # What notebook_setup set in this process ({variable: value}), so that a later call may change
 # or undo its own choice but never one made outside.

@@ -359,7 +359,11 @@ def output_folders(quick: bool) -> tuple[Path, Path, list[Path]]:
 
 
 def overrides_for(sources, parameters: dict) -> dict[Path, dict]:
-    """Per source, the ``parameters`` its parameters cell declares; a name none declares is a ValueError."""
+    """Per source, the ``parameters`` its parameters cell declares; a name none declares is a ValueError.
+
+    A text value for a parameter whose default is a list of texts becomes a one-element list,
+    so ``-p DECODERS=meta-llama/Llama-3.2-1B`` needs no Python list syntax on the command line.
+    """
     if not parameters:
         return {source: {} for source in sources}
     if "QUICK" in parameters:
@@ -369,7 +373,14 @@ def overrides_for(sources, parameters: dict) -> dict[Path, dict]:
     if unknown:
         listing = "; ".join(f"{s.stem}: {', '.join(d)}" for s, d in declared.items())
         raise ValueError(f"no chosen notebook has a parameter {', '.join(unknown)}; they declare: {listing}")
-    return {s: {k: v for k, v in parameters.items() if k in d} for s, d in declared.items()}
+    return {s: {k: _as_declared(v, d[k]) for k, v in parameters.items() if k in d} for s, d in declared.items()}
+
+
+def _as_declared(value, default):
+    """Text given for a list-of-text parameter is its one element: ``-p DECODERS=org/model`` means ``["org/model"]``."""
+    if isinstance(value, str) and isinstance(default, list) and default and all(isinstance(v, str) for v in default):
+        return [value]
+    return value
 
 
 def run_all(sources, *, quick: bool, execute_fn=None, parameters: dict | None = None) -> list[NotebookResult]:

@@ -14,7 +14,7 @@ import seaborn as sns
 
 from topk_lib.plots.style import styled
 
-__all__ = ["plot_accuracy_vs_k", "plot_budget_frontier", "plot_paper_reference"]
+__all__ = ["plot_accuracy_vs_k", "plot_budget_frontier", "plot_paper_reference", "plot_relative_vs_k"]
 
 _PANEL_TITLES = {
     "attention": "attention top-k",
@@ -176,3 +176,47 @@ def plot_paper_reference(ours, paper, *, title, labels=None):
     ax.legend(loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize="small", frameon=False)
     fig.tight_layout()
     return fig
+
+
+def _share(x):
+    """``0.0625`` -> ``"1/16"``: a share of units as the fraction it was chosen as, when it is one."""
+    inverse = 1 / x if x else 0
+    return f"1/{inverse:.0f}" if x < 1 and abs(inverse - round(inverse)) < 1e-6 else f"{x:g}"
+
+
+@styled
+def plot_relative_vs_k(curves, *, ylabel, title, logy=False):
+    """Attention and feed-forward panels, one line per (model, task) of ``value / vanilla``.
+
+    ``curves``: rows of :func:`topk_lib.experiments.summaries.relative_curves`; one colour per
+    model, one line style per task. The feed-forward panel's x axis is k / d_ff.
+    """
+    if curves.empty:
+        raise ValueError("nothing to plot: curves is empty")
+    kinds = [k for k in ("attention", "ff") if (curves.kind == k).any()]
+    models, tasks = list(dict.fromkeys(curves.model)), list(dict.fromkeys(curves.task))
+    colors = dict(zip(models, sns.color_palette("tab10", len(models))))
+    styles = dict(zip(tasks, ["-", "--", ":", "-.", (0, (3, 1, 1, 1))] * len(tasks)))
+    fig, axes = plt.subplots(1, len(kinds), figsize=(4.6 * len(kinds) + 2.2, 3.8), squeeze=False, sharey=True)
+    for ax, kind in zip(axes[0], kinds):
+        for (model, task), pts in curves[curves.kind == kind].groupby(["model", "task"], sort=False):
+            pts = pts.sort_values("x")
+            ax.plot(pts.x, pts.relative, ls=styles[task], marker="o", ms=4, color=colors[model],
+                    label=f"{model}: {task}")
+        ax.axhline(1.0, color="black", lw=0.8)
+        ax.set_xscale("log", base=2)
+        xs = sorted(set(curves[curves.kind == kind].x))
+        ax.set_xticks(xs)
+        ax.set_xticklabels([_share(x) if kind == "ff" else f"{x:g}" for x in xs], fontsize="small")
+        ax.minorticks_off()
+        ax.set_xlabel("feed-forward k / d_ff" if kind == "ff" else "attention k (keys per query)")
+        ax.set_title(_PANEL_TITLES[kind])
+        _y_axis(ax, logy=logy, percent=False)
+    axes[0, 0].set_ylabel(ylabel)
+    handles, names = [], []
+    for ax in axes[0]:
+        for h, n in zip(*ax.get_legend_handles_labels()):
+            if n not in names:
+                handles.append(h)
+                names.append(n)
+    return _finish(fig, handles, names, title)

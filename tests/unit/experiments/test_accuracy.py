@@ -337,6 +337,25 @@ def test_budget_comparison_and_relative():
                                        "relative": pytest.approx(0.5)}]
 
 
+def test_relative_curves_line_up_models_at_the_same_share_of_units():
+    def model(vanilla, attn8, ff_k, ff_value):
+        return _summary([dict(task="t", kind="vanilla", setting="vanilla", x=np.nan, metric="perplexity", value=vanilla),
+                         dict(task="t", kind="attention", setting="attn8", x=8, metric="perplexity", value=attn8),
+                         dict(task="t", kind="ff", setting=f"ff{ff_k}", x=ff_k, metric="perplexity", value=ff_value),
+                         dict(task="t", kind="both", setting="both", x=8, metric="perplexity", value=99.0)])
+    curves = summaries.relative_curves({"A": (model(10, 12, 768, 15), 1536), "B": (model(20, 22, 1024, 40), 2048)},
+                                       metric="perplexity")
+    got = {(r.model, r.kind): (r.x, round(r.relative, 6)) for r in curves.itertuples()}
+    assert got == {("A", "attention"): (8, 1.2), ("A", "ff"): (0.5, 1.5), ("B", "attention"): (8, 1.1),
+                   ("B", "ff"): (0.5, 2.0)}  # "both" rows are left out
+    text = summaries.relative_caption(curves, metric="perplexity")
+    assert "A, attention k: 8 -> 1.200" in text and "B, FF k/d_ff: 0.5 -> 2.000" in text
+    from topk_lib.plots.accuracy import plot_relative_vs_k
+    fig = plot_relative_vs_k(curves, ylabel="ratio", title="t")
+    assert [ax.get_xlabel() for ax in fig.axes[:2]] == ["attention k (keys per query)", "feed-forward k / d_ff"]
+    assert [t.get_text() for t in fig.axes[1].get_xticklabels()] == ["1/2"]
+
+
 def test_paper_reference_numbers():
     ref = summaries.paper_reference()
     assert set(ref.model) == {"T5-base", "T5-3B", "T5-11B"} and len(ref) == 6 + 6 + 4

@@ -12,10 +12,14 @@ def test_spread_layers_reaches_the_last_layer():
     assert choices.spread_layers(30, 5) == [1, 8, 15, 22, 29]
     assert choices.spread_layers(18, 5) == [1, 5, 9, 13, 17]
     assert choices.spread_layers(2, 5) == [1]  # duplicates dropped
+    assert choices.spread_layers(1, 2) == [0]
     assert choices.spread_layers(6, 1) == [5]
-    assert choices.spread_layers(6, 3, first=0) == [0, 2, 5]  # 2.5 rounds to even
+    assert choices.spread_layers([5, 11, 17], 5) == [5, 11, 17]
+    assert choices.spread_layers([0, 1, 2, 3, 4, 5], 3) == [0, 2, 5]  # the middle position 2.5 rounds to even
     with pytest.raises(ValueError, match="count"):
         choices.spread_layers(6, 0)
+    with pytest.raises(ValueError, match="no candidate"):
+        choices.spread_layers([], 2)
 
 
 def test_layer_at_a_depth():
@@ -50,6 +54,13 @@ def stats_frame(values, layer=3):
     return pd.DataFrame(rows)
 
 
+def test_median_index():
+    assert choices.median_index([0.9, 0.1, 0.5]) == 2
+    assert choices.median_index([4, 3, 2, 1]) == 2  # even: the lower middle value (2)
+    with pytest.raises(ValueError):
+        choices.median_index([])
+
+
 def test_median_head():
     assert choices.median_head(stats_frame([76, 217, 395.5, 49, 171]), 3) == 4  # sorted 49 76 [171] 217 395.5
     assert choices.median_head(stats_frame([10, 40, 30, 20]), 3) == 3  # even: the lower middle (20)
@@ -69,6 +80,7 @@ def test_model_shape_sees_sliding_windows():
     assert shape.windows == {0: 4}
     assert shape.window_note(16) == "1 of 2 layers attend within a 4-token window (no top-k beyond it)"
     assert shape.window_note(4) == ""  # a window no shorter than the input changes nothing
+    assert shape.full_layers(16) == [1] and shape.full_layers(16, first=0) == [1] and shape.full_layers(4, first=0) == [0, 1]
 
 
 def test_model_tags_and_labels():

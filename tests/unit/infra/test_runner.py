@@ -172,6 +172,15 @@ def test_run_all_gives_each_notebook_the_values_it_declares(numbered, folders):
     assert seen == {"00_intro": {"LENGTH": 512, "K": 4}, "01_error": {"K": 4}}
 
 
+def test_text_for_a_list_of_texts_is_its_one_element(numbered, folders):
+    (numbered / "12_models.py").write_text('# %% tags=["parameters"]\nQUICK = False\nDECODERS = ["a", "b"]\nKS = [1]\n')
+    sources = runner.notebook_sources(["12"], folder=numbered)
+    given = runner.overrides_for(sources, {"DECODERS": "org/My-Model"})
+    assert given[sources[0]] == {"DECODERS": ["org/My-Model"]}
+    assert runner.overrides_for(sources, {"DECODERS": ["x", "y"]})[sources[0]] == {"DECODERS": ["x", "y"]}
+    assert runner.overrides_for(sources, {"KS": "3"})[sources[0]] == {"KS": "3"}  # not a list of texts: checked later
+
+
 def test_a_bad_value_fails_that_notebook_and_names_the_parameter(numbered, folders):
     out = runner.run_all(runner.notebook_sources(["0"], folder=numbered), quick=True, parameters={"K": "many"})
     assert not out[0].ok and "00_intro.py: bad parameter: K must be an int (its default is 16), got 'many'" in out[0].error
