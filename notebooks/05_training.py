@@ -31,6 +31,9 @@
 # %% tags=["parameters"]
 QUICK = False  # tiny data, few steps, one seed: the CI smoke run
 THREADS = 1  # torch threads; on the shared 2-core CPU two threads contend with other jobs and run far slower
+DEVICE = "auto"  # "auto" (CUDA when present), "cpu", "cuda", "cuda:1"
+DTYPE = "auto"  # "auto": bfloat16 mixed precision on CUDA, float32 on the CPU; weights and AdamW stay float32
+ENCODER = "minilm-l6"  # the pretrained encoder fine-tuned (load_model name, local dir or hub id)
 SEEDS = [0, 1, 2]  # seeds of every run (initialisation and data order)
 LISTOPS_LENGTH = [64, 128]  # min and max tokens per expression (LRA uses 500-2000)
 LISTOPS_SIZES = [10000, 500, 1000]  # train / val / test expressions (LRA: 96k / 2k / 2k)
@@ -42,7 +45,7 @@ LISTOPS_MODEL = {"d_model": 64, "n_heads": 4, "n_layers": 2, "pool": "mean"}  # 
 LISTOPS_EVAL_EVERY = 25  # validation accuracy every this many steps (the learning curves)
 LISTOPS_N_EVAL = 300  # validation expressions per evaluation
 FT_ATTN_KS = [8, 16, 32]  # attention top-k for fine-tuning (plus exact); MiniLM inputs are 128 tokens
-FT_FF_KS = [64, 256]  # feed-forward top-k (of 1536 hidden units) for fine-tuning
+FT_FF_KS = [64, 256]  # feed-forward top-k for fine-tuning (MiniLM has 1536 hidden units)
 FT_SWAP_FF_KS = [64, 256]  # feed-forward k for the swap (vanilla-trained, top-k at test only)
 FT_STEPS = 20  # fine-tuning steps per run; 18 runs and their swap tests took about 15 min
 FT_BATCH = 16  # emails per step
@@ -62,6 +65,7 @@ import torch
 
 from topk_lib import data
 from topk_lib.data import listops
+from topk_lib.experiments.choices import model_label
 from topk_lib.plots.style import save_figure
 from topk_lib.experiments.training import finetune, summaries
 from topk_lib.experiments.training import listops as listops_training
@@ -107,7 +111,8 @@ splits["train"].head(3)
 train_kw = dict(steps=LISTOPS_STEPS, batch_size=LISTOPS_BATCH, lr=LISTOPS_LR, eval_every=LISTOPS_EVAL_EVERY,
                 n_eval=LISTOPS_N_EVAL, model_kw=LISTOPS_MODEL)
 t0 = time.perf_counter()
-curves, listops_results = listops_training.listops_sweep(ks=LISTOPS_KS, seeds=SEEDS, data_kw=data_kw, train_kw=train_kw)
+curves, listops_results = listops_training.listops_sweep(ks=LISTOPS_KS, seeds=SEEDS, data_kw=data_kw, train_kw=train_kw,
+                                                         device=DEVICE, dtype=DTYPE)
 listops_minutes = (time.perf_counter() - t0) / 60
 summaries.mean_std_table(listops_results, by="k", value="test_acc")
 
@@ -153,15 +158,15 @@ split_df.groupby("split").y.agg(n="size", spam_fraction="mean").round(3)
 # %%
 settings = [(k, None) for k in FT_ATTN_KS] + [(None, None)] + [(None, k) for k in FT_FF_KS]
 ft_kw = dict(steps=FT_STEPS, batch_size=FT_BATCH, lr=FT_LR, max_length=FT_MAX_LENGTH, eval_every=FT_STEPS,
-             n_val=0, n_test=FT_N_TEST)
+             n_val=0, n_test=FT_N_TEST, model=ENCODER)
 t0 = time.perf_counter()
 ft_curves, ft_results = finetune.finetune_sweep(settings=settings, seeds=SEEDS, split_df=split_df, train_kw=ft_kw,
-                                                swap_attn_ks=FT_ATTN_KS, swap_ff_ks=FT_SWAP_FF_KS)
+                                                swap_attn_ks=FT_ATTN_KS, swap_ff_ks=FT_SWAP_FF_KS, device=DEVICE, dtype=DTYPE)
 finetune_minutes = (time.perf_counter() - t0) / 60
 summaries.finetune_table(ft_results)
 
 # %%
-fig = plots.plot_finetune_vs_k(ft_results, title=f"MiniLM fine-tuned on SpamAssassin ({len(SEEDS)} seed{'s' if len(SEEDS) > 1 else ''}, "
+fig = plots.plot_finetune_vs_k(ft_results, title=f"{model_label(ENCODER)} fine-tuned on SpamAssassin ({len(SEEDS)} seed{'s' if len(SEEDS) > 1 else ''}, "
                                                  f"{FT_STEPS} steps, {FT_MAX_LENGTH} tokens)")
 save_figure(fig, "05_finetune_accuracy_vs_k")
 

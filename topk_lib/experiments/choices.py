@@ -29,7 +29,7 @@ from topk_lib.infra.outputs import model_folder
 __all__ = ["ModelShape", "model_shape", "model_tag", "model_label", "layer_at", "spread_layers", "ff_ks",
            "lm_setups", "median_index", "median_head"]
 
-_LABELS = {"smollm2-135m": "SmolLM2-135M", "gemma3-270m": "Gemma-3-270M", "minilm-l6": "MiniLM-L6"}
+_LABELS = {"smollm2-135m": "SmolLM2-135M", "gemma3-270m": "Gemma-3-270M", "minilm-l6": "MiniLM"}
 
 
 def model_tag(name: str) -> str:

@@ -53,7 +53,7 @@ import torch
 from topk_lib.infra import paths
 from topk_lib.infra.cache import atomic_write, file_lock, file_sha256, file_state, verify_files
 
-__all__ = ["load_model", "KNOWN_MODELS", "model_cache_dir"]
+__all__ = ["load_model", "KNOWN_MODELS", "model_cache_dir", "resolve_device", "resolve_dtype"]
 
 #: The models that ship in PyPI packages: name -> (package, version, import name, file).
 KNOWN_MODELS = {
@@ -321,7 +321,7 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 _DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")
 
 
-def _resolve_device(device):
+def resolve_device(device):
     """``None`` -> CPU, ``"auto"`` -> CUDA when available else CPU, otherwise a checked ``torch.device``."""
     if device is None:
         return torch.device("cpu")
@@ -336,7 +336,7 @@ def _resolve_device(device):
     return device
 
 
-def _resolve_dtype(dtype, on_cuda):
+def resolve_dtype(dtype, on_cuda):
     """``None``/``"auto"`` -> bfloat16 on CUDA, float32 on CPU; names and floating torch dtypes pass through."""
     if dtype is None or dtype == "auto":
         return torch.bfloat16 if on_cuda else torch.float32
@@ -357,8 +357,8 @@ def _from_pretrained_kwargs(name, dtype, device, device_map, offload_folder):
     if device_map is None:
         if offload_folder is not None:
             raise ValueError("offload_folder is only used with device_map (layers offloaded to 'disk')")
-        device = _resolve_device(device)
-        kw = {"dtype": _resolve_dtype(dtype, device.type == "cuda")}
+        device = resolve_device(device)
+        kw = {"dtype": resolve_dtype(dtype, device.type == "cuda")}
         if device.type != "cpu":
             kw["device_map"] = {"": str(device)}  # loads straight onto the device, no hooks
         return kw
@@ -371,7 +371,7 @@ def _from_pretrained_kwargs(name, dtype, device, device_map, offload_folder):
         # one folder per model: a second model's offloaded weights must not overwrite the first's
         offload_folder = paths.cache() / "offload" / Path(name).name.replace(":", "_")
     Path(offload_folder).mkdir(parents=True, exist_ok=True)
-    return {"dtype": _resolve_dtype(dtype, torch.cuda.is_available()), "device_map": device_map,
+    return {"dtype": resolve_dtype(dtype, torch.cuda.is_available()), "device_map": device_map,
             "offload_folder": str(offload_folder)}
 
 

@@ -428,7 +428,8 @@ def test_run_sweep_finds_a_committed_cache_file():
 #: model_fingerprint of the packaged models as load_model gives them (float32, CPU); the committed
 #: records were computed with these.
 PACKAGED = {"smollm2-135m": {"dtype": "float32", "device": "cpu", "weights": "36e2d122e40f4264"},
-            "minilm-l6": {"dtype": "float32", "device": "cpu", "weights": "14641f8fdeb77022"}}
+            "minilm-l6": {"dtype": "float32", "device": "cpu", "weights": "14641f8fdeb77022"},
+            "gemma3-270m": {"dtype": "float32", "device": "cpu", "weights": "b966ebb3ad47505f"}}
 
 
 def test_every_committed_sweep_record_names_the_packaged_model_it_was_computed_with():
@@ -586,4 +587,4 @@ def test_section_captions():
     ours = pd.DataFrame({"task": ["a", "a"], "k_frac": [0.5, 0.25], "relative": [1.0, 0.875]})
     assert summaries.paper_caption(ours, summaries.paper_reference()) == (
         "k/d_ff where the paper's models stay within 1 % of full: T5-base: down to 0.0208, T5-3B: down to 0.0078, "
-        "T5-11B: down to 0.0039\nours (SmolLM2 and MiniLM, relative to vanilla): a: 0.500 -> 1.00, 0.250 -> 0.88")
+        "T5-11B: down to 0.0039\nours (relative to vanilla): a: 0.500 -> 1.00, 0.250 -> 0.88")

@@ -26,7 +26,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from topk_lib._validate import optional_k, positive_int
-from topk_lib.experiments.training.loop import batches, k_label, lr_at, optimizer_step, progress_bar, run_record
+from topk_lib.experiments.training.loop import (autocast, batches, k_label, lr_at, optimizer_step, progress_bar,
+                                                 run_record, training_precision)
 from topk_lib.experiments.sweep import model_fingerprint
 from topk_lib.infra.cache import config_key, digest
 
@@ -93,17 +94,19 @@ def _binary_metrics(pred, y):
     return {"acc": float((pred == y).float().mean()), "f1": f1}
 
 
-def _evaluate(model, enc, y, *, attn_k, ff_k, chunk_size, batch_size=64):
+def _evaluate(model, enc, y, *, attn_k, ff_k, chunk_size, batch_size=64, device=torch.device("cpu"),
+              dtype=torch.float32):
     from topk_lib.hf.patching import use_topk
 
     model.eval()
     preds = []
-    with torch.no_grad(), use_topk(model.encoder, attn_k=attn_k, ff_k=ff_k, chunk_size=chunk_size):
+    with torch.no_grad(), autocast(device, dtype), use_topk(model.encoder, attn_k=attn_k, ff_k=ff_k,
+                                                            chunk_size=chunk_size):
         for i in range(0, len(y), batch_size):
             m = enc["attention_mask"][i : i + batch_size]
             width = int(m.sum(1).max())
-            logits = model(enc["input_ids"][i : i + batch_size, :width], m[:, :width])  # [b, 2]
-            preds.append(logits.argmax(-1))
+            logits = model(enc["input_ids"][i : i + batch_size, :width].to(device), m[:, :width].to(device))  # [b, 2]
+            preds.append(logits.argmax(-1).cpu())
     model.train()
     return _binary_metrics(torch.cat(preds), y)
 
@@ -115,21 +118,22 @@ def _subset(split_df, n, seed):
     return split_df.sample(n=n, random_state=seed)
 
 
-def _classifier(model):
-    """The pretrained encoder with its attention-probability dropout off, and a fresh head."""
+def _classifier(model, device):
+    """The pretrained encoder (float32, on ``device``) with its attention-probability dropout off, and a fresh head."""
     from topk_lib.hf.loading import load_model
 
-    encoder, tokenizer = load_model(model)
+    encoder, tokenizer = load_model(model, device=device, dtype="float32")
     for module in encoder.modules():  # no attention dropout in any run: top-k attention has none
         if hasattr(module, "dropout") and "SelfAttention" in type(module).__name__:
             module.dropout.p = 0.0
-    return SpamClassifier(encoder), tokenizer
+    return SpamClassifier(encoder).to(device), tokenizer
 
 
 def finetune_spam(*, split_df, attn_k=None, ff_k=None, seed: int = 0, steps: int = 100, batch_size: int = 16,
                   lr: float = 1e-4, weight_decay: float = 0.01, warmup: float = 0.1, max_length: int = 128,
                   eval_every: int = 50, n_val: int | None = 200, n_test: int | None = None, chunk_size: int = 1024,
-                  swap_attn_ks=(), swap_ff_ks=(), model: str = BASE_MODEL, progress: bool = True) -> dict:
+                  swap_attn_ks=(), swap_ff_ks=(), model: str = BASE_MODEL, device=None, dtype=None,
+                  progress: bool = True) -> dict:
     """Fine-tune MiniLM + head on the ``split_df`` of :func:`spam_split` under ``use_topk(attn_k, ff_k)``.
 
     Training draws ``steps`` batches from the train split (seeded order, identical for every
@@ -139,6 +143,8 @@ def finetune_spam(*, split_df, attn_k=None, ff_k=None, seed: int = 0, steps: int
     under the training setting. ``swap_attn_ks`` / ``swap_ff_ks``: extra test evaluations of
     the same model under attention / feed-forward top-k (the swap without training).
     ``model`` is anything :func:`topk_lib.hf.loading.load_model` takes (tests use a tiny BERT).
+    ``device``/``dtype``: see :func:`~topk_lib.experiments.training.loop.training_precision`
+    (default: the CPU in float32).
     """
     from topk_lib.hf.patching import use_topk
 
@@ -150,7 +156,8 @@ def finetune_spam(*, split_df, attn_k=None, ff_k=None, seed: int = 0, steps: int
     if "split" not in split_df.columns or "input" not in split_df.columns:
         raise ValueError("split_df must come from spam_split() (columns 'input', 'split', 'y')")
     torch.manual_seed(seed)
-    clf, tokenizer = _classifier(model)
+    device, dtype, _ = training_precision(device, dtype)
+    clf, tokenizer = _classifier(model, device)
 
     def tokens(df):
         enc = tokenizer(list(df.input), padding="max_length", truncation=True, max_length=max_length,
@@ -175,32 +182,33 @@ def finetune_spam(*, split_df, attn_k=None, ff_k=None, seed: int = 0, steps: int
             enc, _ = tokens(train.iloc[idx.tolist()])  # only the emails this step needs
             m = enc["attention_mask"]  # [b, max_length]
             width = int(m.sum(1).max())
-            logits = clf(enc["input_ids"][:, :width], m[:, :width])  # [b, 2]
-            loss = F.cross_entropy(logits, train_y[idx])
+            with autocast(device, dtype):
+                logits = clf(enc["input_ids"][:, :width].to(device), m[:, :width].to(device))  # [b, 2]
+            loss = F.cross_entropy(logits.float(), train_y[idx].to(device))
             losses.append(optimizer_step(clf, opt, loss))
             if (step + 1) % eval_every == 0 or step + 1 == steps:
                 point = {"step": step + 1, "train_loss": sum(losses) / len(losses)}
                 if val_enc is not None:
                     # None/None names no layer, so the training context's k stays in force
-                    point["val_acc"] = _evaluate(clf, val_enc, val_y, attn_k=None, ff_k=None,
-                                                 chunk_size=chunk_size)["acc"]
+                    point["val_acc"] = _evaluate(clf, val_enc, val_y, attn_k=None, ff_k=None, chunk_size=chunk_size,
+                                                 device=device, dtype=dtype)["acc"]
                 curve.append(point)
                 losses = []
                 bar.set_postfix(loss=f"{point['train_loss']:.3f}")
             bar.update(1)
     bar.close()
     seconds = time.perf_counter() - start
-    test = _evaluate(clf, test_enc, test_y, attn_k=attn_k, ff_k=ff_k, chunk_size=chunk_size)
+    test = _evaluate(clf, test_enc, test_y, attn_k=attn_k, ff_k=ff_k, chunk_size=chunk_size, device=device, dtype=dtype)
     swaps = [(k, ff_k) for k in swap_attn_ks] + [(attn_k, k) for k in swap_ff_ks]
-    swap = [{"attn_k": a, "ff_k": f, **_evaluate(clf, test_enc, test_y, attn_k=a, ff_k=f, chunk_size=chunk_size)}
-            for a, f in swaps]
+    swap = [{"attn_k": a, "ff_k": f, **_evaluate(clf, test_enc, test_y, attn_k=a, ff_k=f, chunk_size=chunk_size,
+                                                 device=device, dtype=dtype)} for a, f in swaps]
     return {"attn_k": attn_k, "ff_k": ff_k, "seed": seed, "curve": curve, "test_acc": test["acc"],
             "test_f1": test["f1"], "n_test": len(test_y), "swap": swap, "train_seconds": seconds,
             "seconds_per_step": seconds / steps}
 
 
 def finetune_sweep(*, settings, seeds, split_df, train_kw: dict | None = None, swap_attn_ks=(), swap_ff_ks=(),
-                   root=None, progress: bool = True):
+                   device=None, dtype=None, root=None, progress: bool = True):
     """Every (setting, seed) fine-tuning run, cached; returns ``(curves, results)`` DataFrames.
 
     ``settings``: ``(attn_k, ff_k)`` pairs, ``None`` = exact/dense. The all-exact setting
@@ -208,7 +216,8 @@ def finetune_sweep(*, settings, seeds, split_df, train_kw: dict | None = None, s
     ``mode`` ("trained" with top-k, or "swap": vanilla-trained, top-k at test only),
     ``attn_k``, ``ff_k`` (strings, "full" = exact), ``seed``, ``acc``, ``f1``. Each record
     stores the ``model_fingerprint`` of the pretrained encoder the runs start from, so a record
-    fine-tuned from other weights is not reused.
+    fine-tuned from other weights is not reused. ``device``/``dtype``: where and in what precision
+    the runs train (see :func:`finetune_spam`); runs off the CPU or in half precision are cached apart.
     """
     import pandas as pd
     from tqdm.auto import tqdm
@@ -216,6 +225,9 @@ def finetune_sweep(*, settings, seeds, split_df, train_kw: dict | None = None, s
     from topk_lib.hf.loading import load_model
 
     train_kw = dict(train_kw or {})
+    device, dtype, precision = training_precision(device, dtype)
+    # the default model is left out of the key: records written before the model could be chosen stay valid
+    keyed_kw = {k: v for k, v in train_kw.items() if not (k == "model" and v == BASE_MODEL)}
     # Runs start from these weights: a record fine-tuned from other ones (another dtype, a
     # changed copy under the same name) is not reused.
     base, _ = load_model(train_kw.get("model", BASE_MODEL))
@@ -228,11 +240,12 @@ def finetune_sweep(*, settings, seeds, split_df, train_kw: dict | None = None, s
     for attn_k, ff_k, seed in tqdm(runs, desc="fine-tuning runs", unit="run", disable=not progress):
         vanilla = attn_k is None and ff_k is None
         swaps = {"swap_attn_ks": list(swap_attn_ks), "swap_ff_ks": list(swap_ff_ks)} if vanilla else {}
-        config = {"split": split_key, "train": train_kw, "attn_k": attn_k, "ff_k": ff_k, "seed": seed, **swaps}
+        config = {"split": split_key, "train": keyed_kw, "attn_k": attn_k, "ff_k": ff_k, "seed": seed, **swaps,
+                  **precision}
 
         def compute(attn_k=attn_k, ff_k=ff_k, seed=seed, swaps=swaps):
-            return finetune_spam(split_df=split_df, attn_k=attn_k, ff_k=ff_k, seed=seed, progress=progress,
-                                 **swaps, **train_kw)
+            return finetune_spam(split_df=split_df, attn_k=attn_k, ff_k=ff_k, seed=seed, device=device, dtype=dtype,
+                                 progress=progress, **swaps, **train_kw)
 
         name = f"attn{k_label(attn_k)}_ff{k_label(ff_k)}_seed{seed}"
         rec = run_record("finetune", name, config=config, compute=compute, root=root, mark=mark,

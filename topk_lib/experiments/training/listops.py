@@ -22,7 +22,8 @@ import torch.nn.functional as F
 
 from topk_lib._validate import optional_k, positive_int
 from topk_lib.data import listops
-from topk_lib.experiments.training.loop import batches, k_label, lr_at, optimizer_step, progress_bar, run_record
+from topk_lib.experiments.training.loop import (autocast, batches, k_label, lr_at, optimizer_step, progress_bar,
+                                                 run_record, training_precision)
 from topk_lib.nn import Transformer, TransformerConfig
 
 __all__ = ["listops_model", "train_listops", "listops_sweep", "majority_baseline"]
@@ -36,15 +37,15 @@ def listops_model(*, max_len: int, k=None, chunk_size: int = 1024, **model_kw) -
     return Transformer(config)
 
 
-def _accuracy(model, ids, mask, labels, *, batch_size=256):
+def _accuracy(model, ids, mask, labels, *, batch_size=256, device=torch.device("cpu"), dtype=torch.float32):
     model.eval()
     correct = 0
-    with torch.no_grad():
+    with torch.no_grad(), autocast(device, dtype):
         for i in range(0, len(ids), batch_size):
             m = mask[i : i + batch_size]
             width = int(m.sum(1).max())
-            logits = model(ids[i : i + batch_size, :width], m[:, :width])  # [b, 10]
-            correct += int((logits.argmax(-1) == labels[i : i + batch_size]).sum())
+            logits = model(ids[i : i + batch_size, :width].to(device), m[:, :width].to(device))  # [b, 10]
+            correct += int((logits.argmax(-1).cpu() == labels[i : i + batch_size]).sum())
     model.train()
     return correct / max(1, len(ids))
 
@@ -61,12 +62,15 @@ def _encoded(splits, n_eval):
 
 def train_listops(*, splits: dict, k=None, seed: int = 0, steps: int = 300, batch_size: int = 32, lr: float = 1e-3,
                   weight_decay: float = 0.01, warmup: float = 0.1, eval_every: int = 50, n_eval: int | None = None,
-                  model_kw: dict | None = None, chunk_size: int = 1024, progress: bool = True) -> dict:
+                  model_kw: dict | None = None, chunk_size: int = 1024, device=None, dtype=None,
+                  progress: bool = True) -> dict:
     """Train :func:`listops_model` with attention top-``k`` on ListOps ``splits`` (see :func:`listops.listops_splits`).
 
     AdamW, linear warm-up for ``warmup`` of the steps then linear decay, gradient norm
     clipped at 1. Validation accuracy (on the first ``n_eval`` validation examples, all
     when None) every ``eval_every`` steps and at the end; test accuracy of the final model.
+    ``device``/``dtype``: see :func:`~topk_lib.experiments.training.loop.training_precision`
+    (default: the CPU in float32).
     Returns ``{"k", "seed", "curve": [{"step", "val_acc", "train_loss"}], "test_acc",
     "train_seconds", "seconds_per_step"}``.
     """
@@ -81,7 +85,8 @@ def train_listops(*, splits: dict, k=None, seed: int = 0, steps: int = 300, batc
     torch.manual_seed(seed)
     data = _encoded(splits, n_eval)
     max_len = max(d[0].shape[1] for d in data.values())
-    model = listops_model(max_len=max_len, k=k, chunk_size=chunk_size, **(model_kw or {}))
+    device, dtype, _ = training_precision(device, dtype)
+    model = listops_model(max_len=max_len, k=k, chunk_size=chunk_size, **(model_kw or {})).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay, betas=(0.9, 0.98))
     gen = torch.Generator().manual_seed(seed)  # data order: identical for every k
     ids, mask, labels = data["train"]
@@ -95,25 +100,29 @@ def train_listops(*, splits: dict, k=None, seed: int = 0, steps: int = 300, batc
             group["lr"] = lr_at(step, steps=steps, warmup=n_warm, lr=lr)
         m = mask[idx]  # [b, L]
         width = int(m.sum(1).max())  # trim padding shared by the whole batch
-        logits = model(ids[idx, :width], m[:, :width])  # [b, 10]
-        loss = F.cross_entropy(logits, labels[idx])
+        with autocast(device, dtype):
+            logits = model(ids[idx, :width].to(device), m[:, :width].to(device))  # [b, 10]
+        loss = F.cross_entropy(logits.float(), labels[idx].to(device))
         losses.append(optimizer_step(model, opt, loss))
         if (step + 1) % eval_every == 0 or step + 1 == steps:
-            val = _accuracy(model, *data["val"])
+            val = _accuracy(model, *data["val"], device=device, dtype=dtype)
             curve.append({"step": step + 1, "val_acc": val, "train_loss": sum(losses) / len(losses)})
             losses = []
             bar.set_postfix(val_acc=f"{val:.3f}")
         bar.update(1)
     bar.close()
     seconds = time.perf_counter() - start
-    return {"k": k, "seed": seed, "curve": curve, "test_acc": _accuracy(model, *data["test"]),
+    return {"k": k, "seed": seed, "curve": curve, "test_acc": _accuracy(model, *data["test"], device=device, dtype=dtype),
             "train_seconds": seconds, "seconds_per_step": seconds / steps}
 
 
-def listops_sweep(*, ks, seeds, data_kw: dict, train_kw: dict | None = None, root=None, progress: bool = True):
+def listops_sweep(*, ks, seeds, data_kw: dict, train_kw: dict | None = None, device=None, dtype=None, root=None,
+                  progress: bool = True):
     """Every (k, seed) ListOps run, cached; returns ``(curves, results)`` DataFrames.
 
-    ``data_kw`` goes to :func:`listops.listops_splits`, ``train_kw`` to :func:`train_listops`.
+    ``data_kw`` goes to :func:`listops.listops_splits`, ``train_kw`` to :func:`train_listops`, which
+    runs on ``device`` in ``dtype`` (mixed precision; a run off the CPU or in half precision is cached
+    apart from the float32 CPU runs).
     ``results`` has one row per run (``k`` is "full" for exact attention, ``test_acc``,
     ``train_seconds``); ``curves`` one row per evaluation (``step``, ``val_acc``, ``train_loss``).
     """
@@ -121,17 +130,18 @@ def listops_sweep(*, ks, seeds, data_kw: dict, train_kw: dict | None = None, roo
     from tqdm.auto import tqdm
 
     train_kw = dict(train_kw or {})
+    device, dtype, precision = training_precision(device, dtype)
     splits = None
     rows, curve_rows = [], []
     runs = [(k, s) for k in ks for s in seeds]
     for k, seed in tqdm(runs, desc="ListOps runs", unit="run", disable=not progress):
-        config = {"data": data_kw, "train": train_kw, "k": k, "seed": seed}
+        config = {"data": data_kw, "train": train_kw, "k": k, "seed": seed, **precision}
 
         def compute(k=k, seed=seed):
             nonlocal splits
             if splits is None:  # only when something must be trained
                 splits = listops.listops_splits(**data_kw, progress=progress)
-            return train_listops(splits=splits, k=k, seed=seed, progress=progress, **train_kw)
+            return train_listops(splits=splits, k=k, seed=seed, device=device, dtype=dtype, progress=progress, **train_kw)
 
         rec = run_record("listops", f"k{k_label(k)}_seed{seed}", config=config, compute=compute, root=root,
                          required=("test_acc", "train_seconds", "seconds_per_step", "curve"))

@@ -15,12 +15,33 @@ import torch
 from topk_lib.infra import paths
 from topk_lib.experiments.sweep import model_record
 
-__all__ = ["k_label", "lr_at", "batches", "optimizer_step", "progress_bar", "run_record"]
+__all__ = ["k_label", "training_precision", "autocast", "lr_at", "batches", "optimizer_step", "progress_bar", "run_record"]
 
 
 def k_label(k) -> str:
     """``"full"`` for exact/dense (``None``), else ``str(k)``: the label tables and figures use."""
     return "full" if k is None else str(k)
+
+
+def training_precision(device=None, dtype=None) -> tuple[torch.device, torch.dtype, dict]:
+    """``(device, compute dtype, record config)`` of a training run.
+
+    ``device``/``dtype`` as :func:`topk_lib.hf.loading.load_model` takes them (``"auto"``: CUDA
+    when present, bfloat16 there). Weights and optimizer state stay float32; a half ``dtype``
+    is mixed precision (:func:`autocast`). The config is empty for float32 on the CPU, so the
+    records of CPU runs keep their keys, and names device and dtype otherwise.
+    """
+    from topk_lib.hf.loading import resolve_device, resolve_dtype
+
+    device = resolve_device(device)
+    dtype = resolve_dtype(dtype, device.type == "cuda")
+    plain = device.type == "cpu" and dtype == torch.float32
+    return device, dtype, {} if plain else {"device": device.type, "dtype": str(dtype).removeprefix("torch.")}
+
+
+def autocast(device: torch.device, dtype: torch.dtype):
+    """Mixed precision for the forward passes when ``dtype`` is a half type; nothing for float32."""
+    return torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
 
 
 def lr_at(step: int, *, steps: int, warmup: int, lr: float) -> float:
