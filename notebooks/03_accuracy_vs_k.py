@@ -375,6 +375,7 @@ closing = summaries.smallest_k_table(all_rows, summaries.decoder_targets(lm.task
 closing.round(3)
 
 # %%
-seconds = summaries.seconds_by_section({"language modelling": lm, "classification": cls, "trivia": qa,
-                                        "passkey": passkey, "budget": budget_rows, "retrieval": retrieval})
+seconds = summaries.seconds_by_section({
+    **{f"language modelling ({model_label(n)})": f for n, f in lm_all.items()}, "classification": cls, "trivia": qa,
+    **{f"passkey ({model_label(n)})": f for n, f in passkey_all.items()}, "budget": budget_rows, "retrieval": retrieval})
 print(summaries.closing_caption(budget_table, seconds, time.perf_counter() - started))
