@@ -63,15 +63,33 @@ def record_qkv(model, input_ids, *, layers) -> dict:
     return {layer: sinks[layer][0] for layer in layers}
 
 
-def attention_probs(query, key, *, causal: bool = True):
-    """Exact attention probabilities ``[..., Hq, Lq, Lk]`` (for short inputs: drill-down plots)."""
+def allowed_keys(lq: int, lk: int, *, causal: bool = True, window: int | None = None, device=None) -> torch.Tensor:
+    """Bool ``[Lq, Lk]``: which keys each query may attend, queries at the last ``Lq`` of ``Lk`` positions.
+
+    ``causal``: key j <= query i; ``window`` (with ``causal``): also ``i - j < window``, the
+    sliding window of transformers' local layers (a query sees itself and the ``window - 1``
+    keys before it).
+    """
+    allowed = torch.ones(lq, lk, dtype=torch.bool, device=device)
+    if causal:
+        gap = torch.arange(lk - lq, lk, device=device)[:, None] - torch.arange(lk, device=device)[None, :]  # i - j
+        allowed = gap >= 0
+        if window is not None:
+            allowed &= gap < window
+    return allowed
+
+
+def attention_probs(query, key, *, causal: bool = True, window: int | None = None):
+    """Exact attention probabilities ``[..., Hq, Lq, Lk]`` (for short inputs: drill-down plots).
+
+    ``window``: a sliding-window layer's width (see :func:`allowed_keys`).
+    """
     rep = query.shape[-3] // key.shape[-3]
     key = key.repeat_interleave(rep, -3)  # [..., Hq, Lk, d]
     scores = query @ key.transpose(-1, -2) / query.shape[-1] ** 0.5  # [..., Hq, Lq, Lk]
     if causal:
         lq, lk = scores.shape[-2:]
-        future = torch.arange(lk)[None, :] > torch.arange(lk - lq, lk)[:, None]
-        scores = scores.masked_fill(future, float("-inf"))
+        scores = scores.masked_fill(~allowed_keys(lq, lk, window=window, device=scores.device), float("-inf"))
     return torch.softmax(scores, dim=-1)
 
 

@@ -59,7 +59,7 @@ from dataclasses import dataclass
 import torch
 
 from topk_lib._validate import index, int_at_least, non_empty_text, positive_int
-from topk_lib.analysis.approximations import attention_probs, record_qkv
+from topk_lib.analysis.approximations import allowed_keys, attention_probs, record_qkv
 from topk_lib.analysis.metrics import relative_error
 from topk_lib.hf.layers import describe_layers
 from topk_lib.kernels.attention import topk_attention
@@ -74,17 +74,16 @@ __all__ = [
 ]
 
 
-def kept_mask(probs: torch.Tensor, k: int, *, causal: bool) -> torch.Tensor:
+def kept_mask(probs: torch.Tensor, k: int, *, causal: bool, window: int | None = None) -> torch.Tensor:
     """Which entries of attention probabilities ``probs [..., L, L]`` top-``k`` keeps: bool, same shape.
 
     Each query row keeps its ``min(k, L)`` largest probabilities among the keys it may attend
-    (``causal``: key j <= query i), so a masked key is never marked kept.
+    (``causal``: key j <= query i; ``window``: and within a sliding window, see
+    :func:`~topk_lib.analysis.approximations.allowed_keys`), so a masked key is never marked kept.
     """
     k = positive_int(k, "k")
     n = probs.shape[-1]
-    allowed = torch.ones(n, n, dtype=torch.bool, device=probs.device)  # [L, L]
-    if causal:
-        allowed.tril_()  # key j <= query i
+    allowed = allowed_keys(n, n, causal=causal, window=window, device=probs.device)  # [L, L]
     top = probs.topk(min(k, n), dim=-1).indices  # [..., L, k]
     return torch.zeros(probs.shape, dtype=torch.bool, device=probs.device).scatter_(-1, top, True) & allowed  # [..., L, L]
 
@@ -159,6 +158,10 @@ class AttentionExplorer:
         self.layers = [info.layer for info in infos]
         # Decoders' attention modules say is_causal=True, BERT's say False (transformers' own rule).
         self.causal = bool(getattr(model.get_submodule(infos[0].attention[0]), "is_causal", True))
+        # local layers' sliding windows, so their maps show the keys the model lets them see
+        self.windows = {info.layer: w for info in infos
+                        if isinstance(w := getattr(model.get_submodule(info.attention[0]), "sliding_window", None), int)
+                        and not isinstance(w, bool) and w > 0}
         self.input_ids = ids
         self.tokens = [_token_label(tokenizer, t) for t in ids[0]]
         qkv = record_qkv(model, ids, layers=self.layers)
@@ -189,7 +192,8 @@ class AttentionExplorer:
     def probs(self, layer: int) -> torch.Tensor:
         """Exact attention probabilities of every head of ``layer``: ``[H, L, L]`` (not cached)."""
         layer = self._layer(layer)
-        return attention_probs(self._q[layer], self._k[layer], causal=self.causal)  # [H, L, L]
+        return attention_probs(self._q[layer], self._k[layer], causal=self.causal,
+                               window=self.windows.get(layer))  # [H, L, L]
 
     def head_probs(self, layer: int, head: int) -> torch.Tensor:
         """Exact attention probabilities of one head: ``[L, L]``, kept in an LRU of recent heads."""
@@ -200,7 +204,8 @@ class AttentionExplorer:
             self._heads.move_to_end(key)
             return self._heads[key]
         kv = head // (self.n_heads // self._k[layer].shape[0])  # GQA: the KV head this query head reads
-        p = attention_probs(self._q[layer][head:head + 1], self._k[layer][kv:kv + 1], causal=self.causal)[0]  # [L, L]
+        p = attention_probs(self._q[layer][head:head + 1], self._k[layer][kv:kv + 1], causal=self.causal,
+                            window=self.windows.get(layer))[0]  # [L, L]
         self._heads[key] = p
         while len(self._heads) > self.cache_layers * self.n_heads:
             self._heads.popitem(last=False)
@@ -227,14 +232,16 @@ class AttentionExplorer:
         k = positive_int(k, "k")
         kk = min(k, self.length)
         probs = self.head_probs(layer, head)  # [L, L]
-        kept = kept_mask(probs, kk, causal=self.causal)  # [L, L]; never a masked key
+        window = self.windows.get(layer)
+        kept = kept_mask(probs, kk, causal=self.causal, window=window)  # [L, L]; never a masked key
         row_mass = (probs * kept).sum(dim=-1)  # [L]
         group = self.n_heads // self._k[layer].shape[0]  # query heads per KV head (GQA)
         q = self._q[layer][head][None, None]  # [1, 1, L, d]
         key = self._k[layer][head // group][None, None]  # [1, 1, L, d]
         value = self._v[layer][head // group][None, None]  # [1, 1, L, dv]
         exact = probs @ value[0, 0]  # [L, dv]
-        approx = topk_attention(q, key, value, topk=kk, is_causal=self.causal)[0, 0]  # [L, dv]
+        mask = None if window is None else allowed_keys(self.length, self.length, window=window)  # [L, L]
+        approx = topk_attention(q, key, value, topk=kk, is_causal=self.causal, attn_mask=mask)[0, 0]  # [L, dv]
         error = relative_error(approx, exact, dim=(-2, -1)).item()
         return HeadView(layer=layer, head=head, k=k, effective_k=kk, probs=probs, kept=kept, row_mass=row_mass,
                         mass_kept=row_mass.mean().item(), relative_error=error, profile=self.profile(k=kk),

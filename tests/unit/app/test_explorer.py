@@ -242,3 +242,24 @@ def test_kept_mask_keeps_k_allowed_keys_per_row():
 def test_a_text_that_is_not_a_string_is_a_type_error(llama, tok):
     with pytest.raises(TypeError, match="text must be a non-empty string"):
         AttentionExplorer(llama, tok, 42)
+
+
+def test_a_sliding_window_layer_shows_only_the_keys_the_model_sees(tok):
+    """Qwen2 with layer 1 in an 8-token window: the explorer's maps are the model's own attention weights."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(0)
+    model = Qwen2ForCausalLM(Qwen2Config(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        vocab_size=tok.vocab_size, max_position_embeddings=128, use_sliding_window=True, sliding_window=8,
+        max_window_layers=1, attn_implementation="eager")).eval()
+    ex = AttentionExplorer(model, tok, " ".join(["the whale sat on the old mat"] * 8), max_tokens=24)
+    assert ex.windows == {1: 8}
+    with torch.no_grad():
+        weights = model(ex.input_ids, output_attentions=True).attentions  # the model's [1, H, L, L] per layer
+    for layer in (0, 1):
+        torch.testing.assert_close(ex.probs(layer), weights[layer][0], rtol=1e-5, atol=1e-6)
+    view = ex.view(layer=1, head=0, k=16)  # k beyond the window: everything the window holds is kept
+    gap = torch.arange(24)[:, None] - torch.arange(24)[None, :]
+    assert torch.equal(view.kept, (gap >= 0) & (gap < 8)) and view.relative_error < 1e-5
+    assert ex.view(layer=1, head=0, k=2).relative_error > 1e-3
