@@ -89,7 +89,7 @@ def scores_of(q_rows, key, scale, softcap, float_mask, bool_mask, is_causal, r0,
     b, hq, c, d = q_rows.shape
     hkv, lk = key.shape[1], key.shape[2]
     work = work_dtype(q_rows.dtype)
-    q = q_rows.to(work).view(b, hkv, (hq // hkv) * c, d)  # [B, Hkv, G*c, d]
+    q = q_rows.to(work).reshape(b, hkv, (hq // hkv) * c, d)  # [B, Hkv, G*c, d], a copy of the chunk
     s = torch.matmul(q, key.to(work).transpose(-1, -2)).view(b, hq, c, lk).mul_(scale)  # [B, Hq, c, Lk]
     if softcap is not None:
         s = s.div_(softcap).tanh_().mul_(softcap)

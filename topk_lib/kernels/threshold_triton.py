@@ -57,8 +57,9 @@ def supports(query, topk) -> bool:
             and d >= 16 and d & (d - 1) == 0 and topk + 1 <= 256)
 
 
-@functools.lru_cache(maxsize=1)
-def _kernel():
+@functools.lru_cache(maxsize=2)
+def _kernel(interpret):
+    # triton.jit reads TRITON_INTERPRET when it decorates: one kernel per setting
     import triton
     import triton.language as tl
 
@@ -151,7 +152,7 @@ def triton_thresholds(query, key, *, topk, scale, softcap=None, float_mask=None,
     q = query.contiguous() if query.stride(-1) != 1 else query
     k = key.contiguous() if key.stride(-1) != 1 else key
     grid = (math.ceil(lq / BQ), b * hq)
-    _kernel()[grid](
+    _kernel(_interpreting())[grid](
         q, k, q if fm is None else fm, q if bm is None else bm, tau, bmax, float(scale), float(softcap or 1.0),
         *q.stride()[:3], *k.stride()[:3], *_strides(fm), *_strides(bm),
         HQ=hq, G=hq // hkv, LQ=lq, LK=lk, NQB=nq, NKB=nk, TOPK=min(topk, lk), D=d, BQ=BQ, BK=bk,
