@@ -201,7 +201,9 @@ def threshold_topk_attention(query, key, value, *, topk, attn_mask=None, is_caus
     if compile:
         out = _compiled_flex()(q4, k4, v4, **kw)
     else:
-        with warnings.catch_warnings():
+        # Unfused FlexAttention still traces the call; once a new shape marks it dynamic, torch 2.13 fails to
+        # trace its CPU backward (an unbacked symbol): static shapes keep each shape its own trace.
+        with warnings.catch_warnings(), torch._dynamo.config.patch(automatic_dynamic_shapes=False):
             warnings.filterwarnings("ignore", message="flex_attention called without torch.compile")
             out = flex_attention(q4, k4, v4, **kw)  # [B, Hq, Lq, dv]
     return out.reshape(*batch, hq, lq, dv)
