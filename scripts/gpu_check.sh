@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One CUDA check of the threshold top-k attention (topk_lib/kernels/flex.py), about 9 minutes on an H200:
 #   1. the gpu-marked kernel tests (outputs and gradients against float64 references, gradcheck, saved memory);
-#   2. the attention suite (B=1, H=12, d=64, causal; SDPA, chunked, top-k k=64/128 and the rest) in bfloat16
+#   2. the attention suite (B=1, H=12, d=64, causal; SDPA, chunked C=1024, top-k k=64/128) in bfloat16
 #      and float32, L from 2048 up to 65536, rows merged into data/results/bench_<device>.csv as they land;
 #   3. a summary: top-k time and peak memory over SDPA's and chunked's per L, dtype and pass.
 # Each step has its own time limit; a step that runs out keeps the rows it wrote and the script goes on.
@@ -13,8 +13,8 @@ OUT=${OUT:-data/results/quick/gpu_check}
 mkdir -p "$OUT"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 export TORCHINDUCTOR_CACHE_DIR=${TORCHINDUCTOR_CACHE_DIR:-$PWD/.cache/inductor}  # a rerun reuses the compiled kernels
-TESTS_S=${TESTS_S:-200}   # step 1
-BENCH_S=${BENCH_S:-150}   # step 2, per dtype
+TESTS_S=${TESTS_S:-210}   # step 1 (each gpu case compiles its FlexAttention kernels)
+BENCH_S=${BENCH_S:-150}   # step 2, per dtype (a point is a process of its own: start-up and compile each time)
 MODE=${1:-all}
 
 "$PYTHON" - <<'PY'
@@ -39,7 +39,8 @@ if [ "$MODE" != "--tests-only" ]; then
   for dtype in bfloat16 float32; do
     echo "== 2. attention suite, $dtype (limit ${BENCH_S}s) -> $CSV"
     timeout --signal=INT --kill-after=20 "$BENCH_S" "$PYTHON" -m topk_lib.bench attention --device cuda \
-      --dtype "$dtype" --min-L 2048 --max-L 65536 --repeats 3 --timeout 90 --out "$CSV" 2>&1 \
+      --dtype "$dtype" --methods sdpa,chunked,topk --min-L 2048 --max-L 65536 --repeats 3 --timeout 90 \
+      --out "$CSV" 2>&1 \
       | tee "$OUT/bench_$dtype.log" || echo "attention suite $dtype: stopped (exit $?); its finished rows are saved"
   done
   echo "== 3. summary"
@@ -56,7 +57,8 @@ for (dtype, ps, n, k), r in rows[rows.method == "topk"].groupby(["dtype", "pass"
         key = (dtype, ps, n, method)
         return f"{r[col] / base.loc[key, col]:.2f}x" if key in base.index and base.loc[key, col] else "n/a"
     lines.append(f"{dtype:9} {ps:8} L={n:6d} k={int(k):4d}  {r.median_s * 1e3:9.2f} ms  time/sdpa {ratio('sdpa', 'median_s'):>7}"
-                 f"  time/chunked {ratio('chunked', 'median_s'):>7}  peak/sdpa {ratio('sdpa', 'peak_bytes'):>7}")
+                 f"  time/chunked {ratio('chunked', 'median_s'):>7}  peak/sdpa {ratio('sdpa', 'peak_bytes'):>7}"
+                 f"  ({r.torch_version}, {str(r.timestamp)[:16]})")
 print("\n".join(lines) if lines else "no top-k rows measured")
 PY
 fi

@@ -195,16 +195,22 @@ def _cuda(tensors):
     return [t.detach().cuda().requires_grad_(t.requires_grad) for t in tensors]
 
 
+#: (mask, shape, dtype): every mask kind on the GQA decode-style shape, the other shapes causal, half
+#: precision on two; each case compiles its own kernels (tens of seconds), so the matrix is not full.
+CUDA_CASES = ([(m, 0, torch.float32) for m in MASKS] + [("causal", i, torch.float32) for i in (1, 2)]
+              + [(m, 0, dt) for dt in (torch.bfloat16, torch.float16) for m in ("causal", "float_batch")]
+              + [("causal", 2, torch.bfloat16)])
+
+
 @pytest.mark.gpu
 @_CUDA
-@pytest.mark.parametrize("mask", MASKS)
-@pytest.mark.parametrize("shape", range(len(SHAPES)))
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("mask, shape, dtype", CUDA_CASES)
 def test_cuda_matches_float64_reference(mask, shape, dtype):
     """topk_attention on CUDA (it dispatches to this path), outputs and gradients against float64 on CPU."""
     q, k, v = make_qkv(**SHAPES[shape], grad=True)
     q, k, v = (t.detach().to(dtype).double().requires_grad_() for t in (q, k, v))  # the values the dtype holds
-    kw = mask_case(mask, q, k)
+    kw = {n: x.to(dtype).double() if torch.is_tensor(x) and x.is_floating_point() else x  # the mask rounded too
+          for n, x in mask_case(mask, q, k).items()}
     ref = dense_threshold_attention(q, k, v, 5, **kw)
     ref_grads = torch.autograd.grad(ref.square().sum(), (q, k, v))
     gq, gk, gv = (t.detach().cuda().to(dtype).requires_grad_() for t in (q, k, v))
