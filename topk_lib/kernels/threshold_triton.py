@@ -128,14 +128,14 @@ def _strides(t, ndim=4):
 
 
 def triton_thresholds(query, key, *, topk, scale, softcap=None, float_mask=None, bool_mask=None, is_causal=False,
-                      min_bk=BLOCK):
+                      min_bk=None):
     """:class:`~topk_lib.kernels.threshold.Thresholds` by the Triton kernel (same arguments as
     :func:`~topk_lib.kernels.threshold.torch_thresholds`); ``supports(query, topk)`` must hold.
 
     ``tau`` equals the torch pass's within float rounding (the rule of :mod:`.threshold`); the block
     needs are a superset of its per-row ones (from each query block's largest score per key block
     against the block's smallest ``tau``). ``min_bk`` (a power of two from 16 to 128) is the least number of keys
-    per step: 128 on a GPU; the interpreter tests take 16, as its sorts are slow.
+    per step; ``None`` means 128, or 16 under the interpreter, whose sorts are slow.
     """
     if not supports(query, topk):
         raise ValueError(f"the Triton pass 1 needs Triton, CUDA (or TRITON_INTERPRET=1), a head dim that is a power "
@@ -144,6 +144,7 @@ def triton_thresholds(query, key, *, topk, scale, softcap=None, float_mask=None,
     b, hq, lq, d = query.shape
     hkv, lk = key.shape[1], key.shape[2]
     nq, nk = math.ceil(lq / BLOCK), math.ceil(lk / BLOCK)
+    min_bk = min_bk or (16 if _interpreting() else BLOCK)
     bk = max(min_bk, 1 << min(topk, lk).bit_length())  # the smallest power of two > k, at least min_bk
     tau = torch.full((b, hq, lq), float("-inf"), device=query.device, dtype=work_dtype(query.dtype))
     bmax = torch.full((b, hq, nq, nk), float("-inf"), device=query.device, dtype=torch.float32)

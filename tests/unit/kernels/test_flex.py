@@ -248,3 +248,20 @@ def test_cuda_saved_for_backward_is_linear_in_length():
     b4k, b8k = run(4096), run(8192)
     assert b8k * 10 <= h * 8192 * 8192 * 4, f"saved {b8k} bytes at L=8192"
     assert b8k <= 2.1 * b4k, f"saved bytes grow superlinearly: {b4k} -> {b8k}"
+
+
+@pytest.mark.gpu
+@_CUDA
+def test_cuda_calls_of_one_shape_compile_once():
+    """A new score_mod closure per call must not recompile (dynamo guards on its code and captured tensors):
+    otherwise every timed call would include a compile."""
+    from torch._dynamo.utils import counters
+
+    q, k, v = _cuda(make_qkv(batch=(1,), hq=4, hkv=2, lq=256, lk=256, d=64, dv=64, dtype=torch.float32))
+    topk_attention(q, k, v, topk=16, is_causal=True)
+    before = dict(counters["stats"])
+    for seed in range(3):
+        q, k, v = _cuda(make_qkv(batch=(1,), hq=4, hkv=2, lq=256, lk=256, d=64, dv=64, dtype=torch.float32,
+                                 seed=seed + 1))
+        topk_attention(q, k, v, topk=16, is_causal=True)
+    assert dict(counters["stats"]).get("unique_graphs", 0) == before.get("unique_graphs", 0)

@@ -159,10 +159,22 @@ def _check_triton(q, k, topk, kw, min_bk, softcap=None):
     assert_needs_cover(found.needs, s, found.tau.double())
 
 
-def interpreted_case(mask, topk, lq, lk, softcap):
-    """One interpreter case (run in a child python with TRITON_INTERPRET=1; see below)."""
+def interpreted_case(mask, topk, lq, lk, softcap, end_to_end=False):
+    """One interpreter case (run in a child python with TRITON_INTERPRET=1; see below); ``end_to_end``
+    also runs the whole threshold path with this pass 1 against the dense reference."""
     q, k = qk(b=1, hq=2, hkv=1, lq=lq, lk=lk, dtype=torch.float32)
-    _check_triton(q, k, topk, masks(mask, q, k), min_bk=16, softcap=softcap)
+    kw = masks(mask, q, k)
+    _check_triton(q, k, topk, kw, min_bk=16, softcap=softcap)
+    if end_to_end:
+        from reference import dense_threshold_attention
+        from topk_lib.kernels.flex import threshold_topk_attention
+
+        v = torch.randn(1, 1, lk, 16)
+        mask = kw.get("bool_mask", kw.get("float_mask"))
+        out = threshold_topk_attention(q, k, v, topk=topk, attn_mask=mask, is_causal=kw.get("is_causal", False),
+                                       scale=0.25, softcap=softcap, pass1="triton")
+        ref = dense_threshold_attention(q, k, v, topk, mask, kw.get("is_causal", False), 0.25, softcap)
+        torch.testing.assert_close(out.double(), ref, atol=1e-5, rtol=1e-5)
 
 
 def run_interpreted(cases):
@@ -187,12 +199,12 @@ def run_interpreted(cases):
 
 def test_triton_kernel_under_the_interpreter():
     """Tiny shapes: the interpreter runs each of the kernel's sorts op by op (about 1-2 s a case)."""
-    run_interpreted([("causal", 3, 32, 64, None), ("bool", 3, 32, 64, None)])
+    run_interpreted([("causal", 3, 32, 64, None, True), ("bool", 3, 32, 64, None)])
 
 
 @pytest.mark.slow
 def test_triton_kernel_under_the_interpreter_more_cases():
-    run_interpreted([(mask, topk, 40, 150, 2.0 if topk == 3 else None)
+    run_interpreted([(mask, topk, 40, 150, 2.0 if topk == 3 else None, True)
                      for mask in ("none", "float", "heavy") for topk in (3, 20)])
 
 
