@@ -56,7 +56,8 @@ for (dtype, ps, n, k), r in rows[rows.method == "topk"].groupby(["dtype", "pass"
     def ratio(method, col):
         key = (dtype, ps, n, method)
         return f"{r[col] / base.loc[key, col]:.2f}x" if key in base.index and base.loc[key, col] else "n/a"
-    lines.append(f"{dtype:9} {ps:8} L={n:6d} k={int(k):4d}  {r.median_s * 1e3:9.2f} ms  time/sdpa {ratio('sdpa', 'median_s'):>7}"
+    lines.append(f"{dtype:9} {ps:8} L={n:6d} k={int(k):4d}  {r.median_s * 1e3:9.2f} ms"
+                 f"  time/sdpa {ratio('sdpa', 'median_s'):>7}"
                  f"  time/chunked {ratio('chunked', 'median_s'):>7}  peak/sdpa {ratio('sdpa', 'peak_bytes'):>7}"
                  f"  ({r.torch_version}, {str(r.timestamp)[:16]})")
 print("\n".join(lines) if lines else "no top-k rows measured")
