@@ -155,6 +155,25 @@ def test_float_mask_that_requires_grad_is_refused():
         threshold_topk_attention(q, k, v, topk=4, attn_mask=m)
 
 
+@pytest.mark.slow  # each case compiles FlexAttention's CPU kernels (10-20 s)
+@pytest.mark.parametrize("mask, shape", [("causal", 0), ("causal_bool", 1), ("float_batch", 0), ("causal", 2)])
+def test_compiled_forward_matches_dense_reference_and_compiles_once(mask, shape):
+    """FlexAttention compiled (inductor's CPU kernels, forward only): the closures of score_mod and mask_mod
+    trace, and a second call of the same shape reuses the compiled graph."""
+    from torch._dynamo.utils import counters
+
+    kw_shape = {**SHAPES[shape], "d": 64, "dv": 64}
+    q, k, v = make_qkv(dtype=torch.float32, **kw_shape)
+    kw = mask_case(mask, q, k)
+    out = threshold_topk_attention(q, k, v, topk=5, compile=True, **kw)
+    torch.testing.assert_close(out.double(), dense_threshold_attention(q, k, v, 5, **kw), atol=1e-5, rtol=1e-5)
+    graphs = counters["stats"]["unique_graphs"]
+    q2, k2, v2 = make_qkv(dtype=torch.float32, seed=5, **kw_shape)
+    out = threshold_topk_attention(q2, k2, v2, topk=5, compile=True, **kw)
+    assert counters["stats"]["unique_graphs"] == graphs
+    torch.testing.assert_close(out.double(), dense_threshold_attention(q2, k2, v2, 5, **kw), atol=1e-5, rtol=1e-5)
+
+
 # ----------------------------------------------------------------------------- backward
 
 
