@@ -22,8 +22,14 @@ Backward state: what FlexAttention saves (Q, K, V, the output, the row log-sum-e
 Ties: every key tied with the k-th score is kept (:mod:`.threshold`); the CPU kernels keep
 exactly ``k``. They agree on every row whose k-th and (k+1)-th scores differ.
 
-Alternatives considered (none measured on a GPU yet; the numbers are still to be taken with
-``scripts/gpu_check.sh``): (a) the existing path, ``torch.topk`` over materialised chunks plus
+Status: **no GPU number is measured yet.** The path was written and tested on a CPU: FlexAttention
+unfused (forward and backward) and compiled (inductor's CPU forward), the Triton pass 1 under
+Triton's interpreter. The CUDA compile, the times and the peak memory against SDPA and chunked
+attention are still to be taken with ``scripts/gpu_check.sh``. Expected, not measured: with
+random inputs pass 2 does all of FlashAttention's work and pass 1 adds a Q.K^T and a sort, so the
+forward is slower than SDPA; the backward is FlexAttention's, with no indices or gathers.
+
+Alternatives considered (none measured on a GPU either): (a) the existing path, ``torch.topk`` over materialised chunks plus
 gathers (kept for CPU, and on CUDA with ``RowSelector(method="chunked")``); (b) one fused Triton
 kernel (scores, running top-k and the sparse softmax x V in one pass): it saves re-reading K but
 needs its own backward kernel; (c) radix/histogram selection of ``tau``: several passes over
@@ -33,7 +39,8 @@ sorting network of the running top-k, so with random inputs (where every key blo
 row's top-k and nothing is skipped) it cannot be faster than dense FlashAttention; with real
 attention, whose kept keys cluster, pass 2 skips blocks.
 
-Not on this path (they run the CPU-style kernels on CUDA too): attention sinks (FlexAttention
+Pass 1 runs in torch (chunks of at most 128 MiB of float32 scores) where the Triton kernel does
+not apply (``k >= 256``). Not on this path (they run the CPU-style kernels on CUDA too): attention sinks (FlexAttention
 has no sink logit), a float mask that requires a gradient, head dims that are not a power of
 two of at least 16, a number of query heads per key/value head that is not a power of two,
 ``topk=None`` or ``topk >= Lk`` (exact attention), and empty inputs.

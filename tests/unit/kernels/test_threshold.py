@@ -159,12 +159,12 @@ def _check_triton(q, k, topk, kw, min_bk, softcap=None):
     assert_needs_cover(found.needs, s, found.tau.double())
 
 
-def interpreted_case(mask, topk, lq, lk, softcap, end_to_end=False):
+def interpreted_case(mask, topk, lq, lk, softcap, end_to_end=False, min_bk=16):
     """One interpreter case (run in a child python with TRITON_INTERPRET=1; see below); ``end_to_end``
     also runs the whole threshold path with this pass 1 against the dense reference."""
     q, k = qk(b=1, hq=2, hkv=1, lq=lq, lk=lk, dtype=torch.float32)
     kw = masks(mask, q, k)
-    _check_triton(q, k, topk, kw, min_bk=16, softcap=softcap)
+    _check_triton(q, k, topk, kw, min_bk=min_bk, softcap=softcap)
     if end_to_end:
         from reference import dense_threshold_attention
         from topk_lib.kernels.flex import threshold_topk_attention
@@ -206,6 +206,13 @@ def test_triton_kernel_under_the_interpreter():
 def test_triton_kernel_under_the_interpreter_more_cases():
     run_interpreted([(mask, topk, 40, 150, 2.0 if topk == 3 else None, True)
                      for mask in ("none", "float", "heavy") for topk in (3, 20)])
+
+
+@pytest.mark.slow
+def test_triton_kernel_under_the_interpreter_at_gpu_step_sizes():
+    """128 and 256 keys per step (k = 3 and k = 130), as on a GPU: one and two blocks of the block mask per
+    step. About two minutes."""
+    run_interpreted([("causal", 3, 40, 300, None, False, 128), ("bool", 130, 40, 300, None, False, 128)])
 
 
 _CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
