@@ -67,6 +67,31 @@ def dense_capped_sink_attention(q, k, v, topk, attn_mask=None, is_causal=False, 
     return p @ v
 
 
+def dense_scores(q, k, attn_mask=None, is_causal=False, scale=None, softcap=None):
+    """Full ``[..., Hq, Lq, Lk]`` scores in float64: scale, soft-cap, then the mask; masked keys -inf."""
+    rep = q.shape[-3] // k.shape[-3]
+    k = k.double().repeat_interleave(rep, -3)
+    s = (q.double() @ k.transpose(-1, -2)) * (q.shape[-1] ** -0.5 if scale is None else scale)
+    if softcap is not None:
+        s = softcap * torch.tanh(s / softcap)
+    if attn_mask is not None:
+        s = s.masked_fill(~attn_mask, float("-inf")) if attn_mask.dtype == torch.bool else s + attn_mask.double()
+    if is_causal:
+        s = s.masked_fill(~causal_mask(q.shape[-2], k.shape[-2]).to(s.device), float("-inf"))
+    return s
+
+
+def dense_threshold_attention(q, k, v, topk, attn_mask=None, is_causal=False, scale=None, softcap=None):
+    """Dense reference of the keep-ties rule, in float64: every allowed score >= the row's k-th largest is kept
+    (all keys tied with the k-th too), a softmax over the kept ones, times V; rows with no key give zeros."""
+    s = dense_scores(q, k, attn_mask, is_causal, scale, softcap)  # [..., Hq, Lq, Lk]
+    if topk is not None and topk < s.shape[-1]:
+        kth = s.sort(-1, descending=True).values[..., topk - 1 : topk]  # [..., Hq, Lq, 1]
+        s = s.masked_fill(s < kth, float("-inf"))
+    v = v.double().repeat_interleave(q.shape[-3] // v.shape[-3], -3)
+    return torch.softmax(s, -1).nan_to_num(0.0) @ v
+
+
 # --------------------------------------------------------------------------- top-k feed-forward
 
 

@@ -10,7 +10,8 @@ Command line::
     python -m topk_lib.bench model12      # 12-layer model vs L, forward+backward
     python -m topk_lib.bench product      # sparse weights x V and torch.topk micro-benchmark
     options: --quick --budget 16GiB --timeout 900 --warmup 1 --repeats 3 --device cpu|cuda
-             --dtype float32 --threads N --min-L N --max-L N --pass fwd|fwd+bwd --out PATH --no-save --replace
+             --dtype float32 --threads N --min-L N --max-L N --pass fwd|fwd+bwd --methods sdpa,topk
+             --out PATH --no-save --replace
              --isolation forkserver|subprocess
 
 Each point runs in a process of its own under a memory budget (:mod:`topk_lib.bench.harness`);
@@ -61,6 +62,8 @@ def _parser():
     p.add_argument("--min-L", dest="min_len", type=int, default=None,
                    help="attention suite: first L (default 1024), e.g. to measure long inputs with fewer repeats; "
                    "kernels suite: smallest L")
+    p.add_argument("--methods", default=None, help="attention suite: comma-separated methods to run (default all), "
+                   "e.g. sdpa,chunked,topk; topk must be among them")
     p.add_argument("--out", default=None, help="CSV to merge into (default data/results/bench_<device>.csv; "
                    "--quick: data/results/quick/)")
     p.add_argument("--isolation", choices=("forkserver", "subprocess"), default="forkserver",
@@ -102,7 +105,8 @@ def main(argv=None) -> int:
                      repeats=args.repeats, threads=args.threads, out=out, save=not args.no_save,
                      max_len=args.max_len, min_len=args.min_len, reserve_bytes=reserve,
                      isolation=args.isolation, replace=args.replace,
-                     passes=(args.passes,) if args.passes else ("fwd", "fwd+bwd"))
+                     passes=(args.passes,) if args.passes else ("fwd", "fwd+bwd"),
+                     methods=None if args.methods is None else tuple(args.methods.split(",")))
     print(f"\n{args.suite}{' (--quick: tiny sizes)' if args.quick else ''}: {SUITES[args.suite]}")
     print(format_table(rows, args.suite))
     if args.suite == "kernels":

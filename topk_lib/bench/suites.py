@@ -189,9 +189,9 @@ def _interleaved_suite(common, quick, cuda, measure, timeout_s, reserve_bytes, i
             measure(spec, skipped=row)
 
 
-def _attention_suite(common, quick, cuda, max_len, measure, min_len=None):
+def _attention_suite(common, quick, cuda, max_len, measure, min_len=None, methods=None):
     """L doubles from 1024 (or ``min_len``) until top-k is the only method that fits (or fails itself,
-    or L > max_len).
+    or L > max_len). ``methods`` (names, or None for all) keeps only some methods.
 
     A method that did not fit (or timed out) at some L and pass is not run at larger L: its rows
     there say so in ``note`` without spending the timeout again.
@@ -203,6 +203,8 @@ def _attention_suite(common, quick, cuda, max_len, measure, min_len=None):
     while n <= max_len:
         level = []
         for method, extra in _attention_methods(quick):
+            if methods is not None and method not in methods:
+                continue
             for ps in PASSES:
                 spec = {**common, "kind": "attention", "method": method, "pass": ps, "B": 1, "H": 12, "d": 64,
                         "L": n, "C": extra.get("C"), "k": extra.get("k")}
@@ -231,14 +233,15 @@ def _attention_suite(common, quick, cuda, max_len, measure, min_len=None):
 def run_suite(suite: str, *, quick=False, device="cpu", dtype="float32", budget=DEFAULT_BUDGET,
               timeout_s=DEFAULT_TIMEOUT_S, warmup=1, repeats=None, threads=None, out=None, save=True,
               max_len=None, min_len=None, reserve_bytes=DEFAULT_RESERVE, isolation="forkserver",
-              progress=True, replace=False, passes=PASSES) -> SuiteRows:
+              progress=True, replace=False, passes=PASSES, methods=None) -> SuiteRows:
     """Run every point of ``suite``, merging each row into ``out`` as it lands; returns the rows.
 
     ``budget`` is bytes per point over its inputs (0 = unlimited, else at least 64 MiB); ``timeout_s``
     at least 10 s. A failed point's row never replaces an ``ok`` row of the same point in ``out``
     unless ``replace=True`` (:func:`topk_lib.bench.store.merge_rows`); the returned rows' ``merged``
     counts what was added, replaced and kept. ``passes`` (kernels suite) keeps only those passes, and
-    ``min_len``/``max_len`` bound its lengths there too. Arguments are checked before any point runs.
+    ``min_len``/``max_len`` bound its lengths there too; ``methods`` (attention suite) keeps only those
+    methods (it must include ``"topk"``). Arguments are checked before any point runs.
     """
     from tqdm.auto import tqdm
 
@@ -258,6 +261,10 @@ def run_suite(suite: str, *, quick=False, device="cpu", dtype="float32", budget=
         raise ValueError(f"min_len ({min_len}) must be <= max_len ({max_len})")
     if warmup < 0 or repeats < 1:
         raise ValueError(f"need warmup >= 0 and repeats >= 1, got warmup={warmup}, repeats={repeats}")
+    known = {m for m, _ in _attention_methods(quick)}
+    if methods is not None and (suite != "attention" or "topk" not in methods or not set(methods) <= known):
+        raise ValueError(f"methods is for the attention suite: a subset of {sorted(known)} that includes 'topk', "
+                         f"got {methods!r} for suite {suite!r}")
     passes = tuple(passes)
     if not passes or any(p not in PASSES for p in passes):
         raise ValueError(f"passes must be a non-empty subset of {PASSES}, got {passes!r}")
@@ -283,7 +290,7 @@ def run_suite(suite: str, *, quick=False, device="cpu", dtype="float32", budget=
 
     try:
         if suite == "attention":
-            _attention_suite(common, quick, cuda, max_len, measure, min_len)
+            _attention_suite(common, quick, cuda, max_len, measure, min_len, methods)
         elif suite == "kernels":
             _interleaved_suite(common, quick, cuda, measure, timeout_s, reserve_bytes, isolation, passes,
                                min_len, max_len)

@@ -1,18 +1,17 @@
 """Memory-efficient top-k attention and its exact baselines (Gupta et al. 2021, section 3.1).
 
-Queries are processed in chunks of ``chunk_size`` rows. For each chunk the scores against
-all keys are computed, the ``topk`` largest per query are kept (masked keys never count), a
-softmax runs over those only, and their values are summed with the kept weights. Peak memory
-is O(C*Lk + Lq*k) instead of O(Lq*Lk).
+Queries are processed in chunks of ``chunk_size`` rows. For each chunk the scores against all keys are
+computed, the ``topk`` largest per query are kept (masked keys never count), a softmax runs over those only,
+and their values are summed with the kept weights. Peak memory is O(C*Lk + Lq*k) instead of O(Lq*Lk).
 
-The code is in tiers: backends in their own modules (:mod:`.chunking` for the score chunks,
-:mod:`.selection` for the per-row top-k, :mod:`.scan` and :mod:`.native` for the CPU forward
-that fuses the scores with a compiled selection, :mod:`.product` for the sparse weights x V products,
-:mod:`.logits` for soft-capping and attention sinks, :mod:`.checks` for the argument checks),
-here ``torch.autograd.Function`` classes that save a row log-sum-exp instead of any Lq x Lk
-tensor, and the public functions :func:`topk_attention`, :func:`chunked_attention` and
-:func:`vanilla_attention`, whose docstrings give the full semantics (shapes, masks, ties,
-empty rows, what backward saves).
+The code is in tiers: backends in their own modules (:mod:`.chunking` for the score chunks, :mod:`.selection`
+for the per-row top-k, :mod:`.scan` and :mod:`.native` for the CPU forward that fuses the scores with a
+compiled selection, :mod:`.product` for the sparse weights x V products, :mod:`.logits` for soft-capping and
+attention sinks, :mod:`.checks` for the argument checks, :mod:`.flex` for the two-pass threshold path that
+CUDA tensors take), here ``torch.autograd.Function`` classes that save a row log-sum-exp instead of any
+Lq x Lk tensor, and the public functions :func:`topk_attention`, :func:`chunked_attention` and
+:func:`vanilla_attention`, whose docstrings give the full semantics (shapes, masks, ties, empty rows, what
+backward saves).
 
 Dimensions
 ----------
@@ -31,11 +30,13 @@ import torch
 import torch.nn.functional as F
 
 from topk_lib.kernels.checks import check_attention_inputs, first_order_only
+from topk_lib.kernels.flex import fast_path_applies, threshold_topk_attention
 from topk_lib.kernels.chunking import causal_end, chunk_scores, flat_rows, grouped_mask, mask_scores
 from topk_lib.kernels.logits import add_sink, as_sink_rows, cap_with_derivative, empty_lse, row_shift, rows, sink_grad
 from topk_lib.kernels.product import KeptMatrix, resolve_product
 from topk_lib.kernels.scan import can_scan, select_chunk
 from topk_lib.kernels.selection import DEFAULT_SELECTOR, RowSelector
+from topk_lib.kernels.threshold import work_dtype
 
 __all__ = ["topk_attention", "chunked_attention", "vanilla_attention"]
 
@@ -70,10 +71,6 @@ def _reduce_to(grad, shape):
     return grad.sum(dim=dims, keepdim=True) if dims else grad
 
 
-def _lse_dtype(dtype):
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 # --------------------------------------------------------------------------- top-k
 
 
@@ -97,7 +94,7 @@ class _TopkAttention(torch.autograd.Function):
         # [..., Hkv, G, Lq, k] and [..., Hkv, G, Lq, 1]
         idx_all = torch.full((*batch, hkv, g, lq, k_eff), -1, dtype=torch.int32, device=query.device)
         sinks_grouped = grouped_mask(sinks, query, hkv)  # [..., Hkv|1, G|1, Lq|1, 1] or None
-        lse = empty_lse(q_grouped, sinks_grouped, _lse_dtype(query.dtype))  # [..., Hkv, G, Lq, 1]
+        lse = empty_lse(q_grouped, sinks_grouped, work_dtype(query.dtype))  # [..., Hkv, G, Lq, 1]
         # The fused forward selects on the raw scores; soft-capped ones go through the chunks.
         fused = selector.method == "auto" and softcap is None and can_scan(query)
         for r0 in range(0, lq, chunk_size):
@@ -198,7 +195,7 @@ class _ChunkedAttention(torch.autograd.Function):
         out = query.new_zeros(*query.shape[:-1], dv)  # [..., Hq, Lq, dv]
         out_grouped = out.unflatten(-3, (hkv, g))  # [..., Hkv, G, Lq, dv], a view to write into
         sinks_grouped = grouped_mask(sinks, query, hkv)  # [..., Hkv|1, G|1, Lq|1, 1] or None
-        lse = empty_lse(q_grouped, sinks_grouped, _lse_dtype(query.dtype))  # [..., Hkv, G, Lq, 1]
+        lse = empty_lse(q_grouped, sinks_grouped, work_dtype(query.dtype))  # [..., Hkv, G, Lq, 1]
         for r0 in range(0, lq, chunk_size):
             r1 = min(r0 + chunk_size, lq)
             k_end = causal_end(is_causal, lq, lk, r1)
@@ -327,9 +324,8 @@ def topk_attention(
         attn_mask: ``None``, or as in ``scaled_dot_product_attention``: bool (True = may
             attend) or of the query dtype (added to the scores), broadcastable to
             ``[..., Hq, Lq, Lk]``. A float mask gets a gradient, summed over broadcast dims.
-        is_causal: query ``i`` sits at absolute position ``Lk - Lq + i`` and attends keys at
-            positions <= its own, so decoding with a KV cache (``Lq < Lk``) works. Combines
-            with ``attn_mask``.
+        is_causal: query ``i`` sits at absolute position ``Lk - Lq + i`` and attends keys at positions
+            <= its own, so decoding with a KV cache (``Lq < Lk``) works. Combines with ``attn_mask``.
         scale: the score scale, a finite number (zero and negative ones are defined, as in
             SDPA); ``None`` means ``1 / sqrt(d)``.
         product: the sparse weights x V backend (:mod:`topk_lib.kernels.product`): ``"auto"``
@@ -337,9 +333,10 @@ def topk_attention(
             The result is the same within float rounding.
         selector: the :class:`~topk_lib.kernels.selection.RowSelector` that selects the top-k
             (it owns the CPU worker threads, and its ``method`` picks the fused or the chunked
-            forward); ``None`` uses :data:`~topk_lib.kernels.selection.DEFAULT_SELECTOR`. While
-            the fused forward's worker threads run, torch's intra-op threads are set to one
-            (restored when it returns).
+            forward; on CUDA ``"auto"`` takes the threshold path of :mod:`.flex` where
+            :func:`~topk_lib.kernels.flex.fast_path_applies` holds); ``None`` uses
+            :data:`~topk_lib.kernels.selection.DEFAULT_SELECTOR`. While the fused forward's worker
+            threads run, torch's intra-op threads are set to one (restored when it returns).
         softcap: ``c``, a positive number, or ``None``: the scores become ``c * tanh(s / c)``
             before the mask is added and the top-k selected (Gemma-2's
             ``attn_logit_softcapping``); soft-capped calls run the chunked forward.
@@ -370,7 +367,8 @@ def topk_attention(
         * Ties at the k-th score are broken by the selection backend (on CPU float32/float64
           the compiled selection of :mod:`.native`, or numpy's ``argpartition`` without a C++
           compiler or with ``RowSelector(method="chunked")``; ``torch.topk`` elsewhere), which
-          differs across backends: outputs are well defined only up to such ties.
+          differs across backends: outputs are well defined only up to such ties. The CUDA
+          threshold path (:mod:`.flex`) keeps every key tied with the k-th.
         * Scores are scaled before the product (no float16 overflow); the softmax of half
           precision inputs runs in float32.
         * Empty inputs behave as in SDPA: no batch, rows or value features give an empty
@@ -399,6 +397,9 @@ def topk_attention(
             query, key, value, attn_mask, int(chunk_size), bool(is_causal), scale, softcap, sinks
         )
     selector = DEFAULT_SELECTOR if selector is None else selector
+    if selector.method == "auto" and fast_path_applies(query, key, value, topk, attn_mask, sinks):  # see .flex
+        return threshold_topk_attention(query, key, value, topk=int(topk), attn_mask=attn_mask,
+                                        is_causal=bool(is_causal), scale=scale, softcap=softcap)
     return _TopkAttention.apply(
         query, key, value, attn_mask, int(topk), int(chunk_size), bool(is_causal), scale, backend, selector,
         softcap, sinks,

@@ -49,8 +49,9 @@ class RowSelector:
     ``method`` says how :func:`~topk_lib.kernels.attention.topk_attention`'s forward selects:
     ``"auto"`` fuses the scores with the compiled selection (:mod:`.scan`, :mod:`.native`)
     where it runs (CPU float32/float64, a C++ compiler) and scores whole chunks then calls
-    this selector elsewhere; ``"chunked"`` always does the latter (the path before the fused
-    one, kept to compare against). Both keep the same entries up to ties.
+    this selector elsewhere; on CUDA ``"auto"`` runs the threshold path of :mod:`.flex` where it
+    applies. ``"chunked"`` always does the latter (the path before the fused and the threshold
+    ones, kept to compare against). All keep the same entries up to ties.
     """
 
     METHODS = ("auto", "chunked")

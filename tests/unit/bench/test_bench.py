@@ -221,6 +221,21 @@ def test_attention_suite_starts_at_min_len(monkeypatch, tmp_path):
     assert sorted({r["L"] for r in rows}) == [256, 512]
 
 
+def test_attention_suite_runs_only_the_methods_asked_for(monkeypatch, tmp_path):
+    def fake_point(spec, **kw):
+        return {**bench.row_template(spec), "status": "ok", "median_s": 0.1}
+
+    monkeypatch.setattr(suites, "run_point", fake_point)
+    rows = bench.run_suite("attention", quick=True, max_len=256, out=tmp_path / "b.csv", progress=False,
+                           methods=("sdpa", "topk"))
+    assert {r["method"] for r in rows} == {"sdpa", "topk"}
+    for bad in (("sdpa",), ("topk", "flash")):
+        with pytest.raises(ValueError, match="methods"):
+            bench.run_suite("attention", quick=True, out=tmp_path / "b.csv", methods=bad)
+    with pytest.raises(ValueError, match="methods"):
+        bench.run_suite("product", quick=True, out=tmp_path / "b.csv", methods=("topk",))
+
+
 def test_measured_suites_reads_the_device_csv(monkeypatch, tmp_path):
     monkeypatch.setenv("TOPK_LAB_RESULTS", str(tmp_path))
     assert bench.measured_suites("cpu") == set()
