@@ -43,7 +43,8 @@ from topk_lib.kernels.attention import chunked_attention, topk_attention
 from topk_lib.kernels.chunking import grouped_mask
 from topk_lib.kernels.selection import RowSelector
 
-__all__ = ["Selector", "AttentionCall", "Chunk", "sparse_attention", "SelectionLog", "top_positions", "as_chunk_dims", "positions_mask"]
+__all__ = ["Selector", "AttentionCall", "Chunk", "sparse_attention", "SelectionLog", "top_positions", "as_chunk_dims",
+           "positions_mask"]
 
 
 @dataclass
@@ -151,6 +152,10 @@ class Selector:
     def selects_all(self, call: AttentionCall, budget: int) -> bool:
         """Whether the call may run exact attention: a fixed budget that covers every key."""
         return not (self.stateful or self.adaptive) and budget >= call.n_keys
+
+    def attend(self, query, key, value, *, budget, **kwargs):
+        """:func:`sparse_attention` with this selector (what :func:`topk_lib.hf.patching.use_sparse` calls)."""
+        return sparse_attention(query, key, value, selector=self, budget=budget, **kwargs)
 
     def __repr__(self):
         return f"{type(self).__name__}()"
