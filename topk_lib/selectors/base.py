@@ -118,13 +118,17 @@ class Selector:
     choice depends on earlier calls, so every call goes through :meth:`select`, also where the
     budget covers every key), ``adaptive`` (the number of keys varies per query; the budget is
     its cap), ``exact_prefill`` (a prefill call runs exact attention, and :meth:`observe`
-    sees it: SnapKV compresses the cache only after the prompt).
+    sees it: SnapKV compresses the cache only after the prompt), ``batched_decode`` (a causal
+    call of several queries chooses for each what one decoding step at its position would:
+    false where the choice depends on earlier steps, or on keys after the query, as Quest's
+    page bounds in a prefill do).
     """
 
     name = "selector"
     stateful = False
     adaptive = False
     exact_prefill = False
+    batched_decode = True
 
     def __init__(self):
         self.state = {}

@@ -27,10 +27,12 @@ class Quest(Selector):
     channel-wise minimum and maximum of its keys. A query's upper bound on a page's scores is
     ``sum_c max(q_c * max_c, q_c * min_c)``; it keeps the ``budget // page_size`` pages of
     largest bound among pages holding a key it may attend, and of those pages the keys it may
-    attend. Per query head. The budget must be at least one page.
+    attend. Per query head. The budget must be at least one page. The bounds cover the keys of
+    the call: in a prefill a page holding the query holds later keys too (decoding has none).
     """
 
     name = "quest"
+    batched_decode = False
 
     def __init__(self, page_size=16):
         super().__init__()

@@ -39,6 +39,7 @@ class H2O(Selector):
 
     name = "h2o"
     stateful = True
+    batched_decode = False
 
     def select(self, call, chunk, budget):
         recent = budget // 2
@@ -108,6 +109,7 @@ class SnapKV(Selector):
 
     name = "snapkv"
     stateful = True
+    batched_decode = False
     exact_prefill = True
 
     def __init__(self, window=32, kernel=7):
