@@ -116,9 +116,14 @@ def selector_metrics(records, points, *, steps, progress=True):
 
 
 def frontier(metrics):
-    """Mean over layers and heads per (selector, budget): the points of an error-vs-budget frontier."""
-    return (metrics.groupby(["selector", "budget"], as_index=False)[["recall", "mass", "rel_error", "kept"]].mean()
-            .sort_values(["selector", "budget"]))
+    """Mean over layers and heads per (selector, param, budget): the points of an error-vs-budget frontier.
+
+    ``param`` (the selector's ``repr``, when the frame has it) keeps apart the settings of one
+    selector at one budget, as top-p's masses at one cap.
+    """
+    keys = ["selector", "param", "budget"] if "param" in metrics else ["selector", "budget"]
+    return (metrics.groupby(keys, as_index=False, sort=False)[["recall", "mass", "rel_error", "kept"]].mean()
+            .sort_values(keys, kind="stable"))
 
 
 # --------------------------------------------------------------------------- decoding
@@ -150,8 +155,8 @@ def decode_dynamics(model, input_ids, *, k, steps, blocks=(16, 32, 64, 128)):
     set of step t that was in the top-k of step t - 1, among keys both steps see), ``mass_own``
     (mass of the head's own top-k), ``mass_shared`` (mass of one top-k per KV head, chosen by
     the attention summed over its query heads), ``group_overlap`` (mean share of a head's top-k
-    in each other head's of its group), and ``mass_block{b}`` for each block size: the mass of
-    the ``k // b`` blocks of ``b`` consecutive keys of most mass. Returns a tidy frame
+    in each other head's of its group), and ``mass_block{b}`` for each block size ``b <= k``: the
+    mass of the ``k // b`` blocks of ``b`` consecutive keys (from position 0) of most mass. Returns a tidy frame
     ``layer, head, metric, value``.
     """
     rec = _DecodeRecorder()
@@ -180,10 +185,10 @@ def decode_dynamics(model, input_ids, *, k, steps, blocks=(16, 32, 64, 128)):
             if prev is not None:
                 stats["overlap"].append(_overlap(own[..., : n - 1], prev, kk))
             prev = own
-            for b in blocks:
+            for b in (b for b in blocks if b <= k):  # equal budget: k // b whole blocks
                 nb = -(-n // b)
                 mass = torch.nn.functional.pad(p, (0, nb * b - n)).unflatten(-1, (nb, b)).sum(-1)  # [B, Hq, nb]
-                stats[f"mass_block{b}"].append(mass.topk(min(max(kk // b, 1), nb), -1).values.sum(-1))
+                stats[f"mass_block{b}"].append(mass.topk(min(k // b, nb), -1).values.sum(-1))
         for name, values in stats.items():
             if not values:
                 continue
