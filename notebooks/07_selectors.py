@@ -74,6 +74,7 @@ from topk_lib.plots.style import save_figure
 from topk_lib.tasks.lm import token_windows
 from topk_lib.data import moby_dick_text, pydoc_text
 
+# %%
 if QUICK:
     DECODERS, SELECTORS, BUDGETS = DECODERS[:1], ["oracle", "sink_window", "quest"], [16, 32]
     LENGTH, STEPS, LAYER_FRACTIONS, HEATMAP_BUDGET = 128, 16, [0.0, 0.5, 1.0], 16
