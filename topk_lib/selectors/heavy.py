@@ -2,7 +2,9 @@
 
 Both keep per-layer state in ``self.state[layer]`` between the calls of one sequence; a
 prefill call starts a new sequence. The choice is shared by the query heads of one key/value
-head (a KV cache is per KV head), from the attention summed over the group.
+head (a KV cache is per KV head), from the attention summed over the group. A sliding-window
+cache (Gemma-3's local layers) drops its oldest keys as it decodes: a call with fewer keys
+than the state expects shifts the state by as many (:func:`_slide`).
 """
 
 from __future__ import annotations
@@ -23,6 +25,18 @@ def _probs(scores):
     return p.nan_to_num(0.0)
 
 
+def _slide(selector, call, names):
+    """Drop from a layer's per-key state (``names``, ``[..., Hkv, n]``) the keys the cache no longer holds."""
+    st = selector.state.get(call.layer)
+    if call.prefill or st is None or "seen" not in st:
+        return 0
+    shift = st["seen"] + call.n_queries - call.n_keys  # keys that left a sliding-window cache
+    if shift > 0:
+        for name in names:
+            st[name] = st[name][..., shift:]
+    return max(shift, 0)
+
+
 class H2O(Selector):
     """Heavy-hitter oracle (Zhang et al. 2023, "H2O: Heavy-Hitter Oracle for Efficient Generative
     Inference of Large Language Models").
@@ -40,6 +54,10 @@ class H2O(Selector):
     name = "h2o"
     stateful = True
     batched_decode = False
+
+    def begin(self, call, budget):
+        super().begin(call, budget)
+        _slide(self, call, ("acc", "alive"))
 
     def select(self, call, chunk, budget):
         recent = budget // 2
@@ -91,6 +109,8 @@ class H2O(Selector):
 
     def observe(self, call, budget):
         st = self.state.get(call.layer)
+        if st is not None:
+            st["seen"] = call.n_keys
         if call.prefill and st is not None and "last" in st:  # the cache decoding starts from
             st["alive"] = positions_mask(st.pop("last"), st["alive"].shape[-1])  # [..., Hkv, Lk]
 
@@ -118,8 +138,15 @@ class SnapKV(Selector):
         if self.kernel % 2 == 0:
             raise ValueError(f"kernel must be odd (a centred pooling window), got {kernel}")
 
+    def begin(self, call, budget):
+        super().begin(call, budget)
+        st = self.state.get(call.layer)
+        if st is not None:
+            st["prompt"] = max(0, st["prompt"] - _slide(self, call, ("keep",)))
+
     def observe(self, call, budget):
         if not call.prefill:
+            self.state[call.layer]["seen"] = call.n_keys
             return
         n = call.n_keys
         w = min(self.window, budget // 2, n)
@@ -134,7 +161,7 @@ class SnapKV(Selector):
             prefix = torch.arange(n, device=votes.device) < n - w  # [n]
             chosen = top_positions(pooled[..., None, :], prefix.expand_as(pooled)[..., None, :], budget - w)
             keep = positions_mask(chosen[..., 0, :], n) | ~prefix  # [..., Hkv, n]: the chosen and the window
-        self.state[call.layer] = {"keep": keep, "prompt": n}
+        self.state[call.layer] = {"keep": keep, "prompt": n, "seen": n}
 
     def width(self, call, budget):
         st = self.state.get(call.layer)

@@ -231,3 +231,22 @@ def test_the_mask_applies_to_every_selector_and_gradients_flow():
     torch.testing.assert_close(out, dense_selected_attention(q, k, v, keep))
     out.sum().backward()
     assert torch.isfinite(q.grad).all() and q.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("make", [H2O, lambda: SnapKV(window=2, kernel=3)])
+def test_a_sliding_window_cache_decodes_as_the_full_cache_under_the_window_mask(make):
+    q, k, v = qkv(lq=30, lk=30)
+    prompt, window, budget = 18, 10, 6
+    pos = torch.arange(30)
+    slide = (pos[None, :] > pos[:, None] - window) & causal_mask(30, 30)  # [30, 30]: the last `window` keys
+    full, sliding = make(), make()
+    for sel in (full, sliding):
+        sparse_attention(q[:, :, :prompt], k[:, :, :prompt], v[:, :, :prompt], selector=sel, budget=budget,
+                         attn_mask=slide[:prompt, :prompt])
+    for t in range(prompt, 30):
+        a = sparse_attention(q[:, :, t : t + 1], k[:, :, : t + 1], v[:, :, : t + 1], selector=full, budget=budget,
+                             attn_mask=slide[t : t + 1, : t + 1])
+        lo = t + 1 - window  # the cache holds the last `window` keys
+        b = sparse_attention(q[:, :, t : t + 1], k[:, :, lo : t + 1], v[:, :, lo : t + 1], selector=sliding,
+                             budget=budget)
+        torch.testing.assert_close(a, b)
