@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import torch
 
-from topk_lib._validate import positive_int
 from topk_lib.kernels.selection import DEFAULT_SELECTOR
 from topk_lib.selectors.base import Selector, as_chunk_dims, top_positions
 
@@ -37,13 +36,16 @@ class SinkWindow(Selector):
     Rule: a query at position ``t`` keeps the first ``n_sink`` keys of the sequence and the
     ``budget - n_sink`` most recent keys up to ``t`` (``t - budget + n_sink + 1 ... t``), the
     same set for every head; with ``budget <= n_sink`` only the first ``budget`` keys.
+    ``n_sink=0`` is a plain sliding window.
     """
 
     name = "sink_window"
 
     def __init__(self, n_sink=4):
         super().__init__()
-        self.n_sink = positive_int(n_sink, "n_sink")
+        if isinstance(n_sink, bool) or not isinstance(n_sink, int) or n_sink < 0:
+            raise ValueError(f"n_sink must be an int >= 0 (0: a plain sliding window), got {n_sink!r}")
+        self.n_sink = n_sink
 
     def select(self, call, chunk, budget):
         pos = call.positions(chunk.r0, chunk.r1)  # [c]

@@ -37,7 +37,7 @@ def test_oracle_is_topk_attention(chunk, budget):
 
 
 @pytest.mark.parametrize("chunk", CHUNKS)
-@pytest.mark.parametrize("budget, n_sink", [(6, 2), (3, 4), (10, 1)])
+@pytest.mark.parametrize("budget, n_sink", [(6, 2), (3, 4), (10, 1), (5, 0)])
 def test_sink_window(chunk, budget, n_sink):
     q, k, v = qkv()
     keep = ref_sink_window(24, 24, budget, n_sink)
