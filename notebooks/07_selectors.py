@@ -22,6 +22,11 @@
 # compounds in later ones. Loki, Double Sparsity and the thresholds are calibrated on another
 # text. All numbers below are printed by this run; per-point results are cached under
 # `data/results/selectors/`, so an interrupted run resumes where it stopped.
+#
+# **Budget.** Full mode took 1200 s (20 minutes) on the project's 2-core CPU with one torch
+# thread while other jobs ran (load 4-6): section 1 about 5.5 minutes for both models, the
+# downstream runs 12, decoding dynamics and the cascade 2; redrawing from the caches takes
+# about 80 s. Quick mode (CI) measures three selectors at two budgets on 128 tokens of pydoc.
 
 # %% tags=["parameters"]
 QUICK = False  # one short text, two budgets, three selectors, one model: the CI smoke run
@@ -133,8 +138,10 @@ for name in DECODERS:
 # **Reading the figures.** The frontier's x axis is the mean number of keys a selector kept
 # per query (SnapKV keeps the tokens generated since the prompt on top of its budget; top-p
 # and the thresholds choose their own counts), so every point sits where its cost is. The
-# oracle is the lower bound of the error and the upper bound of mass and recall at each
-# budget; the gap to it is what a selector's estimate loses.
+# oracle is the lower bound of the error and the upper bound of mass and recall for a fixed
+# budget per query; the gap to it is what a selector's estimate loses. Top-p and the
+# thresholds rank by the exact scores too but spend their keys unevenly over queries and
+# heads, so at the same mean count they can fall below the fixed-budget oracle.
 
 # %% [markdown]
 # ## 2 · Downstream at equal budget: perplexity and passkey retrieval
@@ -154,8 +161,10 @@ for name, (model, tokenizer) in models.items():
     exact = selector_perplexity(model, windows, selector_points(["oracle"], [10 ** 6]), model_name=name)
     ppl.append(selector_perplexity(model, windows, points, model_name=name).assign(
         model=name, exact=exact.perplexity.iloc[0]))
+    exact_keys = selector_passkey(model, tokenizer, selector_points(["oracle"], [10 ** 6]), model_name=name,
+                                  lengths=PASSKEY_LENGTHS, depths=PASSKEY_DEPTHS)
     keys.append(selector_passkey(model, tokenizer, points, model_name=name, lengths=PASSKEY_LENGTHS,
-                                 depths=PASSKEY_DEPTHS).assign(model=name))
+                                 depths=PASSKEY_DEPTHS).assign(model=name, exact=exact_keys.accuracy.iloc[0]))
 ppl, keys = pd.concat(ppl, ignore_index=True), pd.concat(keys, ignore_index=True)
 save_figure(plot_downstream(ppl, keys, title="Every layer switched: perplexity and passkey accuracy"),
             "07_downstream")

@@ -49,7 +49,7 @@ def plot_frontier(points: pd.DataFrame, *, metrics=("rel_error", "mass", "recall
                 part = part.sort_values("kept")
                 oracle = name == "oracle"
                 ax.plot(part["kept"], part[metric], marker="o", ms=4, color=palette[name], lw=2.2 if oracle else 1.4,
-                        ls="--" if oracle else "-", label=f"{name} (bound)" if oracle else name, zorder=3 if oracle else 2)
+                        ls="--" if oracle else "-", label=f"{name} (bound at fixed B)" if oracle else name, zorder=3 if oracle else 2)
             ax.set_xscale("log", base=2)
             if metric in logy:
                 ax.set_yscale("log")
