@@ -264,3 +264,92 @@ def dense_attention_stats(model, ids, mask=None, *, ks=KS, fracs=FRACS, position
                     ref[(layer, h, label, None, f"{name}_median")] = np.median(rows((name, None)))
                 ref[(layer, h, label, None, "n_rows")] = float(sel.sum())
     return ref
+
+
+# --------------------------------------------------------------------------- key selectors
+# Each reference states a selector's rule on the full [B, Hq, Lq, Lk] matrices, for causal queries
+# at the last Lq of Lk positions, and returns the bool set of kept keys (True = kept).
+
+
+def grouped_scores(q, k, scale=None):
+    """Full scaled scores [B, Hq, Lq, Lk], KV heads repeated."""
+    rep = q.shape[-3] // k.shape[-3]
+    return (q @ k.repeat_interleave(rep, -3).transpose(-1, -2)) * (q.shape[-1] ** -0.5 if scale is None else scale)
+
+
+def dense_selected_attention(q, k, v, keep):
+    """Softmax over the kept keys (``keep [B|1, Hq|1, Lq, Lk]``, causal applied by the caller), times V."""
+    s = grouped_scores(q, k).masked_fill(~keep, float("-inf"))
+    return torch.softmax(s, -1).nan_to_num(0.0) @ v.repeat_interleave(q.shape[-3] // k.shape[-3], -3)
+
+
+def top_set(values, allowed, n):
+    """Bool set of the n largest ``values`` among ``allowed`` (fewer when fewer are allowed)."""
+    out = torch.zeros_like(allowed)
+    vals = values.masked_fill(~allowed, float("-inf"))
+    order = vals.argsort(dim=-1, descending=True, stable=True)
+    ranked_allowed = allowed.gather(-1, order)
+    take = (torch.arange(values.shape[-1]) < n) & ranked_allowed
+    return out.scatter(-1, order, take)
+
+
+def ref_sink_window(lq, lk, budget, n_sink):
+    pos = torch.arange(lk - lq, lk)[:, None]
+    j = torch.arange(lk)[None, :]
+    sinks = min(n_sink, budget)
+    return causal_mask(lq, lk) & ((j < sinks) | (j > pos - (budget - sinks)))
+
+
+def ref_topp(q, k, p):
+    probs = torch.softmax(grouped_scores(q, k).masked_fill(~causal_mask(q.shape[-2], k.shape[-2]), float("-inf")), -1)
+    keep = torch.zeros_like(probs, dtype=torch.bool)
+    for idx in np.ndindex(*probs.shape[:-1]):
+        row = probs[idx]
+        total = 0.0
+        for j in row.argsort(descending=True).tolist():
+            if total >= p or row[j] == 0:
+                break
+            keep[idx + (j,)] = True
+            total += float(row[j])
+    return keep
+
+
+def ref_quest(q, k, budget, page):
+    lq, lk = q.shape[-2], k.shape[-2]
+    rep = q.shape[-3] // k.shape[-3]
+    kr = k.repeat_interleave(rep, -3)
+    causal = causal_mask(lq, lk)
+    keep = torch.zeros(*q.shape[:-1], lk, dtype=torch.bool)
+    for b, h, i in np.ndindex(*q.shape[:-1]):
+        bounds, ok = [], []
+        for p0 in range(0, lk, page):
+            kp = kr[b, h, p0 : p0 + page]
+            bounds.append(float(torch.maximum(q[b, h, i] * kp.max(0).values, q[b, h, i] * kp.min(0).values).sum()))
+            ok.append(bool(causal[i, p0 : p0 + page].any()))
+        ranked = [pg for pg in np.argsort(-np.array(bounds), kind="stable") if ok[pg]][: budget // page]
+        for pg in ranked:
+            keep[b, h, i, pg * page : (pg + 1) * page] = True
+    return keep & causal
+
+
+def ref_h2o_prefill(q, k, budget):
+    """H2O in a prefill: window of budget//2 plus heavy hitters by the exact attention of earlier queries."""
+    lq, lk = q.shape[-2], k.shape[-2]
+    hkv, g = k.shape[-3], q.shape[-3] // k.shape[-3]
+    recent = budget // 2
+    causal = causal_mask(lq, lk)
+    probs = torch.softmax(grouped_scores(q, k).masked_fill(~causal, float("-inf")), -1)  # [B, Hq, L, L]
+    group = probs.unflatten(1, (hkv, g)).sum(2)  # [B, Hkv, L, L]
+    acc = group.cumsum(-2) - group  # earlier queries only
+    j = torch.arange(lk)[None, :]
+    pos = torch.arange(lk - lq, lk)[:, None]
+    window = (j > pos - recent) & causal
+    old = (j <= pos - recent) & causal
+    keep = window | top_set(acc, old.expand_as(acc), budget - recent)
+    return keep.repeat_interleave(g, 1)
+
+
+def ref_svd_basis(keys, rank):
+    """Top-rank eigenvectors of K^T K (the right singular vectors of K), keys [N, d] -> [d, r]."""
+    vals, vecs = torch.linalg.eigh(keys.T.double() @ keys.double())
+    return vecs[:, vals.argsort(descending=True)[:rank]].float()

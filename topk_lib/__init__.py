@@ -17,7 +17,10 @@ subpackage     layer  what it holds
                       the benchmarks
 ``hf``         2      ``loading``, ``layers`` (discovery, the MLP layout table),
                       ``registry`` (the one ``intercept()`` every model surgery uses),
-                      ``patching`` (``use_topk``)
+                      ``patching`` (``use_topk``, ``use_sparse``)
+``selectors``  2      key selectors measured against the top-k oracle: ``base`` (the
+                      API over the kernel), ``static``, ``heavy``, ``estimated``,
+                      ``adaptive``
 ``data``       2      ``sources`` (pins), ``download``, ``corpora``, ``listops``
 ``analysis``   3      ``metrics``, ``capture`` and ``mlp`` (per-head / per-neuron
                       statistics) over their shared ``recording`` core,
@@ -46,7 +49,7 @@ from topk_lib.analysis.capture import capture_attention_stats
 from topk_lib.analysis.mlp import capture_mlp_stats
 from topk_lib.hf.layers import describe_layers
 from topk_lib.hf.loading import load_model
-from topk_lib.hf.patching import use_topk
+from topk_lib.hf.patching import use_sparse, use_topk
 from topk_lib.kernels.attention import chunked_attention, topk_attention, vanilla_attention
 from topk_lib.kernels.feedforward import topk_feedforward
 
@@ -57,6 +60,7 @@ __all__ = [
     "topk_feedforward",
     "load_model",
     "use_topk",
+    "use_sparse",
     "describe_layers",
     "capture_attention_stats",
     "capture_mlp_stats",

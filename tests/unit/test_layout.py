@@ -12,7 +12,7 @@ PACKAGE = Path(__file__).resolve().parents[2] / "topk_lib"
 LAYER = {
     "_validate": 0, "infra": 0,
     "kernels": 1,
-    "nn": 2, "hf": 2, "data": 2,
+    "nn": 2, "hf": 2, "data": 2, "selectors": 2,
     "analysis": 3, "tasks": 3,
     "experiments": 4, "bench": 4,
     "plots": 5,

@@ -13,7 +13,9 @@ runs exact softmax attention over those only:
   ``budget`` features, linear in length.
 
 All methods are causal (queries sit at the last Lq of Lk positions, as in
-:func:`topk_lib.topk_attention`) and use the scale ``1/sqrt(d)``.
+:func:`topk_lib.topk_attention`) and use the scale ``1/sqrt(d)``. The window and sink + window
+run as the selectors of :mod:`topk_lib.selectors` do (:class:`~topk_lib.selectors.static.SinkWindow`
+through the top-k kernel); the random keys here are drawn with ``torch.rand`` from ``seed``.
 """
 
 from __future__ import annotations
@@ -26,6 +28,8 @@ from topk_lib.kernels.attention import chunked_attention, topk_attention
 from topk_lib.hf.layers import describe_layers
 from topk_lib.hf.registry import exact_attention, intercept
 from topk_lib.kernels.baselines import performer_attention
+from topk_lib.selectors.base import sparse_attention
+from topk_lib.selectors.static import SinkWindow
 
 METHODS = ("topk", "window", "random", "sink_window", "performer")
 
@@ -121,6 +125,10 @@ def approximate(query, key, value, *, method: str, budget: int, n_sink: int = 4,
         return topk_attention(query, key, value, topk=budget, is_causal=True, chunk_size=chunk_size)
     if method == "performer":
         return performer_attention(query, key, value, n_features=budget, seed=seed)
+    if method in ("window", "sink_window"):
+        selector = SinkWindow(n_sink=0 if method == "window" else n_sink)
+        return sparse_attention(query, key, value, selector=selector, budget=budget, is_causal=True,
+                                chunk_size=chunk_size)
     generator = torch.Generator(device=query.device).manual_seed(seed)
     mask = selection_mask(
         query.shape[-2], key.shape[-2], method=method, budget=budget, n_sink=n_sink, generator=generator, device=query.device

@@ -50,10 +50,10 @@ from torch import nn
 from topk_lib._validate import index, optional_k, positive_int
 from topk_lib.hf.layers import find_layers, num_heads
 from topk_lib.hf.mlps import ff_forwards
-from topk_lib.hf.registry import attention_handler, intercept, logit_modifiers, prepare_call
+from topk_lib.hf.registry import attention_handler, exact_attention, intercept, logit_modifiers, prepare_call
 from topk_lib.kernels.attention import topk_attention
 
-__all__ = ["use_topk", "ATTN_IMPLEMENTATION"]
+__all__ = ["use_topk", "use_sparse", "ATTN_IMPLEMENTATION"]
 
 #: The name under which the top-k attention function is registered in transformers.
 ATTN_IMPLEMENTATION = "topk_lab"
@@ -85,6 +85,24 @@ def _dropout_attribute(module, p):
     return "attention dropout"
 
 
+def _refuse_weights_and_warn_dropout(handler, module, dropout, kwargs):
+    """What every replacing handler does first: no attention weights to return; skipped dropout warned once."""
+    if kwargs.get("output_attentions"):
+        raise ValueError(
+            "use_topk/use_sparse: output_attentions=True is not supported: the top-k kernel never forms the "
+            "attention matrix, so there are no weights to return. Measure them with "
+            "topk_lib.capture_attention_stats (kept mass, entropy, error per layer and head), or call the "
+            "model without output_attentions"
+        )
+    if dropout:  # transformers passes the module's dropout only in training mode
+        handler.skipped_dropout(
+            f"use_topk/use_sparse: {handler.name or type(module).__name__} is in training mode with attention "
+            f"dropout p={dropout} ({type(module).__name__}.{_dropout_attribute(module, dropout)}); the top-k kernel "
+            "applies no dropout, so it is skipped in every patched layer (warned once per context). "
+            "Call model.eval(), or set that dropout to 0 to train without it"
+        )
+
+
 @dataclass(frozen=True)
 class _TopkAttention:
     """The attention handler of one module: top-k with one k (or None, exact) per query head."""
@@ -100,20 +118,7 @@ class _TopkAttention:
         **kwargs,
     ):
         """``query [B, Hq, Lq, d]``, ``key/value [B, Hkv, Lk, d]`` -> ``([B, Lq, Hq, dv], None)``."""
-        if kwargs.get("output_attentions"):
-            raise ValueError(
-                "use_topk: output_attentions=True is not supported: the top-k kernel never forms the attention "
-                "matrix, so there are no weights to return. Measure them with "
-                "topk_lib.capture_attention_stats (kept mass, entropy, error per layer and head), or call the "
-                "model without output_attentions"
-            )
-        if dropout:  # transformers passes the module's dropout only in training mode
-            self.skipped_dropout(
-                f"use_topk: {self.name or type(module).__name__} is in training mode with attention dropout "
-                f"p={dropout} ({type(module).__name__}.{_dropout_attribute(module, dropout)}); the top-k kernel "
-                "applies no dropout, so it is skipped in every patched layer (warned once per use_topk context). "
-                "Call model.eval(), or set that dropout to 0 to train without it"
-            )
+        _refuse_weights_and_warn_dropout(self, module, dropout, kwargs)
         if query.shape[1] != len(self.ks):
             raise RuntimeError(
                 f"use_topk: {type(module).__name__} has {query.shape[1]} query heads at run time but {len(self.ks)} "
@@ -282,3 +287,100 @@ def use_topk(model, attn_k=None, ff_k=None, chunk_size=1024):
             forwards.update(ff_forwards(module, layout, ff_spec[layer], chunk_size, "ff_k", name, ff_dropout))
     with intercept(model, name=ATTN_IMPLEMENTATION, attention=handlers, forwards=forwards):
         yield model
+
+
+# --------------------------------------------------------------------------- any selector
+
+
+@dataclass(frozen=True)
+class _SparseAttention:
+    """The attention handler of one module under :func:`use_sparse`: its layer's selector, or exact."""
+
+    selector: object  # a topk_lib.selectors Selector (anything with .attend), or None: exact
+    budget: int
+    layer: int
+    chunk_size: int
+    name: str = ""
+    observe: object = None
+    log: object = None
+    skipped_dropout: _WarnOnce = field(default_factory=_WarnOnce, compare=False)
+
+    # The signature of transformers' sdpa_attention_forward (see topk_lib.hf.registry).
+    def __call__(
+        self, module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None, position_bias=None,
+        **kwargs,
+    ):
+        """``query [B, Hq, Lq, d]``, ``key/value [B, Hkv, Lk, d]`` -> ``([B, Lq, Hq, dv], None)``."""
+        if self.selector is not None:
+            _refuse_weights_and_warn_dropout(self, module, dropout, kwargs)
+        call = prepare_call(
+            module, query, key, value, attention_mask, is_causal=is_causal, position_bias=position_bias,
+            dtype=query.dtype,
+        )
+        if self.observe is not None:
+            self.observe(self.layer, query, call.key, call.value)
+        if self.selector is None:
+            return exact_attention(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                   is_causal=is_causal, position_bias=position_bias, **kwargs)
+        softcap, sinks = logit_modifiers(kwargs, query.dtype)
+        out = self.selector.attend(
+            query, call.key, call.value, budget=self.budget, layer=self.layer, attn_mask=call.mask,
+            is_causal=call.causal, scale=scaling, chunk_size=self.chunk_size, softcap=softcap, sinks=sinks,
+            log=self.log,
+        )  # [B, Hq, Lq, dv]
+        return out.transpose(1, 2).contiguous(), None  # [B, Lq, Hq, dv]
+
+
+@contextlib.contextmanager
+def use_sparse(model, selector, budget, *, layers=None, chunk_size=1024, observe=None, log=None):
+    """Run ``selector`` in ``model``'s attention layers inside a ``with`` block, prefill and decoding alike.
+
+    Arguments:
+        model: a transformers model (``nn.Module``).
+        selector: a :class:`topk_lib.selectors.base.Selector` (anything with its ``attend`` and
+            ``reset`` methods); its state is reset on entry and on exit, and per layer at each
+            prefill (a call whose queries are the whole sequence, as the first call of
+            ``generate``).
+        budget: keys per query, a positive int (the cap, for adaptive selectors).
+        layers: None (every layer of the language model) or the layer numbers to switch (as
+            :func:`topk_lib.hf.layers.describe_layers` numbers them); the others run exactly.
+        chunk_size: query rows per chunk of the kernel.
+        observe: None, or ``observe(layer, query [B, Hq, Lq, d], key [B, Hkv, Lk, d], value)``
+            called with every attention call of every layer (switched or not), for analyses.
+        log: None, or a :class:`topk_lib.selectors.base.SelectionLog` that counts the keys kept.
+
+    The selector's calls go through the same interception as :func:`use_topk`
+    (:func:`topk_lib.hf.registry.intercept`), so the model is restored on exit, also on
+    exceptions, and contexts nest the same way. ``output_attentions=True`` raises in a
+    switched layer.
+
+    Returns:
+        A context manager that yields ``model``.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module (a transformers model), got {type(model).__name__}")
+    if not (callable(getattr(selector, "attend", None)) and callable(getattr(selector, "reset", None))):
+        raise TypeError(f"selector must be a topk_lib.selectors Selector, got {type(selector).__name__}")
+    budget, chunk_size = positive_int(budget, "budget"), positive_int(chunk_size, "chunk_size")
+    found = find_layers(model)
+    if not found.attention:
+        raise ValueError(f"{type(model).__name__} has no attention modules that dispatch through the transformers "
+                         "attention registry (ALL_ATTENTION_FUNCTIONS), so use_sparse cannot switch them")
+    lm_layers = {info.layer for info in found.layers if info.tower is None and info.attention}
+    chosen = lm_layers if layers is None else {index(l, "layers", len(found.layers), "layers") for l in layers}
+    for layer in chosen - lm_layers:
+        if not found.layers[layer].attention:
+            raise ValueError(f"layers: layer {layer} has no attention module that use_sparse can switch")
+    dropout = _WarnOnce()
+    handlers = {
+        module: _SparseAttention(selector if layer in chosen else None, budget, layer, chunk_size, name, observe, log,
+                                 dropout)
+        for layer, name, module in found.attention
+        if layer in chosen or observe is not None
+    }
+    selector.reset()
+    try:
+        with intercept(model, name=ATTN_IMPLEMENTATION, attention=handlers):
+            yield model
+    finally:
+        selector.reset()

@@ -108,7 +108,7 @@ class _TopkAttention(torch.autograd.Function):
                                          selector)  # [..., Hkv, G, c, k_chunk]
             else:  # [..., Hkv, G, c, k_end], then the k largest of each row
                 scores = chunk_scores(q_grouped, key, mask_grouped, r0, r1, k_end, lq, lk, is_causal, scale, softcap)
-                vals, idx = selector(scores, k_chunk)  # [..., Hkv, G, c, k_chunk]
+                vals, idx = selector.rows(scores, k_chunk, r0, r1)  # [..., Hkv, G, c, k_chunk]
                 del scores
             p, lse[..., r0:r1, :] = _softmax_kept(vals, rows(sinks_grouped, r0, r1))  # [..., Hkv, G, c, k_chunk]
             kept = KeptMatrix(idx, offsets, v_flat.shape[0], backend=backend)
@@ -392,7 +392,8 @@ def topk_attention(
     # An empty output (no batch, rows or value features) has nothing to select: the exact path
     # returns it, with zero gradients.
     empty = math.prod(query.shape[:-1]) == 0 or value.shape[-1] == 0
-    if topk is None or topk >= key.shape[-2] or empty:
+    full = topk is not None and topk >= key.shape[-2] and (selector is None or selector.exact_at_full_width)
+    if topk is None or full or empty:
         return _ChunkedAttention.apply(
             query, key, value, attn_mask, int(chunk_size), bool(is_causal), scale, softcap, sinks
         )

@@ -55,6 +55,9 @@ class RowSelector:
     """
 
     METHODS = ("auto", "chunked")
+    #: ``topk >= Lk`` may run exact attention instead: true of the top-k, which then keeps every
+    #: key; a subclass that chooses by another rule (:meth:`rows`) sets it False.
+    exact_at_full_width = True
 
     def __init__(self, threads: int | None = None, method: str = "auto"):
         self.threads = None if threads is None else positive_int(threads, "threads")
@@ -107,6 +110,15 @@ class RowSelector:
         vals = np.take_along_axis(rows, idx, axis=-1)  # [R, k]
         shape = (*scores.shape[:-1], k)
         return torch.from_numpy(vals).view(shape), torch.from_numpy(idx).view(shape)
+
+    def rows(self, scores, k, r0, r1):
+        """The kept ``(values [..., c, k], indices [..., c, k])`` of the chunk of query rows ``r0:r1``.
+
+        ``scores [..., Hkv, G, c, n]`` are that chunk's masked scores. The top-k here; a subclass
+        may keep other entries (with value ``-inf`` for an unused slot, which the kernel drops),
+        so that the softmax over the kept entries and the product with V stay the kernel's.
+        """
+        return self(scores, k)
 
     def _workers(self, threads):
         if self._pool_size < threads:  # grow; a call still mapping on the old pool finishes there
