@@ -394,9 +394,8 @@ def topk_attention(
     empty = math.prod(query.shape[:-1]) == 0 or value.shape[-1] == 0
     full = topk is not None and topk >= key.shape[-2] and (selector is None or selector.exact_at_full_width)
     if topk is None or full or empty:
-        return _ChunkedAttention.apply(
-            query, key, value, attn_mask, int(chunk_size), bool(is_causal), scale, softcap, sinks
-        )
+        return _ChunkedAttention.apply(query, key, value, attn_mask, int(chunk_size), bool(is_causal), scale,
+                                       softcap, sinks)
     selector = DEFAULT_SELECTOR if selector is None else selector
     if selector.method == "auto" and fast_path_applies(query, key, value, topk, attn_mask, sinks):  # see .flex
         return threshold_topk_attention(query, key, value, topk=int(topk), attn_mask=attn_mask,
