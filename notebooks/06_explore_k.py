@@ -56,6 +56,7 @@ from topk_lib.app.widgets import ContinuationPanel, ExplorerPanel
 from topk_lib.experiments.choices import layer_at, median_index, model_label, model_tag
 from topk_lib.plots.style import save_figure
 
+# %%
 torch.set_num_threads(THREADS)
 if QUICK:
     MAX_TOKENS, NEW_TOKENS = 128, 8
