@@ -5,14 +5,13 @@ all keys are computed, the ``topk`` largest per query are kept (masked keys neve
 softmax runs over those only, and their values are summed with the kept weights. Peak memory
 is O(C*Lk + Lq*k) instead of O(Lq*Lk).
 
-The code is in tiers: backends in their own modules (:mod:`.chunking` for the score chunks,
-:mod:`.selection` for the per-row top-k, :mod:`.scan` and :mod:`.native` for the CPU forward
-that fuses the scores with a compiled selection, :mod:`.product` for the sparse weights x V products,
-:mod:`.logits` for soft-capping and attention sinks, :mod:`.checks` for the argument checks),
-here ``torch.autograd.Function`` classes that save a row log-sum-exp instead of any Lq x Lk
-tensor, and the public functions :func:`topk_attention`, :func:`chunked_attention` and
-:func:`vanilla_attention`, whose docstrings give the full semantics (shapes, masks, ties,
-empty rows, what backward saves).
+The code is in tiers: backends in their own modules (:mod:`.chunking` for the score chunks, :mod:`.selection` for the
+per-row top-k, :mod:`.scan` and :mod:`.native` for the CPU forward that fuses the scores with a compiled selection,
+:mod:`.backward` for the compiled CPU backward, :mod:`.product` for the sparse weights x V products, :mod:`.logits`
+for soft-capping and attention sinks, :mod:`.checks` for the argument checks), here ``torch.autograd.Function``
+classes that save a row log-sum-exp instead of any Lq x Lk tensor, and the public functions :func:`topk_attention`,
+:func:`chunked_attention` and :func:`vanilla_attention`, whose docstrings give the full semantics (shapes, masks,
+ties, empty rows, what backward saves).
 
 Dimensions
 ----------
@@ -30,6 +29,7 @@ import math
 import torch
 import torch.nn.functional as F
 
+from topk_lib.kernels.backward import can_fuse, fused_backward
 from topk_lib.kernels.checks import check_attention_inputs, first_order_only
 from topk_lib.kernels.chunking import causal_end, chunk_scores, flat_rows, grouped_mask, mask_scores
 from topk_lib.kernels.logits import add_sink, as_sink_rows, cap_with_derivative, empty_lse, row_shift, rows, sink_grad
@@ -119,13 +119,15 @@ class _TopkAttention(torch.autograd.Function):
             # masked keys picked only because a row has fewer than k allowed ones: not kept
             idx_all[..., r0:r1, :k_chunk] = idx.masked_fill_(vals == float("-inf"), -1)
         ctx.save_for_backward(query, key, value, attn_mask, idx_all, lse, sinks)
-        ctx.chunk_size, ctx.scale, ctx.backend, ctx.softcap = chunk_size, scale, backend, softcap
+        ctx.chunk_size, ctx.scale, ctx.backend, ctx.softcap, ctx.selector = chunk_size, scale, backend, softcap, selector
         return out
 
     @staticmethod
     @first_order_only("topk_attention")
     def backward(ctx, grad_out):
         query, key, value, attn_mask, idx_all, lse, sinks = ctx.saved_tensors
+        if can_fuse(query, ctx, sinks):  # compiled, row by row, with the selector's threads (see .backward)
+            return (*fused_backward(query, key, value, attn_mask, idx_all, lse, grad_out, ctx), *[None] * 9)
         hq, lq, d = query.shape[-3:]
         hkv, lk = key.shape[-3], key.shape[-2]
         g = hq // hkv
@@ -136,8 +138,7 @@ class _TopkAttention(torch.autograd.Function):
         float_mask = mask_grouped is not None and mask_grouped.dtype != torch.bool
         k_flat, offsets = flat_rows(key)  # [B*Hkv*Lk, d]
         v_flat, _ = flat_rows(value)  # [B*Hkv*Lk, dv]
-        need_q, need_k, need_v, need_m = ctx.needs_input_grad[:4]
-        need_s = ctx.needs_input_grad[-1]
+        (need_q, need_k, need_v, need_m), need_s = ctx.needs_input_grad[:4], ctx.needs_input_grad[-1]
         delta_rows = torch.zeros_like(lse) if need_s else None  # [..., Hkv, G, Lq, 1], for the sinks
         dq = torch.zeros_like(q_grouped) if need_q else None  # [..., Hkv, G, Lq, d]
         dk_flat = torch.zeros_like(k_flat) if need_k else None
