@@ -24,18 +24,32 @@ gradient, and everything else take the sparse products. The old path stays selec
 or ``TOPK_LAB_FUSED_BACKWARD=0`` (read at import; :data:`FUSED`) with the fused forward.
 
 What was tried (one causal layer B=1, H=12, d=64, k=128, C=1024, float32, 8192 tokens, torch
-2.13 on this project's 2-core Intel Xeon VM, 2026-12-01; the machine was busy, 1-min load 5-8,
-so CPU seconds per head of one thread beside the interleaved wall times of the benchmark):
+2.13 on this project's 2-core Intel Xeon VM, 2026-12-01). The machine was busy (1-min load 5-8),
+so first CPU milliseconds per head of one thread over the same saved forward, the kept keys
+spread over all 8192 (random inputs) or squeezed into the first 512 (all in cache: the compute).
+The sparse products' figure is their process CPU time over 12 heads, waits of torch's threads
+for each other on the busy machine included; quiet, their backward took 0.87 s of wall time:
 
-=================================================================  ==================
-backward (of the same saved forward)                               ms CPU per head
-=================================================================  ==================
-sparse products (``KeptMatrix``, 2 threads; 0.87 s wall when quiet)  about 400
-fused, per row: gather, two passes over the kept keys                55
-the same, prefetching the kept rows 8 entries ahead (used)           43
-the same, hand-written AVX2 dot products                             42
-the same with all kept keys in 512 rows (in cache): the compute      28-32
-=================================================================  ==================
+=====================================================================  ========  =========
+backward of one head, one thread                                       spread    in cache
+=====================================================================  ========  =========
+sparse products (``KeptMatrix``, torch's 2 threads; see below)         about 400
+fused, per row: gather, two passes over the kept keys                  55        31
+the same, prefetching the kept rows 8 entries ahead (used)             43        32
+the same, hand-written AVX2 dot products                               42        28
+=====================================================================  ========  =========
+
+Then forward+backward against SDPA, interleaved in one process (``python -m topk_lib.bench
+kernels --threads 2 --min-L 8192``, median of 3 after a warm-up; the sparse products measured on
+a quiet machine, load 1.2-2.1; the fused backward in three runs at load 3.5-4.1, which slows
+SDPA too, so compare the ratios):
+
+==========================  ======================  ======================
+backward                    8192 tokens, x SDPA     16384 tokens, x SDPA
+==========================  ======================  ======================
+sparse products             1.15 (1.48 s / 1.29 s)  0.85 (4.29 s / 5.02 s)
+fused (used)                0.82-0.84               0.55-0.59
+==========================  ======================  ======================
 
 Dimensions
 ----------
