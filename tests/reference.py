@@ -41,6 +41,25 @@ def dense_topk_attention(q, k, v, topk, attn_mask=None, is_causal=False, scale=N
     return torch.softmax(kept, -1).nan_to_num(0.0) @ v
 
 
+def dense_topk_attention_empty_rows(q, k, v, topk, attn_mask=None, is_causal=False, scale=None):
+    """:func:`dense_topk_attention` where a row with no allowed key gives zeros and zero gradients.
+
+    Full scores, mask, ``torch.topk``, a softmax over the kept scores; a row whose kept scores are
+    all -inf is cleared before the softmax (no NaN reaches autograd) and its weights set to 0.
+    """
+    rep = q.shape[-3] // k.shape[-3]
+    k, v = k.repeat_interleave(rep, -3), v.repeat_interleave(rep, -3)  # [..., Hq, Lk, d|dv]
+    s = (q @ k.transpose(-1, -2)) * (q.shape[-1] ** -0.5 if scale is None else scale)  # [..., Hq, Lq, Lk]
+    if attn_mask is not None:
+        s = s.masked_fill(~attn_mask, float("-inf")) if attn_mask.dtype == torch.bool else s + attn_mask
+    if is_causal:
+        s = s.masked_fill(~causal_mask(q.shape[-2], k.shape[-2]), float("-inf"))
+    vals, idx = s.topk(min(topk, s.shape[-1]), dim=-1)
+    kept = torch.full_like(s, float("-inf")).scatter(-1, idx, vals)  # [..., Hq, Lq, Lk]
+    empty = torch.isneginf(kept).all(-1, keepdim=True)  # [..., Hq, Lq, 1]
+    return torch.softmax(kept.masked_fill(empty, 0.0), -1).masked_fill(empty, 0.0) @ v
+
+
 def dense_capped_sink_attention(q, k, v, topk, attn_mask=None, is_causal=False, scale=None, softcap=None, sinks=None):
     """Dense reference with Gemma-2 soft-capping and GPT-OSS attention sinks.
 

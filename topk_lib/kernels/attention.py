@@ -4,14 +4,13 @@ Queries are processed in chunks of ``chunk_size`` rows. For each chunk the score
 computed, the ``topk`` largest per query are kept (masked keys never count), a softmax runs over those only,
 and their values are summed with the kept weights. Peak memory is O(C*Lk + Lq*k) instead of O(Lq*Lk).
 
-The code is in tiers: backends in their own modules (:mod:`.chunking` for the score chunks, :mod:`.selection`
-for the per-row top-k, :mod:`.scan` and :mod:`.native` for the CPU forward that fuses the scores with a
-compiled selection, :mod:`.product` for the sparse weights x V products, :mod:`.logits` for soft-capping and
-attention sinks, :mod:`.checks` for the argument checks, :mod:`.flex` for the two-pass threshold path that
-CUDA tensors take), here ``torch.autograd.Function`` classes that save a row log-sum-exp instead of any
-Lq x Lk tensor, and the public functions :func:`topk_attention`, :func:`chunked_attention` and
-:func:`vanilla_attention`, whose docstrings give the full semantics (shapes, masks, ties, empty rows, what
-backward saves).
+The code is in tiers: backends in their own modules (:mod:`.chunking`: score chunks, :mod:`.selection`: per-row
+top-k, :mod:`.scan` and :mod:`.native`: the CPU forward fusing the scores with a compiled selection, :mod:`.backward`:
+the compiled CPU backward, :mod:`.product`: sparse weights x V products, :mod:`.logits`: soft-capping and sinks,
+:mod:`.checks`: argument checks, :mod:`.flex`: the two-pass threshold path CUDA tensors take), here
+``torch.autograd.Function`` classes that save a row log-sum-exp instead of any Lq x Lk tensor, and the public
+functions :func:`topk_attention`, :func:`chunked_attention` and :func:`vanilla_attention`, whose docstrings give
+the full semantics (shapes, masks, ties, empty rows, what backward saves).
 
 Dimensions
 ----------
@@ -29,6 +28,7 @@ import math
 import torch
 import torch.nn.functional as F
 
+from topk_lib.kernels.backward import can_fuse, fused_backward
 from topk_lib.kernels.checks import check_attention_inputs, first_order_only
 from topk_lib.kernels.flex import fast_path_applies, threshold_topk_attention
 from topk_lib.kernels.chunking import causal_end, chunk_scores, flat_rows, grouped_mask, mask_scores
@@ -116,13 +116,15 @@ class _TopkAttention(torch.autograd.Function):
             # masked keys picked only because a row has fewer than k allowed ones: not kept
             idx_all[..., r0:r1, :k_chunk] = idx.masked_fill_(vals == float("-inf"), -1)
         ctx.save_for_backward(query, key, value, attn_mask, idx_all, lse, sinks)
-        ctx.chunk_size, ctx.scale, ctx.backend, ctx.softcap = chunk_size, scale, backend, softcap
+        ctx.chunk_size, ctx.scale, ctx.backend, ctx.softcap, ctx.selector = chunk_size, scale, backend, softcap, selector
         return out
 
     @staticmethod
     @first_order_only("topk_attention")
     def backward(ctx, grad_out):
         query, key, value, attn_mask, idx_all, lse, sinks = ctx.saved_tensors
+        if can_fuse(query, ctx, sinks):  # compiled, row by row, with the selector's threads (see .backward)
+            return (*fused_backward(query, key, value, attn_mask, idx_all, lse, grad_out, ctx), *[None] * 9)
         hq, lq, d = query.shape[-3:]
         hkv, lk = key.shape[-3], key.shape[-2]
         g = hq // hkv
@@ -133,8 +135,7 @@ class _TopkAttention(torch.autograd.Function):
         float_mask = mask_grouped is not None and mask_grouped.dtype != torch.bool
         k_flat, offsets = flat_rows(key)  # [B*Hkv*Lk, d]
         v_flat, _ = flat_rows(value)  # [B*Hkv*Lk, dv]
-        need_q, need_k, need_v, need_m = ctx.needs_input_grad[:4]
-        need_s = ctx.needs_input_grad[-1]
+        (need_q, need_k, need_v, need_m), need_s = ctx.needs_input_grad[:4], ctx.needs_input_grad[-1]
         delta_rows = torch.zeros_like(lse) if need_s else None  # [..., Hkv, G, Lq, 1], for the sinks
         dq = torch.zeros_like(q_grouped) if need_q else None  # [..., Hkv, G, Lq, d]
         dk_flat = torch.zeros_like(k_flat) if need_k else None
@@ -273,12 +274,8 @@ class _ChunkedAttention(torch.autograd.Function):
             if need_k:
                 q_rows = q_grouped[..., r0:r1, :].flatten(-3, -2) * scale  # [..., Hkv, G*c, d]
                 dk[..., :k_end, :] += torch.matmul(ds_rows.transpose(-1, -2), q_rows)
-        grads = [
-            dq.flatten(-4, -3) if need_q else None,
-            dk,
-            dv,
-            _reduce_to(dmask.flatten(-4, -3), attn_mask.shape) if need_m else None,
-        ]
+        grads = [dq.flatten(-4, -3) if need_q else None, dk, dv,
+                 _reduce_to(dmask.flatten(-4, -3), attn_mask.shape) if need_m else None]
         need_s = ctx.needs_input_grad[-1]
         dsinks = sink_grad(sinks, grouped_mask(sinks, query, hkv), lse, delta) if need_s else None
         return (*grads, None, None, None, None, dsinks)

@@ -1,4 +1,4 @@
-"""A compiled per-row top-k for CPU float32/float64 score rows, built on first use (Gupta et al. 2021, 3.1).
+"""Compiled CPU kernels built on first use: per-row top-k of float scores, the top-k backward (Gupta et al. 2021, 3.1).
 
 Selecting the ``k`` largest of ``n`` scores does not need to order all ``n``. Per row:
 
@@ -23,6 +23,11 @@ so Python threads run rows in parallel). Building takes about a second, once per
 Without a compiler :func:`load` returns ``None`` and the kernels use
 :class:`~topk_lib.kernels.selection.RowSelector`'s numpy path; ``TOPK_LAB_NATIVE=0`` forces
 that.
+
+The same library holds the top-k attention backward of :mod:`.backward` (``topk_backward_f32``,
+``topk_backward_f64``, :data:`BACKWARD_SOURCE`): per query row the gradients through its kept
+entries, with no score chunk or sparse matrix built; without the library the backward runs
+the sparse products of :mod:`.product`.
 """
 
 from __future__ import annotations
@@ -39,7 +44,102 @@ from pathlib import Path
 
 from topk_lib.infra import paths
 
-__all__ = ["load", "available", "topk_rows", "SOURCE"]
+__all__ = ["load", "available", "topk_rows", "SOURCE", "BACKWARD_SOURCE"]
+
+#: The fused backward of :mod:`.backward`: per query row, the gradients through its kept entries.
+BACKWARD_SOURCE = r"""
+namespace {
+
+template <typename T>
+inline T dot(const T* a, const T* b, int64_t n) {
+  T acc = 0;
+#pragma omp simd reduction(+ : acc)
+  for (int64_t i = 0; i < n; ++i) acc += a[i] * b[i];
+  return acc;
+}
+
+template <typename T>
+inline void axpy(T a, const T* x, T* y, int64_t n) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) y[i] += a * x[i];
+}
+
+// The next kept rows are random rows of K, V, dK, dV (far beyond L2): fetch them PF entries ahead.
+constexpr int64_t PF = 8;
+template <typename T>
+inline void prefetch_row(const T* row, int64_t n, int write) {
+  for (int64_t o = 0; o < n; o += 64 / (int64_t)sizeof(T)) write ? __builtin_prefetch(row + o, 1) : __builtin_prefetch(row + o);
+}
+
+// Rows (g, l), g < G, l0 <= l < l1, of one (batch, key/value head) group: q, go, idx, lse, dq hold
+// the group's G * Lq rows (row g * Lq + l), k, v, dk, dv its Lk keys; the float mask value of
+// row (g, l) at key c is mask[g * msg + l * msl + c * msk]. Null dq, dk, dv are not computed.
+// Per row: s_j = scale q.k_j (+ mask), p_j = exp(s_j - lse), dp_j = go.v_j, delta = sum p_j dp_j,
+// ds_j = p_j (dp_j - delta); dq = scale sum ds_j k_j, dk_j += ds_j scale q, dv_j += p_j go.
+template <typename T, typename L>
+void backward_rows(const T* q, const T* go, const int32_t* idx, const L* lse, T* dq, const T* k, const T* v,
+                   T* dk, T* dv, const T* mask, int64_t msg, int64_t msl, int64_t msk, int64_t G, int64_t Lq,
+                   int64_t l0, int64_t l1, int64_t kk, int64_t d, int64_t dvd, double scale_d) {
+  const T scale = (T)scale_d;
+  std::vector<T> p(kk), dp(kk), qs(d), acc(d);
+  for (int64_t g = 0; g < G; ++g) {
+    for (int64_t l = l0; l < l1; ++l) {
+      const int64_t r = g * Lq + l;
+      const int32_t* ix = idx + r * kk;  // -1: a slot with no kept key
+      const L shift = std::isinf(lse[r]) ? (L)0 : lse[r];  // -inf: a row that kept nothing
+      const T* gr = go + r * dvd;
+      for (int64_t i = 0; i < d; ++i) qs[i] = q[r * d + i] * scale;  // scaled first, as the forward's scores
+      const T* mrow = mask ? mask + g * msg + l * msl : nullptr;
+      T delta = 0;
+      for (int64_t j = 0; j < kk; ++j) {
+        if (j + PF < kk && ix[j + PF] >= 0) {
+          prefetch_row(k + ix[j + PF] * d, d, 0);
+          prefetch_row(v + ix[j + PF] * dvd, dvd, 0);
+          if (dv) prefetch_row(dv + ix[j + PF] * dvd, dvd, 1);
+        }
+        const int64_t c = ix[j];
+        if (c < 0) { p[j] = 0; dp[j] = 0; continue; }
+        T s = dot(qs.data(), k + c * d, d);
+        if (mrow) s += mrow[c * msk];
+        p[j] = (T)std::exp((L)s - shift);
+        dp[j] = dot(gr, v + c * dvd, dvd);
+        delta += p[j] * dp[j];
+        if (dv) axpy(p[j], gr, dv + c * dvd, dvd);
+      }
+      if (!dq && !dk) continue;
+      std::fill(acc.begin(), acc.end(), (T)0);
+      for (int64_t j = 0; j < kk; ++j) {
+        if (dk && j + PF < kk && ix[j + PF] >= 0) prefetch_row(dk + ix[j + PF] * d, d, 1);
+        const int64_t c = ix[j];
+        if (c < 0) continue;
+        const T ds = p[j] * (dp[j] - delta);  // softmax backward on the kept entries
+        if (dq) axpy(ds, k + c * d, acc.data(), d);
+        if (dk) axpy(ds, qs.data(), dk + c * d, d);
+      }
+      if (dq) for (int64_t i = 0; i < d; ++i) dq[r * d + i] = acc[i] * scale;
+    }
+  }
+}
+
+}  // namespace
+
+extern "C" {
+void topk_backward_f32(const float* q, const float* go, const int32_t* idx, const float* lse, float* dq,
+                       const float* k, const float* v, float* dk, float* dv, const float* mask, int64_t msg,
+                       int64_t msl, int64_t msk, int64_t G, int64_t Lq, int64_t l0, int64_t l1, int64_t kk,
+                       int64_t d, int64_t dvd, double scale) {
+  backward_rows<float, float>(q, go, idx, lse, dq, k, v, dk, dv, mask, msg, msl, msk, G, Lq, l0, l1, kk, d, dvd,
+                              scale);
+}
+void topk_backward_f64(const double* q, const double* go, const int32_t* idx, const double* lse, double* dq,
+                       const double* k, const double* v, double* dk, double* dv, const double* mask, int64_t msg,
+                       int64_t msl, int64_t msk, int64_t G, int64_t Lq, int64_t l0, int64_t l1, int64_t kk,
+                       int64_t d, int64_t dvd, double scale) {
+  backward_rows<double, double>(q, go, idx, lse, dq, k, v, dk, dv, mask, msg, msl, msk, G, Lq, l0, l1, kk, d, dvd,
+                                scale);
+}
+}
+"""
 
 SOURCE = r"""
 #include <algorithm>
@@ -264,9 +364,9 @@ void topk_rows_f64(const double* s, int64_t rows, int64_t ld, const int64_t* len
   select_rows(s, rows, ld, lens, period, n, k, ov, oi);
 }
 }
-"""
+""" + BACKWARD_SOURCE
 
-FLAGS = ["-O3", "-march=native", "-std=c++17", "-shared", "-fPIC"]
+FLAGS = ["-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-fopenmp-simd"]  # simd pragmas, no runtime
 _lock = threading.Lock()
 _loaded: dict = {}
 
@@ -314,6 +414,9 @@ def load():
             i64, ptr = ctypes.c_int64, ctypes.c_void_p
             for name in ("topk_rows_f32", "topk_rows_f64"):
                 getattr(lib, name).argtypes = [ptr, i64, i64, ptr, i64, i64, i64, ptr, ptr]
+                getattr(lib, name).restype = None
+            for name in ("topk_backward_f32", "topk_backward_f64"):
+                getattr(lib, name).argtypes = [ptr] * 10 + [i64] * 10 + [ctypes.c_double]
                 getattr(lib, name).restype = None
         _loaded["lib"] = lib
         return lib
