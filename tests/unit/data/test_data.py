@@ -406,7 +406,7 @@ def test_a_killed_fetch_takes_its_client_along(tmp_path, sig):
     client = int(pidfile.read_text())
     assert _alive(client)
     proc.send_signal(sig)
-    proc.wait(timeout=30)
+    proc.wait(timeout=120)  # a loaded or sandboxed machine can take long to reap even a SIGKILLed process
     deadline = time.monotonic() + 10
     while _alive(client) and time.monotonic() < deadline:
         time.sleep(0.05)
